@@ -1,0 +1,279 @@
+"""Typed configuration loaded from YAML.
+
+Every model forbids unknown keys (a typo must be an error, not a silent default), describes every
+field and bounds every number. Validators have no side effects: nothing here touches hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+
+DATA_DIR = Path(__file__).parent / "data"
+DEMO_MODEL = DATA_DIR / "demo" / "model.onnx"
+DEMO_VIDEO = DATA_DIR / "demo" / "sample.mp4"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackoffConfig(_Strict):
+    initial_s: float = Field(0.5, gt=0, le=60, description="first retry delay")
+    max_s: float = Field(10.0, gt=0, le=600, description="cap of the exponential delay")
+    jitter: float = Field(0.2, ge=0, le=1, description="random share added to or taken from a delay")
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> BackoffConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError("max_s must be >= initial_s")
+        return self
+
+
+class CameraConfig(_Strict):
+    id: str = Field("cam0", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="camera id used in topics")
+    source: str = Field(
+        ...,
+        min_length=1,
+        description=(
+            "frame source URI: a video file path or file://, synthetic:[WxH[@FPS]], /dev/videoN or "
+            "v4l2:///dev/videoN, rtsp://, http(s):// (MJPEG), csi://N (Jetson nvarguscamerasrc), "
+            "gst:PIPELINE (raw GStreamer pipeline ending in appsink)"
+        ),
+    )
+    pace: bool = Field(True, description="files only: deliver at the file's own frame rate, as if live")
+    loop: bool = Field(False, description="files only: start again at the end instead of ending")
+    width: int | None = Field(None, ge=16, le=8192, description="requested width (v4l2, csi, synthetic)")
+    height: int | None = Field(None, ge=16, le=8192, description="requested height (v4l2, csi, synthetic)")
+    fps: float | None = Field(None, gt=0, le=1000, description="requested frame rate")
+    fourcc: str | None = Field(None, min_length=4, max_length=4, description="v4l2 pixel format, e.g. MJPG")
+    open_timeout_s: float = Field(10.0, gt=0, le=300, description="network sources: open timeout")
+    read_timeout_s: float = Field(5.0, gt=0, le=300, description="a read slower than this counts as a failure")
+    reconnect: BackoffConfig = Field(default_factory=BackoffConfig, description="reopen policy")
+
+
+class ModelConfig(_Strict):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="model name in payloads")
+    version: str = Field("1", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="model version in payloads")
+    path: Path = Field(DEMO_MODEL, description="ONNX model (used until an update installs another)")
+    labels: list[str] | Path | None = Field(
+        None, description="class labels: a list, a file with one per line, or null for the model's metadata"
+    )
+    decoder: Literal["auto", "yolov8", "yolov5", "end2end"] = Field(
+        "auto", description="output layout: auto detects it from the output shape where unambiguous"
+    )
+    score_threshold: float = Field(0.25, ge=0, le=1, description="minimum score kept")
+    class_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="per-label score thresholds overriding score_threshold"
+    )
+    iou_threshold: float = Field(0.45, gt=0, le=1, description="class-aware NMS IoU threshold")
+    max_detections: int = Field(100, ge=1, le=10000, description="detections kept per frame")
+
+    @field_validator("class_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for label, thr in v.items():
+            if not 0.0 <= thr <= 1.0:
+                raise ValueError(f"threshold of {label!r} must be within [0, 1], got {thr}")
+        return v
+
+
+class ProviderConfig(_Strict):
+    name: Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"] = Field(
+        ..., description="ONNX Runtime execution provider"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="provider options, passed as given")
+
+
+class EngineConfig(_Strict):
+    backend: Literal["onnxruntime", "tensorrt"] = Field("onnxruntime", description="inference backend")
+    providers: list[ProviderConfig] = Field(
+        default_factory=lambda: [ProviderConfig(name="CPUExecutionProvider")],
+        min_length=1,
+        description="ONNX Runtime providers in order of preference",
+    )
+    precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="engine precision")
+    intra_op_threads: int = Field(0, ge=0, le=256, description="0: physical cores")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level"
+    )
+    require_gpu: bool = Field(False, description="refuse to start when a GPU provider falls back to CPU")
+    io_binding: bool = Field(True, description="keep inputs / outputs in device memory where the EP allows")
+    cuda_graph: bool = Field(False, description="capture the run in a CUDA graph (fixed shapes only)")
+    workspace_mb: int = Field(1024, ge=16, le=65536, description="TensorRT builder workspace")
+    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimisation level")
+    dla_core: int | None = Field(None, ge=0, le=1, description="Jetson DLA core (GPU fallback on)")
+    warmup_runs: int = Field(3, ge=0, le=100, description="inferences run at start on a zero input")
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    insecure: bool = Field(False, description="skip hostname verification (test setups only)")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Strict):
+    host: str = Field("127.0.0.1", min_length=1, description="broker host")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    client_id: str | None = Field(None, description="default: edge-agent-<device_id> (unique per device)")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    username: str | None = Field(None, description="broker user name")
+    password_file: Path | None = Field(
+        None, description="file holding the password (or $CREDENTIALS_DIRECTORY/mqtt_password)"
+    )
+    tls: TlsConfig | None = Field(None, description="TLS settings; null for plain TCP")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    topic_prefix: str = Field("edge", pattern=r"^[A-Za-z0-9_/-]{1,64}$", description="topic prefix")
+    detections_qos: Literal[0, 1, 2] = Field(0, description="QoS of detections messages")
+    queue_size: int = Field(10000, ge=10, le=1_000_000, description="outbound queue cap (messages)")
+    reconnect: BackoffConfig = Field(
+        default_factory=lambda: BackoffConfig(initial_s=0.2, max_s=5.0), description="reconnect policy"
+    )
+    enabled: bool = Field(True, description="false: run without a broker (detections only in logs)")
+
+
+class TelemetryConfig(_Strict):
+    period_s: float = Field(10.0, ge=0.5, le=3600, description="telemetry publish period")
+    temperature_max_c: float = Field(85.0, gt=0, le=150, description="raise an event above this")
+    disk_free_min_mb: int = Field(500, ge=0, description="raise an event below this free space")
+    fps_min: float = Field(0.0, ge=0, description="raise an event when fps stays under this (0: off)")
+    prometheus_port: int | None = Field(None, ge=1, le=65535, description="expose /metrics (off by default)")
+
+
+class CacheConfig(_Strict):
+    dir: Path = Field(Path("/var/cache/edge-agent/engines"), description="engine cache directory")
+    max_mb: int = Field(4096, ge=1, description="size cap; least recently used evicted first")
+
+
+class UpdatesConfig(_Strict):
+    enabled: bool = Field(True, description="accept model updates over MQTT")
+    models_dir: Path = Field(Path("/var/lib/edge-agent/models"), description="installed model versions")
+    trusted_keys: dict[str, str] = Field(
+        default_factory=dict, description="key id -> Ed25519 public key (base64 raw, or PEM file path)"
+    )
+    groups: list[str] = Field(default_factory=list, description="fleet groups this device belongs to")
+    max_model_mb: int = Field(512, ge=1, description="size cap of a model download")
+    keep_versions: int = Field(3, ge=2, le=100, description="installed versions kept (active, previous, ...)")
+    health_window_s: float = Field(30.0, ge=0, le=3600, description="watch a new model this long")
+    latency_budget_ms: float = Field(1000.0, gt=0, description="smoke inference must stay under this")
+    download_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request")
+
+
+class ServiceConfig(_Strict):
+    watchdog: bool = Field(True, description="feed the systemd watchdog while the pipeline progresses")
+    stall_s: float = Field(10.0, gt=0, le=600, description="a stage without progress this long is stuck")
+    drain_s: float = Field(5.0, ge=0, le=120, description="bounded time to flush MQTT at stop")
+
+
+class AgentConfig(_Strict):
+    device_id: str = Field(
+        default_factory=lambda: os.uname().nodename.split(".")[0] or "device",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="device id used in topics; default: the host name",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    cameras: list[CameraConfig] = Field(..., min_length=1, description="frame sources, one pipeline each")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the detector")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="inference backend")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="broker connection and topics")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="health reporting")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="engine cache")
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig, description="model updates")
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="systemd integration")
+
+    @model_validator(mode="after")
+    def _unique_camera_ids(self) -> AgentConfig:
+        ids = [c.id for c in self.cameras]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.device_id}"
+
+
+def _error_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else (
+            f" (got {value!r:.60})"
+        )
+        lines.append(f"{_error_path(tuple(err['loc']))}: {msg}{shown}")
+    return lines
+
+
+def parse_config(data: object, base_dir: Path | None = None) -> AgentConfig:
+    """Validate a mapping into an AgentConfig; relative paths are taken from `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else Path(os.path.normpath(base / p))
+
+    cfg.model.path = fix(cfg.model.path)
+    if isinstance(cfg.model.labels, Path):
+        cfg.model.labels = fix(cfg.model.labels)
+    cfg.cache.dir = fix(cfg.cache.dir)
+    cfg.updates.models_dir = fix(cfg.updates.models_dir)
+    for cam in cfg.cameras:
+        if "://" not in cam.source and ":" not in cam.source.split("/")[0] and not cam.source.startswith("/"):
+            cam.source = str(fix(Path(cam.source)))
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Load and validate a YAML config file; raises ConfigError naming every bad field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read {p}: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([f"(file): YAML syntax error{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(data if data is not None else {}, base_dir=p.resolve().parent)
+
+
+def json_schema() -> str:
+    """The config's JSON schema, for editors (yaml-language-server)."""
+    return json.dumps(AgentConfig.model_json_schema(), indent=2)

@@ -1,0 +1,1 @@
+"""Inference engines: one Engine base and one short module per backend."""

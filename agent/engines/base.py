@@ -1,0 +1,126 @@
+"""The Engine base: shared checks live in the public methods, backends write the `_impl` ones.
+
+Lifecycle: construct (cheap) -> load() (allocates everything once) -> infer() per frame -> close().
+Nothing is allocated per inference by the base; backends are expected to do the same.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.errors import EngineError
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # fixed shape, batch 1
+    dtype: np.dtype
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    backend: str  # "onnxruntime" | "tensorrt"
+    providers: list[str]  # execution providers really in use (ONNX Runtime), or ["TensorRT"]
+    precision: str  # "fp32" | "fp16" | "int8"
+    device: str = "cpu"
+    engine_key: str = ""  # cache key of the built engine, where one was used
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "providers": list(self.providers),
+            "precision": self.precision,
+            "device": self.device,
+            "engine_key": self.engine_key,
+            **self.extra,
+        }
+
+
+class Engine(abc.ABC):
+    """A detector at batch 1: one input tensor in, one or more output tensors out."""
+
+    def __init__(self) -> None:
+        self._loaded = False
+
+    # ---- public API (the checks every backend needs) -------------------------------------
+    def load(self) -> None:
+        if self._loaded:
+            return
+        self._load_impl()
+        self._loaded = True
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        self._require_loaded()
+        return self._input_spec_impl()
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        self._require_loaded()
+        return self._output_specs_impl()
+
+    @property
+    def info(self) -> EngineInfo:
+        self._require_loaded()
+        return self._info_impl()
+
+    def infer(self, tensor: np.ndarray) -> list[np.ndarray]:
+        """Run one batch-1 inference. `tensor` must match `input_spec` exactly."""
+        self._require_loaded()
+        spec = self._input_spec_impl()
+        if tensor.shape != spec.shape:
+            raise EngineError(f"input shape {tensor.shape} does not match the model's {spec.shape}")
+        if tensor.dtype != spec.dtype:
+            raise EngineError(f"input dtype {tensor.dtype} does not match the model's {spec.dtype}")
+        return self._infer_impl(tensor)
+
+    def warmup(self, runs: int = 3) -> None:
+        """Run a few inferences on a zero input so that the first real frame is not slow."""
+        spec = self.input_spec
+        dummy = np.zeros(spec.shape, dtype=spec.dtype)
+        for _ in range(runs):
+            self._infer_impl(dummy)
+
+    def close(self) -> None:
+        if self._loaded:
+            self._close_impl()
+            self._loaded = False
+
+    def __enter__(self) -> Engine:
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_loaded(self) -> None:
+        if not self._loaded:
+            raise EngineError(f"{type(self).__name__} is not loaded; call load() first")
+
+    # ---- what a backend implements -------------------------------------------------------
+    @abc.abstractmethod
+    def _load_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def _input_spec_impl(self) -> TensorSpec: ...
+
+    @abc.abstractmethod
+    def _output_specs_impl(self) -> list[TensorSpec]: ...
+
+    @abc.abstractmethod
+    def _info_impl(self) -> EngineInfo: ...
+
+    @abc.abstractmethod
+    def _infer_impl(self, tensor: np.ndarray) -> list[np.ndarray]: ...
+
+    @abc.abstractmethod
+    def _close_impl(self) -> None: ...

@@ -1,0 +1,185 @@
+"""ONNX Runtime backend: an ordered execution-provider list, reporting what the session really got."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import EngineConfig
+from agent.engines.base import Engine, EngineInfo, TensorSpec
+from agent.errors import EngineError, ModelError
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, object]], None]
+
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+}
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+def physical_cores() -> int:
+    """Physical core count (intra-op threads beyond it only add contention)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    cores: set[tuple[str, str]] = set()
+    try:
+        phys = core = ""
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+    except OSError:
+        pass
+    return len(cores) or (os.cpu_count() or 1)
+
+
+def _static_shape(name: str, shape: list[Any]) -> tuple[int, ...]:
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d > 0:
+            dims.append(d)
+        elif i == 0:
+            dims.append(1)  # dynamic batch: we always run batch 1
+        else:
+            raise ModelError(f"tensor {name!r} has a dynamic dimension {d!r} at axis {i}; export with a fixed size")
+    return tuple(dims)
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime session at batch 1.
+
+    `optimized_model_out`: where ONNX Runtime writes its optimised graph (the CPU / CUDA "engine" the
+    cache keeps); loading that file later skips the optimisation passes.
+    """
+
+    def __init__(self, model_path: Path, cfg: EngineConfig, optimized_model_out: Path | None = None,
+                 on_event: EventSink | None = None, precision: str | None = None) -> None:
+        super().__init__()
+        self.model_path = Path(model_path)
+        self.cfg = cfg
+        self.optimized_model_out = optimized_model_out
+        self.on_event = on_event
+        self.precision = precision or cfg.precision
+        self._session: Any = None
+        self._input: TensorSpec | None = None
+        self._outputs: list[TensorSpec] = []
+        self._output_names: list[str] = []
+        self._info: EngineInfo | None = None
+        self.metadata: dict[str, str] = {}
+
+    def _session_options(self) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[self.cfg.graph_optimization])
+        so.intra_op_num_threads = self.cfg.intra_op_threads or physical_cores()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if self.optimized_model_out is not None:
+            so.optimized_model_filepath = str(self.optimized_model_out)
+        if self.cfg.require_gpu:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return so
+
+    def _load_impl(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineError(
+                "onnxruntime is not installed: `pip install edge-agent[cpu]`, or on a Jetson NVIDIA's "
+                "onnxruntime-gpu wheel from the Jetson AI Lab index (see README)"
+            ) from exc
+        if not self.model_path.is_file():
+            raise ModelError(f"model file not found: {self.model_path}")
+        available = ort.get_available_providers()
+        wanted = [p.name for p in self.cfg.providers]
+        missing = [p for p in wanted if p not in available]
+        providers = [(p.name, {k: str(v) for k, v in p.options.items()}) for p in self.cfg.providers
+                     if p.name in available]
+        if missing:
+            log.warning("execution providers %s are not available in this onnxruntime (available: %s)",
+                        missing, available)
+        if not providers:
+            raise EngineError(f"none of the execution providers {wanted} is available; available: {available}")
+        try:
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=self._session_options(),
+                                                 providers=providers)
+        except Exception as exc:  # ORT raises its own Fail / InvalidGraph / RuntimeError types
+            raise ModelError(f"cannot load {self.model_path.name}: {str(exc).strip()[:500]}") from exc
+        got = list(self._session.get_providers())
+        if got[0] != wanted[0]:
+            msg = f"asked for {wanted[0]}, running on {got[0]} (providers in use: {got})"
+            if self.cfg.require_gpu and wanted[0] != "CPUExecutionProvider":
+                raise EngineError(f"GPU execution provider unavailable and engine.require_gpu is set: {msg}")
+            log.warning("execution provider fell back: %s", msg)
+            if self.on_event is not None:
+                self.on_event("engine_fallback", {"wanted": wanted, "providers": got})
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"expected one input tensor, the model has {len(inputs)}")
+        inp = inputs[0]
+        self._input = TensorSpec(inp.name, _static_shape(inp.name, inp.shape), self._dtype(inp.type, inp.name))
+        self._outputs = [TensorSpec(o.name, _static_shape(o.name, o.shape), self._dtype(o.type, o.name))
+                         for o in self._session.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._info = EngineInfo(backend="onnxruntime", providers=got, precision=self.precision,
+                                device="cpu" if got[0] == "CPUExecutionProvider" else "cuda",
+                                extra={"onnxruntime": ort.__version__,
+                                       "intra_op_threads": self._session.get_session_options().intra_op_num_threads})
+
+    @staticmethod
+    def _dtype(ort_type: str, name: str) -> np.dtype:
+        if ort_type not in _ORT_DTYPES:
+            raise ModelError(f"tensor {name!r} has unsupported type {ort_type}")
+        return _ORT_DTYPES[ort_type]
+
+    def _input_spec_impl(self) -> TensorSpec:
+        assert self._input is not None  # set by _load_impl; load() guards every caller
+        return self._input
+
+    def _output_specs_impl(self) -> list[TensorSpec]:
+        return self._outputs
+
+    def _info_impl(self) -> EngineInfo:
+        assert self._info is not None
+        return self._info
+
+    def _infer_impl(self, tensor: np.ndarray) -> list[np.ndarray]:
+        assert self._input is not None
+        try:
+            out = self._session.run(self._output_names, {self._input.name: tensor})
+        except Exception as exc:
+            raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
+        return list(out)
+
+    @property
+    def session(self) -> Any:
+        """The ONNX Runtime session (for IO binding and profiling)."""
+        self._require_loaded()
+        return self._session
+
+    def _close_impl(self) -> None:
+        self._session = None

@@ -1,0 +1,276 @@
+"""One camera's pipeline: capture thread -> inference thread -> post/publish thread.
+
+The inference thread takes the newest frame (live) or every frame (files), preprocesses it into
+the engine's preallocated input and runs the engine. Decoding, NMS and publishing happen on the
+post thread, so a slow broker or a burst of detections never stalls inference. A model swap
+happens between two frames on the inference thread: the old runtime serves until the new one
+takes the next frame, and every result carries the runtime that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.capture.reader import CaptureThread
+from agent.config import ModelConfig
+from agent.engines.base import Engine
+from agent.errors import AgentError
+from agent.telemetry.metrics import RateMeter, StageTimes
+from agent.vision.labels import load_labels
+from agent.vision.postprocess import Postprocessor
+from agent.vision.preprocess import Letterboxer
+from agent.vision.types import Frame, Letterbox, Result
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, object]], None]
+ResultSink = Callable[[Result], None]
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded model with everything needed to turn a frame into detections."""
+
+    name: str
+    version: str
+    path: Path
+    engine: Engine
+    letterbox: Letterboxer
+    post: Postprocessor
+    labels: list[str]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def build_runtime(engine: Engine, model_cfg: ModelConfig, path: Path, name: str | None = None,
+                  version: str | None = None) -> ModelRuntime:
+    """Wrap a loaded engine with its letterbox and postprocessor (labels from config or metadata)."""
+    engine.load()
+    spec = engine.input_spec
+    outputs = engine.output_specs
+    meta = dict(getattr(engine, "metadata", {}) or {})
+    num_classes = _num_classes(outputs[0].shape) if outputs else None
+    labels = load_labels(model_cfg.labels, meta, num_classes)
+    post = Postprocessor.from_config(model_cfg, labels, [o.shape for o in outputs])
+    return ModelRuntime(name=name or model_cfg.name, version=version or model_cfg.version, path=path,
+                        engine=engine, letterbox=Letterboxer(spec.shape, spec.dtype), post=post, labels=labels)
+
+
+def _num_classes(shape: tuple[int, ...]) -> int | None:
+    """Class count implied by a YOLO output shape, when the layout makes it unambiguous."""
+    if len(shape) != 3:
+        return None
+    a, b = shape[1], shape[2]
+    if b == 6 and a > 6:
+        return None  # end-to-end [1, K, 6]: classes are ids, not columns
+    return a - 4 if a < b else b - 5
+
+
+@dataclass
+class SwapTicket:
+    runtime: ModelRuntime
+    done: threading.Event = field(default_factory=threading.Event)
+    first_seq: int | None = None
+    old: ModelRuntime | None = None
+
+
+@dataclass
+class _Item:
+    frame: Frame
+    outputs: list[np.ndarray]
+    letterbox: Letterbox
+    runtime: ModelRuntime
+    stage_ms: dict[str, float]
+
+
+_STOP = object()
+
+
+class Pipeline:
+    """Runs one camera; results go to `on_result` on the post thread."""
+
+    def __init__(self, camera_id: str, capture: CaptureThread, runtime: ModelRuntime, on_result: ResultSink,
+                 on_event: EventSink | None = None, max_frames: int | None = None,
+                 handoff_size: int = 4) -> None:
+        self.camera_id = camera_id
+        self.capture = capture
+        self.runtime = runtime
+        self.on_result = on_result
+        self.on_event = on_event or (lambda name, data: None)
+        self.max_frames = max_frames
+        self.times = StageTimes()
+        self.fps = RateMeter()
+        self.processed = 0
+        self.submitted = 0
+        self.errors = 0
+        self.publish_errors = 0
+        self.recent_frames: deque[np.ndarray] = deque(maxlen=8)
+        self.infer_progress = time.monotonic()
+        self.post_progress = time.monotonic()
+        self.finished = threading.Event()
+        self._handoff: queue.Queue[object] = queue.Queue(maxsize=handoff_size)
+        self._stop = threading.Event()
+        self._frozen = threading.Event()  # test hook: simulates a stuck inference thread
+        self._swap: SwapTicket | None = None
+        self._new_ticket: SwapTicket | None = None
+        self._swap_lock = threading.Lock()
+        self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{camera_id}", daemon=True)
+        self._post_thread = threading.Thread(target=self._post_loop, name=f"post-{camera_id}", daemon=True)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.capture.start()
+        self._infer_thread.start()
+        self._post_thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop capture, finish the frame in flight, publish what was inferred, join the threads."""
+        self._stop.set()
+        self._frozen.clear()
+        self.capture.stop(timeout)
+        self._infer_thread.join(timeout)
+        self._post_thread.join(timeout)
+        if self._post_thread.is_alive() or self._infer_thread.is_alive():
+            log.warning("pipeline %s did not stop within %.1f s", self.camera_id, timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the source ended (or max_frames reached) and every result was handed on."""
+        return self.finished.wait(timeout)
+
+    def freeze(self) -> None:
+        """Test hook: the inference thread stops making progress (the watchdog must notice)."""
+        log.warning("pipeline %s frozen on request (test hook)", self.camera_id)
+        self._frozen.set()
+
+    # ---- model swap -----------------------------------------------------------------------
+    def request_swap(self, runtime: ModelRuntime) -> SwapTicket:
+        """Ask the inference thread to switch to `runtime` before its next frame."""
+        ticket = SwapTicket(runtime)
+        with self._swap_lock:
+            self._swap = ticket
+        return ticket
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            ticket, self._swap = self._swap, None
+        if ticket is None:
+            return
+        ticket.old, self.runtime = self.runtime, ticket.runtime
+        self._new_ticket = ticket  # completed by the first frame the new runtime infers
+        log.info("camera %s: now on model %s %s", self.camera_id, ticket.runtime.name, ticket.runtime.version)
+
+    # ---- threads --------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.infer_progress = time.monotonic()
+                if self._frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                if self._swap is not None:
+                    self._apply_swap()
+                if self.max_frames is not None and self.submitted >= self.max_frames:
+                    break
+                frame = self.capture.get(timeout=0.1)
+                if frame is None:
+                    if self.capture.ended:
+                        break
+                    continue
+                self._infer_one(frame)
+        finally:
+            self._handoff.put(_STOP)
+
+    def _infer_one(self, frame: Frame) -> None:
+        rt = self.runtime
+        t0 = time.perf_counter()
+        try:
+            tensor, lb = rt.letterbox(frame.image)
+            t1 = time.perf_counter()
+            outputs = rt.engine.infer(tensor)
+            t2 = time.perf_counter()
+        except AgentError as exc:
+            self.errors += 1
+            log.error("camera %s frame %d: %s", self.camera_id, frame.seq, exc)
+            self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+            return
+        stage = {"wait": (t0 - frame.mono) * 1e3 if frame.mono else 0.0,
+                 "preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
+        self.recent_frames.append(frame.image)
+        self.submitted += 1
+        self._handoff.put(_Item(frame, outputs, lb, rt, stage))
+        if self._new_ticket is not None:
+            self._new_ticket.first_seq = frame.seq
+            self._new_ticket.done.set()
+            self._new_ticket = None
+
+    def _post_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._handoff.get(timeout=0.2)
+                except queue.Empty:
+                    self.post_progress = time.monotonic()
+                    continue
+                self.post_progress = time.monotonic()
+                if item is _STOP:
+                    break
+                assert isinstance(item, _Item)
+                self._post_one(item)
+        finally:
+            self.finished.set()
+
+    def _post_one(self, item: _Item) -> None:
+        t0 = time.perf_counter()
+        rt = item.runtime
+        try:
+            detections = rt.post(item.outputs, item.letterbox)
+        except Exception as exc:  # a decoder bug must not kill the thread: count, report, go on
+            self.errors += 1
+            log.exception("camera %s frame %d: postprocess failed", self.camera_id, item.frame.seq)
+            self.on_event("postprocess_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+            return
+        t1 = time.perf_counter()
+        item.stage_ms["postprocess"] = (t1 - t0) * 1e3
+        f = item.frame
+        result = Result(frame_seq=f.seq, ts=f.ts, mono=f.mono, frame_w=f.width, frame_h=f.height,
+                        detections=detections, model_name=rt.name, model_version=rt.version,
+                        stage_ms=item.stage_ms)
+        try:
+            self.on_result(result)
+        except Exception:
+            self.publish_errors += 1
+            log.exception("camera %s: result sink failed", self.camera_id)
+        t2 = time.perf_counter()
+        for name, ms in item.stage_ms.items():
+            self.times.add(name, ms)
+        self.times.add("publish", (t2 - t1) * 1e3)
+        if f.mono:
+            self.times.add("e2e", (time.monotonic() - f.mono) * 1e3)
+        self.processed += 1
+        self.fps.tick()
+
+    # ---- figures --------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        cap = self.capture.stats()
+        return {
+            "camera": self.camera_id,
+            "frames_in": cap.get("frames_in", 0),
+            "frames_processed": self.processed,
+            "frames_dropped": cap.get("frames_dropped", 0),
+            "errors": self.errors,
+            "fps": self.fps.rate(),
+            "latency_ms": self.times.summary(),
+            "camera_state": cap.get("state"),
+            "reconnects": cap.get("reconnects", 0),
+            "model": {"name": self.runtime.name, "version": self.runtime.version},
+        }

@@ -1,0 +1,358 @@
+"""The service: wires config, engine, pipelines, MQTT, telemetry and systemd; owns the lifecycle.
+
+Start order: MQTT first (its queue is ready even while the broker is away), then the engine (built
+through the cache; systemd is asked for more start time while a build runs), then one pipeline per
+camera. READY is sent once frames flow, the watchdog is fed only while every stage progresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.capture.reader import CaptureThread
+from agent.config import AgentConfig, load_config
+from agent.engines.base import Engine
+from agent.errors import AgentError, CacheError, ConfigError
+from agent.mqtt.client import MqttClient
+from agent.mqtt.topics import Topics
+from agent.pipeline import ModelRuntime, Pipeline, build_runtime
+from agent.publish import ResultPublisher, dumps
+from agent.sdnotify import Notifier, Watchdog
+from agent.telemetry.system import SystemReader, check_thresholds
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, object]], None]
+
+
+class Service:
+    def __init__(self, cfg: AgentConfig, config_path: Path | None = None, *,
+                 echo: Callable[[str], None] | None = None, max_frames: int | None = None,
+                 duration: float | None = None, use_cache: bool = True) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.echo = echo
+        self.max_frames = max_frames
+        self.duration = duration
+        self.use_cache = use_cache
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.notifier = Notifier()
+        self.mqtt: MqttClient | None = None
+        self.pipelines: list[Pipeline] = []
+        self.publishers: list[ResultPublisher] = []
+        self.cache: Any = None
+        self.engine_info: dict[str, object] = {}
+        self.started_at = time.monotonic()
+        self.ready = False
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._freeze = threading.Event()
+        self._telemetry_thread: threading.Thread | None = None
+        self._watchdog: Watchdog | None = None
+        self._system = SystemReader([cfg.cache.dir, cfg.updates.models_dir])
+        self._threshold_state: dict[str, bool] = {}
+        self.updates: Any = None
+
+    # ---- events -----------------------------------------------------------------------------
+    def emit(self, name: str, data: dict[str, object] | None = None) -> None:
+        """A notable event: logged, and published on `events` (QoS 1)."""
+        data = data or {}
+        log.info("event %s %s", name, dumps(data))
+        if self.mqtt is not None:
+            self.mqtt.publish(self.topics.events, dumps({"event": name, "ts": round(time.time(), 3), **data}), qos=1)
+
+    # ---- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.notifier.status("starting")
+        if self.cfg.mqtt.enabled:
+            self.mqtt = MqttClient(self.cfg.mqtt, self.cfg.client_id, will_topic=self.topics.status,
+                                   will_payload=self._status_payload("offline").encode(),
+                                   on_connect=self._on_mqtt_connect)
+            self.mqtt.start()
+        runtimes = [self._load_runtime() for _ in self.cfg.cameras]
+        self.engine_info = runtimes[0].engine.info.to_json()
+        for cam, rt in zip(self.cfg.cameras, runtimes):
+            capture = CaptureThread(cam, on_event=self.emit)
+            publisher = ResultPublisher(self.mqtt, self.topics, cam.id, self.cfg.mqtt.detections_qos, echo=self.echo)
+            publisher.labels = rt.labels
+            pipe = Pipeline(cam.id, capture, rt, publisher, on_event=self.emit, max_frames=self.max_frames)
+            self.publishers.append(publisher)
+            self.pipelines.append(pipe)
+        self._publish_status()
+        for pipe in self.pipelines:
+            pipe.start()
+        self._start_updates()
+        self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
+        self._telemetry_thread.start()
+        if self.cfg.service.watchdog and self.notifier.watchdog_interval() is not None:
+            self._watchdog = Watchdog(self.notifier, stall_s=self.cfg.service.stall_s)
+            for pipe in self.pipelines:
+                self._watchdog.add_probe(f"infer-{pipe.camera_id}", lambda p=pipe: p.infer_progress)
+                self._watchdog.add_probe(f"post-{pipe.camera_id}", lambda p=pipe: p.post_progress)
+                self._watchdog.add_probe(f"capture-{pipe.camera_id}", lambda p=pipe: _capture_progress(p))
+            self._watchdog.start()
+
+    def _load_runtime(self, path: Path | None = None, name: str | None = None,
+                      version: str | None = None) -> ModelRuntime:
+        path = path or self.cfg.model.path
+        engine = self._make_engine(path)
+        rt = build_runtime(engine, self.cfg.model, path, name=name, version=version)
+        t0 = time.perf_counter()
+        engine.warmup(self.cfg.engine.warmup_runs)
+        log.info("model %s %s loaded (%s, warm-up %.0f ms)", rt.name, rt.version,
+                 ",".join(engine.info.providers), (time.perf_counter() - t0) * 1e3)
+        return rt
+
+    def _make_engine(self, path: Path) -> Engine:
+        from agent.engines.factory import create_engine
+
+        cache = self._engine_cache()
+
+        def progress(done: float, note: str = "") -> None:
+            # A first engine build can take minutes on a Jetson: ask systemd for more start time.
+            self.notifier.extend_timeout(60.0)
+            self.notifier.status(f"building engine {done:.0%} {note}".strip())
+
+        return create_engine(path, self.cfg.engine, cache, on_event=self.emit, progress=progress)
+
+    def _engine_cache(self) -> Any:
+        if not self.use_cache:
+            return None
+        if self.cache is None:
+            from agent.cache.store import EngineCache
+
+            try:
+                self.cache = EngineCache(self.cfg.cache.dir, self.cfg.cache.max_mb * 1024 * 1024, on_event=self.emit)
+            except CacheError as exc:
+                # Run uncached rather than not at all, but say loudly what it costs.
+                log.error("%s; running without an engine cache", exc)
+                self.emit("cache_unavailable", {"error": str(exc)})
+                self.use_cache = False
+                return None
+        return self.cache
+
+    def _start_updates(self) -> None:
+        if not (self.cfg.updates.enabled and self.mqtt is not None and self.cfg.updates.trusted_keys):
+            return
+        from agent.updates.host import start_updates
+
+        self.updates = start_updates(self)
+
+    # ---- MQTT ---------------------------------------------------------------------------------
+    def _on_mqtt_connect(self) -> None:
+        # Retained status again after every reconnect: the will may have replaced it meanwhile.
+        self._publish_status()
+
+    def _status_payload(self, state: str) -> str:
+        model = {"name": self.cfg.model.name, "version": self.cfg.model.version}
+        if self.pipelines:
+            rt = self.pipelines[0].runtime
+            model = {"name": rt.name, "version": rt.version}
+        return dumps({"state": state, "ts": round(time.time(), 3), "agent_version": __version__,
+                      "device_id": self.cfg.device_id, "model": model,
+                      "backend": self.engine_info.get("backend", self.cfg.engine.backend),
+                      "providers": self.engine_info.get("providers", []),
+                      "cameras": [c.id for c in self.cfg.cameras]})
+
+    def _publish_status(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
+
+    # ---- telemetry ----------------------------------------------------------------------------
+    def telemetry(self) -> dict[str, object]:
+        cams = [p.stats() for p in self.pipelines]
+        fps = sum(float(c["fps"]) for c in cams)  # type: ignore[arg-type]
+        system = self._system.read()
+        return {
+            "ts": round(time.time(), 3),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "fps": round(fps, 2),
+            "frames_in": sum(int(c["frames_in"]) for c in cams),  # type: ignore[call-overload]
+            "frames_processed": sum(int(c["frames_processed"]) for c in cams),  # type: ignore[call-overload]
+            "frames_dropped": sum(int(c["frames_dropped"]) for c in cams),  # type: ignore[call-overload]
+            "cameras": cams,
+            "mqtt": self.mqtt.stats() if self.mqtt is not None else {"enabled": False},
+            "model": {"name": self.pipelines[0].runtime.name, "version": self.pipelines[0].runtime.version}
+            if self.pipelines else {},
+            "engine": self.engine_info,
+            "system": system,
+        }
+
+    def _telemetry_loop(self) -> None:
+        next_at = time.monotonic() + min(self.cfg.telemetry.period_s, 1.0)
+        while not self._stop.wait(0.1):
+            self._maybe_ready()
+            if time.monotonic() < next_at:
+                continue
+            next_at = time.monotonic() + self.cfg.telemetry.period_s
+            try:
+                snap = self.telemetry()
+                if self.mqtt is not None:
+                    self.mqtt.publish(self.topics.telemetry, dumps(snap), qos=0)
+                for name, data in check_thresholds(snap["system"], self.cfg.telemetry,  # type: ignore[arg-type]
+                                                   float(snap["fps"]), self._threshold_state):  # type: ignore[arg-type]
+                    self.emit(name, data)
+                self.notifier.status(self._status_line())
+            except Exception:  # telemetry must never take the service down
+                log.exception("telemetry failed")
+
+    def _status_line(self) -> str:
+        parts = []
+        for p in self.pipelines:
+            s = p.stats()
+            parts.append(f"{p.camera_id} {s['camera_state']} {s['fps']} fps")
+        rt = self.pipelines[0].runtime if self.pipelines else None
+        model = f"{rt.name} v{rt.version}" if rt else "-"
+        mq = "mqtt up" if self.mqtt is not None and self.mqtt.connected else "mqtt down"
+        return f"{model}; {'; '.join(parts)}; {mq}"
+
+    def _maybe_ready(self) -> None:
+        if self.ready or not any(p.processed > 0 for p in self.pipelines):
+            return
+        self.ready = True
+        self.notifier.ready(self._status_line())
+        log.info("ready: %s", self._status_line())
+
+    # ---- signals, reload, stop ------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+        if os.environ.get("EDGE_AGENT_TEST_HOOKS") == "1":
+            signal.signal(signal.SIGUSR2, lambda s, f: self._freeze.set())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start, serve until stopped (signal, end of file source, --max-frames, --duration), stop."""
+        try:
+            self.start()
+        except AgentError:
+            self.shutdown()
+            raise
+        deadline = time.monotonic() + self.duration if self.duration else None
+        while not self._stop.wait(0.1):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self._freeze.is_set():
+                self._freeze.clear()
+                for p in self.pipelines:
+                    p.freeze()
+            if all(p.finished.is_set() for p in self.pipelines):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self.shutdown()
+        return 0
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change live; a bad config is rejected and the old one stays."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload rejected, the running config stays in force:\n  %s", "\n  ".join(exc.errors))
+            self.emit("reload_rejected", {"errors": exc.errors[:20]})
+            self.notifier.ready_after_reload()
+            return
+        applied, restart = apply_live(self, new)
+        self.emit("config_reloaded", {"applied": applied, "needs_restart": restart})
+        self.notifier.ready_after_reload()
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        self._stop.set()
+        if self.updates is not None:
+            self.updates.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        for p in self.pipelines:
+            p.stop()
+        if self._telemetry_thread is not None:
+            self._telemetry_thread.join(2)
+        if self.mqtt is not None:
+            self.mqtt.publish(self.topics.telemetry, dumps(self.telemetry()), qos=0)
+            self.mqtt.stop(self.cfg.service.drain_s,
+                           final=(self.topics.status, self._status_payload("offline").encode()))
+        for p in self.pipelines:
+            p.runtime.close()
+
+
+def _capture_progress(p: Pipeline) -> float:
+    """A capture waiting on a lost camera is not stuck: only a stalled stream counts."""
+    stats = p.capture.stats()
+    if stats.get("state") != "streaming":
+        return time.monotonic()
+    return float(p.capture.last_progress)
+
+
+def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
+    """Apply the live-changeable parts of `new`; return (applied, needing a restart)."""
+    old = svc.cfg
+    applied: list[str] = []
+    restart: list[str] = []
+    m_old, m_new = old.model, new.model
+    if (m_old.score_threshold, m_old.class_thresholds, m_old.iou_threshold) != (
+            m_new.score_threshold, m_new.class_thresholds, m_new.iou_threshold):
+        for p in svc.pipelines:
+            p.runtime.post.set_thresholds(m_new.score_threshold, m_new.class_thresholds, m_new.iou_threshold)
+        applied.append("model thresholds")
+    if old.mqtt.topic_prefix != new.mqtt.topic_prefix:
+        svc.topics = Topics(new.mqtt.topic_prefix, old.device_id)
+        for pub in svc.publishers:
+            pub.set_topics(svc.topics)
+        applied.append("mqtt.topic_prefix")
+    if old.mqtt.detections_qos != new.mqtt.detections_qos:
+        for pub in svc.publishers:
+            pub.qos = new.mqtt.detections_qos
+        applied.append("mqtt.detections_qos")
+    if old.telemetry != new.telemetry:
+        applied.append("telemetry")
+    old_cams = {c.id: c for c in old.cameras}
+    for pipe, cam in zip(svc.pipelines, new.cameras):
+        if cam.id == pipe.camera_id and old_cams.get(cam.id) != cam:
+            pipe.capture.set_source(cam)
+            applied.append(f"cameras[{cam.id}]")
+    if [c.id for c in old.cameras] != [c.id for c in new.cameras]:
+        restart.append("cameras (added, removed or renamed)")
+    for section in ("engine", "cache", "updates", "service"):
+        if getattr(old, section) != getattr(new, section):
+            restart.append(section)
+    if old.device_id != new.device_id:
+        restart.append("device_id")
+    mq_old = old.mqtt.model_dump(exclude={"topic_prefix", "detections_qos"})
+    if mq_old != new.mqtt.model_dump(exclude={"topic_prefix", "detections_qos"}):
+        restart.append("mqtt connection")
+    if (m_old.path, m_old.labels, m_old.decoder, m_old.name, m_old.version) != (
+            m_new.path, m_new.labels, m_new.decoder, m_new.name, m_new.version):
+        restart.append("model (path, labels, decoder, name, version)")
+    # Keep the new config for what was applied (and for the next reload's comparison).
+    svc.cfg = new.model_copy(update={"device_id": old.device_id, "engine": old.engine, "cache": old.cache,
+                                     "updates": old.updates, "service": old.service})
+    if restart:
+        log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
+    return applied, restart
+
+
+
+
+__all__ = ["Service", "apply_live"]

@@ -1,0 +1,1 @@
+"""Preprocessing (letterbox), output decoders, NMS, and the data types they share."""

@@ -1,0 +1,1 @@
+"""Real helpers for the tests: a mosquitto broker on a free port, MQTT collectors, media servers."""
