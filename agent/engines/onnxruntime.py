@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, object]], None]
 
-_ORT_DTYPES = {
+_ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(uint8)": np.dtype(np.uint8),
@@ -152,9 +152,10 @@ class OnnxRuntimeEngine(Engine):
 
     @staticmethod
     def _dtype(ort_type: str, name: str) -> np.dtype:
-        if ort_type not in _ORT_DTYPES:
+        dtype = _ORT_DTYPES.get(ort_type)
+        if dtype is None:
             raise ModelError(f"tensor {name!r} has unsupported type {ort_type}")
-        return _ORT_DTYPES[ort_type]
+        return dtype
 
     def _input_spec_impl(self) -> TensorSpec:
         assert self._input is not None  # set by _load_impl; load() guards every caller
