@@ -158,13 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="print the ten slowest nodes (ONNX Runtime profiler)")
     p.set_defaults(func=cmd_bench)
 
-    for mod in ("agent.cache.cli", "agent.fleet.cli"):
-        try:
-            module = __import__(mod, fromlist=["add_parser"])
-        except ImportError as exc:  # pragma: no cover - both ship with the package
-            log.debug("%s not available: %s", mod, exc)
-            continue
-        module.add_parser(sub)
+    from agent.cache.cli import add_parsers as add_cache_parsers
+    from agent.fleet.cli import add_parser as add_fleet_parser
+
+    add_cache_parsers(sub)
+    add_fleet_parser(sub)
     return ap
 
 

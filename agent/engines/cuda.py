@@ -1,0 +1,241 @@
+"""A small CUDA memory layer: device and pinned buffers, streams, async copies, event timing.
+
+Built on NVIDIA's CUDA Python bindings (`cuda-python` / `cuda-bindings`, module
+`cuda.bindings.runtime`; `from cuda import cudart` on older layouts) rather than pycuda, because:
+they are maintained by NVIDIA alongside the CUDA toolkit; wheels exist for CUDA 12 and 13,
+including aarch64 for Jetson; installing them needs no compiler or CUDA headers (pycuda compiles
+against the local toolkit at install time); and the GPU machine we measure on already has them.
+They are imported lazily, so this module imports on a machine without CUDA.
+
+Every object frees what it allocated through an explicit `free()` / `close()` (and as a context
+manager); nothing is freed in `__del__`. Every CUDA call is checked: a failure raises EngineError
+naming the call and the CUDA error (e.g. `cudaMalloc(1048576): cudaErrorMemoryAllocation`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from agent.errors import EngineError
+
+__all__ = [
+    "DeviceBuffer",
+    "Event",
+    "PinnedBuffer",
+    "Stream",
+    "copy_dtoh_async",
+    "copy_htod_async",
+    "cuda_runtime",
+    "device_count",
+]
+
+_RT: Any = None
+
+
+def cuda_runtime() -> Any:
+    """The CUDA runtime bindings module (cuda-python 12/13 layout first, then the older one)."""
+    global _RT
+    if _RT is None:
+        last: Exception | None = None
+        for name in ("cuda.bindings.runtime", "cuda.cudart"):
+            try:
+                _RT = importlib.import_module(name)
+                break
+            except ImportError as exc:
+                last = exc
+        else:
+            raise EngineError(
+                "CUDA Python bindings are not installed: `pip install cuda-python` (the [gpu] extra); "
+                f"needed for the TensorRT backend's device memory ({last})"
+            )
+    return _RT
+
+
+def _error_name(rt: Any, err: Any) -> str:
+    try:
+        res = rt.cudaGetErrorName(err)
+        name = res[1] if isinstance(res, tuple) else res
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return str(err)
+
+
+def check(result: Any, what: str) -> Any:
+    """Unpack a bindings result `(err, *values)`: the value(s), or EngineError with the error name."""
+    rt = cuda_runtime()
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if err != rt.cudaError_t.cudaSuccess:
+        raise EngineError(f"{what}: {_error_name(rt, err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def device_count() -> int:
+    """Visible CUDA devices; 0 when there is no driver, no device or no bindings."""
+    try:
+        rt = cuda_runtime()
+        err, n = rt.cudaGetDeviceCount()
+    except Exception:
+        return 0
+    return int(n) if err == rt.cudaError_t.cudaSuccess else 0
+
+
+class _Owned:
+    """Explicit lifetime: free() once, context manager; `closed` after."""
+
+    _freed = False
+
+    def free(self) -> None:
+        if not self._freed:
+            self._freed = True
+            self._free_impl()
+
+    close = free
+
+    @property
+    def closed(self) -> bool:
+        return self._freed
+
+    def _free_impl(self) -> None:
+        raise NotImplementedError
+
+    def _alive(self) -> None:
+        if self._freed:
+            raise EngineError(f"{type(self).__name__} used after free()")
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.free()
+
+
+class DeviceBuffer(_Owned):
+    """`nbytes` of device memory (cudaMalloc)."""
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise EngineError(f"device buffer size must be positive, got {nbytes}")
+        rt = cuda_runtime()
+        self.nbytes = int(nbytes)
+        self.ptr = int(check(rt.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+
+    def _free_impl(self) -> None:
+        check(cuda_runtime().cudaFree(self.ptr), "cudaFree")
+        self.ptr = 0
+
+
+class PinnedBuffer(_Owned):
+    """Page-locked host memory (cudaMallocHost) seen as a numpy array `.array` of `shape`, `dtype`.
+
+    The array is a view of memory this object owns: do not use it after free().
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
+        rt = cuda_runtime()
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        if self.nbytes <= 0:
+            raise EngineError(f"pinned buffer of shape {self.shape} holds nothing")
+        self.ptr = int(check(rt.cudaMallocHost(self.nbytes), f"cudaMallocHost({self.nbytes})"))
+        raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self._array: np.ndarray | None = np.frombuffer(memoryview(raw).cast("B"), dtype=self.dtype).reshape(self.shape)
+
+    @property
+    def array(self) -> np.ndarray:
+        self._alive()
+        assert self._array is not None  # set until free()
+        return self._array
+
+    def _free_impl(self) -> None:
+        self._array = None
+        check(cuda_runtime().cudaFreeHost(self.ptr), "cudaFreeHost")
+        self.ptr = 0
+
+
+class Stream(_Owned):
+    """A non-blocking CUDA stream; `handle` is the integer TensorRT's execute_async_v3 takes."""
+
+    def __init__(self) -> None:
+        rt = cuda_runtime()
+        self._stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+
+    @property
+    def raw(self) -> Any:
+        self._alive()
+        return self._stream
+
+    @property
+    def handle(self) -> int:
+        return int(self.raw)
+
+    def synchronize(self) -> None:
+        check(cuda_runtime().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")
+
+    def _free_impl(self) -> None:
+        check(cuda_runtime().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+
+
+class Event(_Owned):
+    """A CUDA event for timing work on a stream: `end.elapsed_ms(start)` after both are recorded."""
+
+    def __init__(self) -> None:
+        self._event = check(cuda_runtime().cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        self._alive()
+        check(cuda_runtime().cudaEventRecord(self._event, stream.raw), "cudaEventRecord")
+
+    def synchronize(self) -> None:
+        self._alive()
+        check(cuda_runtime().cudaEventSynchronize(self._event), "cudaEventSynchronize")
+
+    def elapsed_ms(self, start: Event) -> float:
+        """Milliseconds between `start` and this event (waits for this one to complete)."""
+        self.synchronize()
+        return float(check(cuda_runtime().cudaEventElapsedTime(start._event, self._event), "cudaEventElapsedTime"))
+
+    def _free_impl(self) -> None:
+        check(cuda_runtime().cudaEventDestroy(self._event), "cudaEventDestroy")
+
+
+def _host_ptr(host: PinnedBuffer | np.ndarray, nbytes: int, what: str) -> int:
+    if isinstance(host, PinnedBuffer):
+        host._alive()
+        if host.nbytes != nbytes:
+            raise EngineError(f"{what}: host buffer holds {host.nbytes} bytes, device buffer {nbytes}")
+        return host.ptr
+    if not host.flags.c_contiguous:
+        raise EngineError(f"{what}: host array must be C-contiguous")
+    if host.nbytes != nbytes:
+        raise EngineError(f"{what}: host array holds {host.nbytes} bytes, device buffer {nbytes}")
+    return int(host.ctypes.data)
+
+
+def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer | np.ndarray, stream: Stream) -> None:
+    """Host -> device on `stream` (asynchronous only from pinned memory; pageable arrays stage)."""
+    dst._alive()
+    rt = cuda_runtime()
+    ptr = _host_ptr(src, dst.nbytes, "copy_htod_async")
+    check(rt.cudaMemcpyAsync(dst.ptr, ptr, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw),
+          "cudaMemcpyAsync(HtoD)")
+
+
+def copy_dtoh_async(dst: PinnedBuffer | np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
+    """Device -> host on `stream`; synchronise the stream before reading `dst`."""
+    src._alive()
+    rt = cuda_runtime()
+    ptr = _host_ptr(dst, src.nbytes, "copy_dtoh_async")
+    check(rt.cudaMemcpyAsync(ptr, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw),
+          "cudaMemcpyAsync(DtoH)")

@@ -1,0 +1,148 @@
+"""Factory + cache with ONNX Runtime's optimised model as the engine, on real tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.cache.keys import model_digest
+from agent.cache.store import ENGINE_FILE, EngineCache
+from agent.config import EngineConfig, ProviderConfig
+from agent.engines.factory import _ort_trt_options, create_engine, key_fields
+from agent.engines.quantize import quantize_int8
+
+pytest.importorskip("onnxruntime")
+
+
+def conv_model(path: Path, seed: int = 0, external: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Sigmoid", ["c"], ["output0"])], "conv_sigmoid",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4, 32, 32])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "names", "{0: 'a', 1: 'b'}"
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return conv_model(tmp_path / "m.onnx")
+
+
+def frame() -> np.ndarray:
+    return np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+
+
+def test_cached_optimised_model_serves_like_the_original(tmp_path: Path, model: Path) -> None:
+    events: list[str] = []
+    cache = EngineCache(tmp_path / "cache", 1 << 24, on_event=lambda n, d: events.append(n))
+    cfg = EngineConfig()
+    plain = create_engine(model, cfg, None)
+    want = plain.infer(frame())[0]
+    first = create_engine(model, cfg, cache)
+    assert first.info.engine_key and first.info.extra["engine_cached"] is False
+    second = create_engine(model, cfg, cache)
+    assert second.info.extra["engine_cached"] is True and second.info.engine_key == first.info.engine_key
+    assert events.count("engine_built") == 1 and "engine_cache_hit" in events
+    np.testing.assert_allclose(second.infer(frame())[0], want, rtol=1e-5, atol=1e-6)
+    assert getattr(second, "metadata", {}).get("names") == "{0: 'a', 1: 'b'}"  # metadata survives
+    meta = json.loads((cache.root / first.info.engine_key / "meta.json").read_text())
+    assert meta["fields"]["backend"] == "onnxruntime" and meta["fields"]["cpu_isa"]
+    for e in (plain, first, second):
+        e.close()
+
+
+def test_damaged_engine_is_quarantined_and_rebuilt(tmp_path: Path, model: Path) -> None:
+    events: list[tuple[str, dict[str, object]]] = []
+    cache = EngineCache(tmp_path / "cache", 1 << 24, on_event=lambda n, d: events.append((n, d)))
+    key = create_engine(model, EngineConfig(), cache).info.engine_key
+    engine_file = cache.root / key / ENGINE_FILE
+    engine_file.write_bytes(engine_file.read_bytes()[: engine_file.stat().st_size // 2])
+    again = create_engine(model, EngineConfig(), cache)
+    assert again.info.extra["engine_cached"] is False
+    assert [d["key"] for n, d in events if n == "engine_quarantined"] == [key]
+    assert np.isfinite(again.infer(frame())[0]).all()
+
+
+def test_unwritable_cache_falls_back_to_no_cache_and_says_so(tmp_path: Path, model: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    cache = EngineCache(tmp_path / "file" / "cache", 1 << 20, check=False)
+    events: list[tuple[str, dict[str, object]]] = []
+    engine = create_engine(model, EngineConfig(), cache, on_event=lambda n, d: events.append((n, d)))
+    assert engine.info.engine_key == ""
+    assert events and events[0][0] == "engine_cache_unusable" and "not writable" in str(events[0][1]["error"])
+
+
+def test_key_changes_with_model_options_and_runtime(tmp_path: Path, model: Path) -> None:
+    base = key_fields(model, EngineConfig())
+    assert {"model_sha256", "backend", "providers", "precision", "input_shape", "onnxruntime",
+            "cache_format", "graph_optimization"} <= set(base)
+    assert base["input_shape"] == "images:1x3x32x32:float32"
+    other_model = key_fields(conv_model(tmp_path / "m2.onnx", seed=2), EngineConfig())
+    assert other_model["model_sha256"] != base["model_sha256"]
+    assert key_fields(model, EngineConfig(graph_optimization="basic"))["graph_optimization"] == "basic"
+    trt = key_fields(model, EngineConfig(backend="tensorrt", precision="fp16", workspace_mb=512))
+    assert trt["providers"] == "TensorRT" and trt["workspace_mb"] == "512" and "tensorrt" in trt
+    assert "onnxruntime" not in trt
+
+
+def test_model_digest_covers_external_data(tmp_path: Path) -> None:
+    path = conv_model(tmp_path / "ext.onnx", external=True)
+    data = tmp_path / "ext.onnx.data"
+    assert data.is_file()
+    before = model_digest(path)
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert model_digest(path) != before  # the .onnx file itself did not change
+
+
+def test_ort_tensorrt_ep_options_point_at_the_cache(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path / "cache", 1 << 20)
+    cfg = EngineConfig(precision="fp16", providers=[
+        ProviderConfig(name="TensorrtExecutionProvider", options={"trt_max_workspace_size": "123"}),
+        ProviderConfig(name="CPUExecutionProvider")])
+    out = _ort_trt_options(cfg, cache, "k" * 64)
+    opts = out.providers[0].options
+    assert opts["trt_engine_cache_enable"] == "True"
+    assert opts["trt_engine_cache_path"] == str(cache.root / "ort-trt" / ("k" * 64))
+    assert opts["trt_timing_cache_enable"] == "True" and Path(opts["trt_timing_cache_path"]).is_dir()
+    assert opts["trt_fp16_enable"] == "True"
+    assert opts["trt_max_workspace_size"] == "123"  # the user's explicit option wins
+    assert out.providers[1].name == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("variant", ["tensorrt", "cpu"])
+def test_quantized_qdq_model_runs_close_to_fp32(tmp_path: Path, model: Path, variant: str) -> None:
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(8)]
+    out = quantize_int8(model, tmp_path / f"{variant}.onnx", frames, variant=variant)  # type: ignore[arg-type]
+    q = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert meta["edge_agent.quantization"] == variant and meta["edge_agent.calibration_frames"] == "8"
+    zero_points = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("zero_point")]
+    act_types = {z.dtype for z in zero_points if z.ndim == 0}
+    assert act_types == ({np.dtype(np.int8)} if variant == "tensorrt" else {np.dtype(np.uint8)})
+    from agent.vision.preprocess import Letterboxer
+
+    tensor = Letterboxer((1, 3, 32, 32))(frames[0])[0].copy()  # what the agent feeds at run time
+    fp32 = create_engine(model, EngineConfig(), None).infer(tensor)[0]
+    int8 = create_engine(out, EngineConfig(precision="int8"), None).infer(tensor)[0]
+    assert np.abs(int8 - fp32).max() < 0.05
