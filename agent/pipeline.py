@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,8 @@ def _num_classes(shape: tuple[int, ...]) -> int | None:
 @dataclass
 class SwapTicket:
     runtime: ModelRuntime
-    done: threading.Event = field(default_factory=threading.Event)
+    applied: threading.Event = field(default_factory=threading.Event)  # the new runtime takes the next frame
+    done: threading.Event = field(default_factory=threading.Event)  # the first frame on it was inferred
     first_seq: int | None = None
     old: ModelRuntime | None = None
 
@@ -167,6 +169,7 @@ class Pipeline:
             return
         ticket.old, self.runtime = self.runtime, ticket.runtime
         self._new_ticket = ticket  # completed by the first frame the new runtime infers
+        ticket.applied.set()
         log.info("camera %s: now on model %s %s", self.camera_id, ticket.runtime.name, ticket.runtime.version)
 
     # ---- threads --------------------------------------------------------------------------
@@ -260,7 +263,7 @@ class Pipeline:
         self.fps.tick()
 
     # ---- figures --------------------------------------------------------------------------
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         cap = self.capture.stats()
         return {
             "camera": self.camera_id,

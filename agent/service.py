@@ -19,7 +19,7 @@ from typing import Any
 
 from agent import __version__
 from agent.capture.reader import CaptureThread
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, ModelConfig, load_config
 from agent.engines.base import Engine
 from agent.errors import AgentError, CacheError, ConfigError
 from agent.mqtt.client import MqttClient
@@ -61,6 +61,8 @@ class Service:
         self._system = SystemReader([cfg.cache.dir, cfg.updates.models_dir])
         self._threshold_state: dict[str, bool] = {}
         self.updates: Any = None
+        self.update_host: Any = None
+        self.store: Any = None
 
     # ---- events -----------------------------------------------------------------------------
     def emit(self, name: str, data: dict[str, object] | None = None) -> None:
@@ -78,9 +80,10 @@ class Service:
                                    will_payload=self._status_payload("offline").encode(),
                                    on_connect=self._on_mqtt_connect)
             self.mqtt.start()
-        runtimes = [self._load_runtime() for _ in self.cfg.cameras]
+        path, name, version, mcfg = self._initial_model()
+        runtimes = [self.load_runtime(path, name, version, mcfg) for _ in self.cfg.cameras]
         self.engine_info = runtimes[0].engine.info.to_json()
-        for cam, rt in zip(self.cfg.cameras, runtimes):
+        for cam, rt in zip(self.cfg.cameras, runtimes, strict=True):
             capture = CaptureThread(cam, on_event=self.emit)
             publisher = ResultPublisher(self.mqtt, self.topics, cam.id, self.cfg.mqtt.detections_qos, echo=self.echo)
             publisher.labels = rt.labels
@@ -101,11 +104,40 @@ class Service:
                 self._watchdog.add_probe(f"capture-{pipe.camera_id}", lambda p=pipe: _capture_progress(p))
             self._watchdog.start()
 
-    def _load_runtime(self, path: Path | None = None, name: str | None = None,
-                      version: str | None = None) -> ModelRuntime:
+    def _initial_model(self) -> tuple[Path, str, str, ModelConfig]:
+        """The installed active model if updates are on and it is complete, else the configured one."""
+        cfg = self.cfg.model
+        if not self.cfg.updates.enabled:
+            return cfg.path, cfg.name, cfg.version, cfg
+        from agent.models.store import ModelStore
+
+        try:
+            self.store = ModelStore(self.cfg.updates.models_dir, self.cfg.updates.keep_versions)
+            active = self.store.recover()
+        except OSError as exc:
+            log.error("model store %s unusable (%s): serving the configured model, updates off",
+                      self.cfg.updates.models_dir, exc)
+            self.emit("model_store_unusable", {"error": str(exc)[:200]})
+            self.store = None
+            return cfg.path, cfg.name, cfg.version, cfg
+        if active is None:
+            return cfg.path, cfg.name, cfg.version, cfg
+        model = active.manifest.get("model", {})
+        mcfg = cfg.model_copy(update={"labels": active.labels or cfg.labels,
+                                      "decoder": model.get("decoder", cfg.decoder)})
+        log.info("serving installed model %s", active.key)
+        return active.model_path, active.name, active.version, mcfg
+
+    def load_runtime(self, path: Path | None = None, name: str | None = None, version: str | None = None,
+                     model_cfg: ModelConfig | None = None) -> ModelRuntime:
+        """Engine (through the cache) + letterbox + decoder for one pipeline, warmed up."""
         path = path or self.cfg.model.path
         engine = self._make_engine(path)
-        rt = build_runtime(engine, self.cfg.model, path, name=name, version=version)
+        try:
+            rt = build_runtime(engine, model_cfg or self.cfg.model, path, name=name, version=version)
+        except AgentError:
+            engine.close()
+            raise
         t0 = time.perf_counter()
         engine.warmup(self.cfg.engine.warmup_runs)
         log.info("model %s %s loaded (%s, warm-up %.0f ms)", rt.name, rt.version,
@@ -135,17 +167,34 @@ class Service:
             except CacheError as exc:
                 # Run uncached rather than not at all, but say loudly what it costs.
                 log.error("%s; running without an engine cache", exc)
-                self.emit("cache_unavailable", {"error": str(exc)})
+                self.emit("engine_cache_unusable", {"error": str(exc)})
                 self.use_cache = False
                 return None
         return self.cache
 
     def _start_updates(self) -> None:
-        if not (self.cfg.updates.enabled and self.mqtt is not None and self.cfg.updates.trusted_keys):
+        if self.store is None or self.mqtt is None:
+            return
+        if not self.cfg.updates.trusted_keys:
+            log.warning("updates are enabled but no key is trusted (updates.trusted_keys): none will be accepted")
             return
         from agent.updates.host import start_updates
 
-        self.updates = start_updates(self)
+        self.updates, self.update_host = start_updates(self, self.store)
+
+    def on_model_activated(self, rt: ModelRuntime) -> None:
+        """After a swap: status, labels for the count topics, protected cache entries."""
+        old_key = str(self.engine_info.get("engine_key", ""))
+        self.engine_info = rt.engine.info.to_json()
+        for pub in self.publishers:
+            pub.labels = rt.labels
+        self._publish_status()
+        if self.cache is not None:
+            keys = [k for k in (rt.engine.info.engine_key, old_key) if k]
+            try:
+                self.cache.set_protected(keys)
+            except AgentError as exc:
+                log.warning("could not protect engines %s: %s", keys, exc)
 
     # ---- MQTT ---------------------------------------------------------------------------------
     def _on_mqtt_connect(self) -> None:
@@ -168,29 +217,33 @@ class Service:
             self.mqtt.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
 
     # ---- telemetry ----------------------------------------------------------------------------
-    def telemetry(self) -> dict[str, object]:
+    def telemetry(self) -> dict[str, Any]:
         cams = [p.stats() for p in self.pipelines]
-        fps = sum(float(c["fps"]) for c in cams)  # type: ignore[arg-type]
         system = self._system.read()
         return {
             "ts": round(time.time(), 3),
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "fps": round(fps, 2),
-            "frames_in": sum(int(c["frames_in"]) for c in cams),  # type: ignore[call-overload]
-            "frames_processed": sum(int(c["frames_processed"]) for c in cams),  # type: ignore[call-overload]
-            "frames_dropped": sum(int(c["frames_dropped"]) for c in cams),  # type: ignore[call-overload]
+            "fps": round(sum(c["fps"] for c in cams), 2),
+            "frames_in": sum(c["frames_in"] for c in cams),
+            "frames_processed": sum(c["frames_processed"] for c in cams),
+            "frames_dropped": sum(c["frames_dropped"] for c in cams),
             "cameras": cams,
             "mqtt": self.mqtt.stats() if self.mqtt is not None else {"enabled": False},
             "model": {"name": self.pipelines[0].runtime.name, "version": self.pipelines[0].runtime.version}
             if self.pipelines else {},
             "engine": self.engine_info,
+            "updates": dict(self.updates.counters) if self.updates is not None else {"enabled": False},
             "system": system,
         }
 
     def _telemetry_loop(self) -> None:
         next_at = time.monotonic() + min(self.cfg.telemetry.period_s, 1.0)
+        next_sample = 0.0
         while not self._stop.wait(0.1):
             self._maybe_ready()
+            if self.update_host is not None and time.monotonic() >= next_sample:
+                self.update_host.sample()
+                next_sample = time.monotonic() + 0.5
             if time.monotonic() < next_at:
                 continue
             next_at = time.monotonic() + self.cfg.telemetry.period_s
@@ -198,8 +251,8 @@ class Service:
                 snap = self.telemetry()
                 if self.mqtt is not None:
                     self.mqtt.publish(self.topics.telemetry, dumps(snap), qos=0)
-                for name, data in check_thresholds(snap["system"], self.cfg.telemetry,  # type: ignore[arg-type]
-                                                   float(snap["fps"]), self._threshold_state):  # type: ignore[arg-type]
+                for name, data in check_thresholds(snap["system"], self.cfg.telemetry, snap["fps"],
+                                                   self._threshold_state):
                     self.emit(name, data)
                 self.notifier.status(self._status_line())
             except Exception:  # telemetry must never take the service down
@@ -328,7 +381,7 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
     if old.telemetry != new.telemetry:
         applied.append("telemetry")
     old_cams = {c.id: c for c in old.cameras}
-    for pipe, cam in zip(svc.pipelines, new.cameras):
+    for pipe, cam in zip(svc.pipelines, new.cameras, strict=False):
         if cam.id == pipe.camera_id and old_cams.get(cam.id) != cam:
             pipe.capture.set_source(cam)
             applied.append(f"cameras[{cam.id}]")

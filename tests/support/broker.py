@@ -5,6 +5,7 @@ It can be stopped, restarted on the same port (to test reconnects) or killed wit
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -33,7 +34,8 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
 class Broker:
     """mosquitto on 127.0.0.1:<free port>, its config and log in `workdir`."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
+                 persistence: bool = False) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
@@ -44,8 +46,12 @@ class Broker:
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_queued_messages 100000\nlog_dest file {self.log}\nlog_type all\n{extra_conf}"
+            f"listener {self.port} 127.0.0.1\n"
+            # as root, mosquitto drops to its own user, which cannot write pytest's private tmp dirs
+            + ("user root\n" if os.geteuid() == 0 and "user " not in extra_conf else "")
+            + ("" if "allow_anonymous" in extra_conf else "allow_anonymous true\n")
+            + (f"persistence true\npersistence_location {workdir}/\n" if persistence else "persistence false\n")
+            + f"max_queued_messages 100000\nlog_dest file {self.log}\nlog_type all\n{extra_conf}"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

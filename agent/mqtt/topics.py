@@ -1,0 +1,123 @@
+"""MQTT topic names (DESIGN.md, "MQTT topics": a contract; change only with a changelog entry).
+
+Prefix `edge` (configurable), device id `D`, camera id `C`:
+
+    edge/D/status                               out  1, retained; also the last will
+    edge/D/C/detections                         out  configurable
+    edge/D/C/count/<label>                      out  1, retained
+    edge/D/telemetry                            out  0
+    edge/D/events                               out  1
+    edge/D/model/state                          out  1, retained
+    edge/D/model/update                         in   1
+    edge/group/G/model/update                   in   1 (may be retained)
+    edge/D/model/chunks/<transfer>/<index>      in   1
+    edge/group/G/model/chunks/<transfer>/<index> in  1
+
+A device whose id is literally `group` would share its level with group topics; the config's
+device-id pattern allows it, so operators should not name a device `group`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LABEL_BAD = re.compile(r"[+#/\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+
+
+def sanitize_level(text: str) -> str:
+    """One topic level from free text: wildcards, separators and control characters become `_`."""
+    out = _LABEL_BAD.sub("_", text)
+    return out if out else "_"
+
+
+def _check_level(what: str, value: str) -> str:
+    if not value or any(ch in value for ch in "+#/") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError(f"{what} {value!r} is not a valid single topic level")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one device. Properties for fixed topics, methods for parametrised ones."""
+
+    prefix: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(ch in self.prefix for ch in "+#") or self.prefix.startswith("/") \
+                or self.prefix.endswith("/"):
+            raise ValueError(f"topic prefix {self.prefix!r} is not valid")
+        _check_level("device id", self.device_id)
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.device_id}"
+
+    # -- outgoing -------------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    def detections(self, camera: str) -> str:
+        return f"{self.base}/{_check_level('camera id', camera)}/detections"
+
+    def count(self, camera: str, label: str) -> str:
+        """Per-label count topic; the label is sanitised (no `+ # /`, no control characters)."""
+        return f"{self.base}/{_check_level('camera id', camera)}/count/{sanitize_level(label)}"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def model_state(self) -> str:
+        return f"{self.base}/model/state"
+
+    # -- incoming -------------------------------------------------------------------------------
+    @property
+    def model_update(self) -> str:
+        return f"{self.base}/model/update"
+
+    def group_model_update(self, group: str) -> str:
+        return f"{self.prefix}/group/{_check_level('group', group)}/model/update"
+
+    def chunks(self, transfer_id: str, index: int) -> str:
+        """The topic of one chunk sent to this device (the operator side publishes here)."""
+        if index < 0:
+            raise ValueError(f"chunk index must be >= 0, got {index}")
+        return f"{self.base}/model/chunks/{_check_level('transfer id', transfer_id)}/{index}"
+
+    def group_chunks(self, group: str, transfer_id: str, index: int) -> str:
+        """The topic of one chunk sent to a group."""
+        if index < 0:
+            raise ValueError(f"chunk index must be >= 0, got {index}")
+        return (f"{self.prefix}/group/{_check_level('group', group)}/model/chunks/"
+                f"{_check_level('transfer id', transfer_id)}/{index}")
+
+    def chunk_filter(self) -> str:
+        return f"{self.base}/model/chunks/+/+"
+
+    def group_chunk_filter(self, group: str) -> str:
+        return f"{self.prefix}/group/{_check_level('group', group)}/model/chunks/+/+"
+
+    def parse_chunk_topic(self, topic: str) -> tuple[str, int] | None:
+        """(transfer_id, index) of a device or group chunk topic under this prefix, else None."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) == 5 and parts[0] == self.device_id:
+            rest = parts[1:]
+        elif len(parts) == 6 and parts[0] == "group" and parts[1]:
+            rest = parts[2:]
+        else:
+            return None
+        if rest[0] != "model" or rest[1] != "chunks" or not rest[2] or not _INDEX.match(rest[3]):
+            return None
+        return rest[2], int(rest[3])

@@ -1,0 +1,135 @@
+"""The service side of model updates: the real UpdateHost over the running pipelines."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.errors import AgentError, UpdateError
+from agent.models.store import ModelStore, ModelVersion
+from agent.pipeline import ModelRuntime
+from agent.updates.manager import UpdateManager
+from agent.updates.manifest import Manifest
+from agent.updates.validate import smoke_test
+
+if TYPE_CHECKING:
+    from agent.service import Service
+
+log = logging.getLogger(__name__)
+
+SWAP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Bundle:
+    """One runtime per camera pipeline, all on the same model."""
+
+    name: str
+    version: str
+    runtimes: list[ModelRuntime]
+    engine_key: str
+
+    def close(self) -> None:
+        for rt in self.runtimes:
+            rt.close()
+
+
+class ServiceHost:
+    """UpdateHost for the real service: builds engines through the cache, swaps between frames."""
+
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        # (wall time, frames processed, errors) every ~0.5 s, an hour deep: health windows look back
+        self._history: deque[tuple[float, int, int]] = deque(maxlen=7200)
+        self._lock = threading.Lock()
+
+    def sample(self) -> None:
+        """Called periodically by the service: one point of the health history."""
+        frames = sum(p.processed for p in self.svc.pipelines)
+        errors = sum(p.errors for p in self.svc.pipelines)
+        with self._lock:
+            self._history.append((time.time(), frames, errors))
+
+    # ---- UpdateHost -------------------------------------------------------------------------
+    def recent_frames(self) -> list[np.ndarray]:
+        frames: list[np.ndarray] = []
+        for p in self.svc.pipelines:
+            frames.extend(list(p.recent_frames))
+        return frames[-8:]
+
+    def current_model(self) -> tuple[str, str]:
+        rt = self.svc.pipelines[0].runtime
+        return rt.name, rt.version
+
+    def prepare_engine(self, model_path: Path | None, manifest: Manifest | None) -> object:
+        cfg = self.svc.cfg.model
+        if model_path is None or manifest is None:
+            path, name, version, mcfg = model_path or cfg.path, cfg.name, cfg.version, cfg
+        else:
+            path, name, version = model_path, manifest.model.name, manifest.model.version
+            mcfg = cfg.model_copy(update={"labels": list(manifest.model.labels), "decoder": manifest.model.decoder})
+        runtimes: list[ModelRuntime] = []
+        try:
+            for _ in self.svc.pipelines:
+                runtimes.append(self.svc.load_runtime(path, name, version, mcfg))
+        except AgentError as exc:
+            for rt in runtimes:
+                rt.close()
+            raise UpdateError("engine_failed", str(exc)[:300]) from None
+        return Bundle(name, version, runtimes, runtimes[0].engine.info.engine_key)
+
+    def smoke(self, bundle: object, frames: list[np.ndarray]) -> dict[str, Any]:
+        assert isinstance(bundle, Bundle)
+        rt = bundle.runtimes[0]
+        if not frames:  # camera down: still prove the engine runs, on a grey frame
+            frames = [np.full((rt.letterbox.height, rt.letterbox.width, 3), 114, np.uint8)]
+        tensors = [rt.letterbox(f)[0].copy() for f in frames]
+        result = smoke_test(rt.engine.infer, tensors, self.svc.cfg.updates.latency_budget_ms)
+        # The decoder must accept the outputs too: a model that runs but cannot be decoded is bad.
+        lb = rt.letterbox(frames[0])[1]
+        try:
+            rt.post(rt.engine.infer(tensors[0]), lb)
+        except Exception as exc:
+            raise UpdateError("io_mismatch", f"outputs cannot be decoded: {str(exc)[:200]}") from None
+        return result
+
+    def activate(self, bundle: object, version: ModelVersion | None) -> None:
+        assert isinstance(bundle, Bundle)
+        tickets = [p.request_swap(rt) for p, rt in zip(self.svc.pipelines, bundle.runtimes, strict=True)]
+        for t in tickets:
+            if not t.applied.wait(SWAP_TIMEOUT_S):
+                raise UpdateError("activation_failed", "a pipeline did not take the new model in time")
+        for t in tickets:
+            if t.old is not None:
+                t.old.close()  # the inference thread has moved on: the old engine is idle now
+        self.svc.on_model_activated(bundle.runtimes[0])
+
+    def release(self, bundle: object) -> None:
+        assert isinstance(bundle, Bundle)
+        bundle.close()
+
+    def health_since(self, t0: float) -> dict[str, Any]:
+        self.sample()
+        with self._lock:
+            hist = list(self._history)
+        now, frames_now, errors_now = hist[-1]
+        start = next((h for h in hist if h[0] >= t0), hist[-1])
+        span = max(now - start[0], 1e-3)
+        frames = frames_now - start[1]
+        return {"frames": frames, "errors": errors_now - start[2], "fps": round(frames / span, 2),
+                "span_s": round(span, 2)}
+
+
+def start_updates(svc: Service, store: ModelStore) -> tuple[UpdateManager, ServiceHost]:
+    host = ServiceHost(svc)
+    assert svc.mqtt is not None
+    mgr = UpdateManager(svc.cfg.updates, svc.cfg.device_id, svc.topics, svc.mqtt, store, host)
+    mgr.start()
+    return mgr, host

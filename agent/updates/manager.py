@@ -1,0 +1,497 @@
+"""The device side of model updates: manifest in, state machine out, health window, rollback.
+
+The service builds one UpdateManager and gives it an `UpdateHost` (the service's side: frames,
+engines, the frame-boundary swap, health). Everything here runs in the manager's own worker thread,
+one update at a time; the MQTT callbacks only verify a manifest (cheap) and queue it, or write a
+chunk to its assembler (a pwrite). A newer manifest supersedes one still queued.
+
+Order of one update (each step reported on `model/state`, retained):
+  received     signature, expiry, targets, replay, size cap, not-newer checked (again, in the worker)
+  downloading  URL (resumable) or MQTT chunks (bitmap on disk; a stall of download_timeout_s fails)
+  verifying    size + sha256 + ONNX checker + IO contract; then installed (atomic) in the ModelStore
+  building     host.prepare_engine (engine cache); the old engine keeps serving meanwhile
+  validating   host.smoke on recent frames (finite outputs, latency budget)
+  active       host.activate swaps at a frame boundary; the store records it "on trial"
+then a health window of `health_window_s`; a bad window -> `rolled_back` to the previous version
+(or the bundled default), a good one -> `last_good`. A restart during the window rolls back too
+(ModelStore.recover), so a model that kills the process cannot crash-loop the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.config import UpdatesConfig
+from agent.errors import UpdateError
+from agent.models.store import ModelStore, ModelVersion
+from agent.updates.manifest import DEFAULT_CLOCK_SKEW_S, Manifest, load_trusted_keys, verify_manifest
+from agent.updates.state import UpdateStateReporter
+from agent.updates.transfer import ChunkAssembler, clean_stale_transfers, download_url
+from agent.updates.validate import validate_model
+
+__all__ = ["HealthPolicy", "MqttLike", "TopicsLike", "UpdateHost", "UpdateManager"]
+
+log = logging.getLogger(__name__)
+
+SEEN_MAX = 256
+TRANSIENT = frozenset({"download_failed", "download_timeout"})
+
+
+class UpdateHost(Protocol):
+    """What the manager needs from the running service."""
+
+    def recent_frames(self) -> list[np.ndarray]:
+        """A few recent camera frames (BGR, HxWx3 uint8) for the smoke test; may be empty."""
+        ...
+
+    def current_model(self) -> tuple[str, str]:
+        """(name, version) of the model serving now."""
+        ...
+
+    def prepare_engine(self, model_path: Path | None, manifest: Manifest | None) -> object:
+        """Build / load an engine (through the engine cache) while the old one keeps serving.
+
+        `model_path` None means the bundled default model. Returns an opaque ready bundle.
+        """
+        ...
+
+    def smoke(self, bundle: object, frames: list[np.ndarray]) -> dict[str, Any]:
+        """Run the bundle on `frames` (validate.smoke_test); raise UpdateError when it fails."""
+        ...
+
+    def activate(self, bundle: object, version: ModelVersion | None) -> None:
+        """Swap to `bundle` at a frame boundary; return once it serves (None: the bundled default)."""
+        ...
+
+    def release(self, bundle: object) -> None:
+        """Free a bundle that will never serve (failed smoke test, failed swap)."""
+        ...
+
+    def health_since(self, t0: float) -> dict[str, Any]:
+        """{"frames", "errors", "fps"} counted since the wall-clock time `t0`."""
+        ...
+
+
+class MqttLike(Protocol):
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool: ...
+
+    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None], qos: int = 1) -> None: ...
+
+
+class TopicsLike(Protocol):
+    @property
+    def model_state(self) -> str: ...
+
+    @property
+    def model_update(self) -> str: ...
+
+    @property
+    def events(self) -> str: ...
+
+    def group_model_update(self, group: str) -> str: ...
+
+    def chunk_filter(self) -> str: ...
+
+    def group_chunk_filter(self, group: str) -> str: ...
+
+    def parse_chunk_topic(self, topic: str) -> tuple[str, int] | None: ...
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """A window is bad when errors exceed `max_error_ratio` of frames, no frame was processed while
+    the old model did process some, or fps fell under `min_fps_ratio` of the old model's fps."""
+
+    max_error_ratio: float = 0.05
+    min_fps_ratio: float = 0.5
+
+    def judge(self, before: dict[str, Any], after: dict[str, Any]) -> str | None:
+        frames, errors = int(after.get("frames", 0)), int(after.get("errors", 0))
+        if errors and errors > self.max_error_ratio * max(frames + errors, 1):
+            return f"{errors} errors in {frames + errors} frames"
+        if frames == 0 and int(before.get("frames", 0)) > 0:
+            return "no frame processed since the swap"
+        fps0, fps1 = float(before.get("fps", 0.0) or 0.0), float(after.get("fps", 0.0) or 0.0)
+        if fps0 > 0 and fps1 < self.min_fps_ratio * fps0:
+            return f"fps fell from {fps0:.1f} to {fps1:.1f}"
+        return None
+
+
+@dataclass
+class _Job:
+    manifest: Manifest
+    raw: bytes
+    received_at: float
+
+
+class UpdateManager:
+    def __init__(self, cfg: UpdatesConfig, device_id: str, topics: TopicsLike, mqtt: MqttLike, store: ModelStore,
+                 host: UpdateHost, *, clock: Callable[[], float] = time.time,
+                 clock_skew_s: float = DEFAULT_CLOCK_SKEW_S, health: HealthPolicy | None = None) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.topics = topics
+        self.mqtt = mqtt
+        self.store = store
+        self.host = host
+        self.clock = clock
+        self.clock_skew_s = clock_skew_s
+        self.health = health or HealthPolicy()
+        self.trusted = load_trusted_keys(cfg.trusted_keys)
+        self.max_bytes = cfg.max_model_mb * 1024 * 1024
+        self.download_dir = Path(cfg.models_dir) / "downloads"
+        self.reporter = UpdateStateReporter(self._publish_state, clock=clock)
+        self._cv = threading.Condition()
+        self._queued: _Job | None = None
+        self._current: _Job | None = None
+        self._assemblers: dict[str, ChunkAssembler] = {}
+        self._chunk_error: UpdateError | None = None
+        self._last_chunk_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        seen = store.recall("seen_ids", [])
+        self._seen: list[str] = [str(x) for x in seen][-SEEN_MAX:] if isinstance(seen, list) else []
+        self.counters = {"manifests": 0, "rejected": 0, "superseded": 0, "chunks": 0, "chunks_dropped": 0,
+                         "chunks_bad": 0, "activated": 0, "rolled_back": 0, "failed": 0}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clean_stale_transfers(self.download_dir, keep=set())
+        pending = self.store.recall("pending")
+        if isinstance(pending, str) and pending:
+            self._resume_pending(pending.encode("utf-8"))
+        self.mqtt.subscribe(self.topics.model_update, self._on_manifest, 1)
+        self.mqtt.subscribe(self.topics.chunk_filter(), self._on_chunk, 1)
+        for g in self.cfg.groups:
+            self.mqtt.subscribe(self.topics.group_model_update(g), self._on_manifest, 1)
+            self.mqtt.subscribe(self.topics.group_chunk_filter(g), self._on_chunk, 1)
+        self._thread = threading.Thread(target=self._run, name="updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cv:
+            for asm in self._assemblers.values():
+                asm.close()  # persists the bitmap: chunks held survive the restart
+            self._assemblers.clear()
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return self._current is not None or self._queued is not None
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.busy:
+                return True
+            time.sleep(0.02)
+        return not self.busy
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def _publish_state(self, payload: dict[str, Any]) -> None:
+        self.mqtt.publish(self.topics.model_state, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
+
+    def _event(self, event: str, **fields: Any) -> None:
+        body = {"event": event, "ts": round(self.clock(), 3), **fields}
+        try:
+            self.mqtt.publish(self.topics.events, json.dumps(body, separators=(",", ":"), default=str), qos=1)
+        except Exception:
+            log.exception("could not publish event %s", event)
+
+    # ---- intake (MQTT callbacks: must stay quick) ------------------------------------------------
+    def _verify(self, raw: bytes, own_id: str | None = None) -> Manifest:
+        seen = {s for s in self._seen if s != own_id}
+        return verify_manifest(raw, self.trusted, self.device_id, self.cfg.groups,
+                               current_version=self.host.current_model()[1], seen_ids=seen, now=self.clock(),
+                               clock_skew_s=self.clock_skew_s, max_model_bytes=self.max_bytes)
+
+    def _on_manifest(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        self.counters["manifests"] += 1
+        try:
+            m = self._verify(payload)
+        except UpdateError as exc:
+            self._rejected(payload, exc)
+            return
+        except Exception as exc:  # never let a bad message kill the MQTT thread
+            log.exception("manifest handling failed")
+            self._rejected(payload, UpdateError("internal", str(exc)[:200]))
+            return
+        self._remember_seen(m.id)
+        log.info("update %s %s accepted (manifest %s, key %s)", m.model.name, m.model.version, m.id, m.key_id)
+        self._enqueue(_Job(m, bytes(payload), self.clock()))
+
+    def _rejected(self, payload: bytes, exc: UpdateError) -> None:
+        self.counters["rejected"] += 1
+        mid = None
+        with contextlib.suppress(Exception):
+            doc = json.loads(payload[:65536])
+            mid = str(doc.get("id"))[:64] if isinstance(doc, dict) else None
+        log.warning("update manifest rejected: %s", exc)
+        self._event("update_rejected", reason=exc.reason, detail=exc.detail, manifest_id=mid)
+        if exc.reason == "replayed":
+            return  # a re-delivery (retained group manifest after a reconnect): not news
+        if not self.reporter.busy:
+            # unauthenticated input may only say "refused", never overwrite a running update's state
+            with contextlib.suppress(UpdateError):
+                self.reporter.transition("received", manifest_id=mid)
+                self.reporter.fail(exc.reason, exc.detail)
+
+    def _enqueue(self, job: _Job) -> None:
+        mq = job.manifest.source.mqtt
+        with self._cv:
+            if mq is not None and mq.transfer_id not in self._assemblers:
+                try:
+                    self._assemblers[mq.transfer_id] = ChunkAssembler(
+                        self.download_dir, mq.transfer_id, mq.chunk_size, mq.chunks, job.manifest.model.size,
+                        self.max_bytes, progress=self._chunk_progress)
+                except UpdateError as exc:
+                    self._rejected(job.raw, exc)
+                    return
+            if self._queued is not None:
+                old = self._queued
+                self.counters["superseded"] += 1
+                self._event("update_superseded", manifest_id=old.manifest.id, by=job.manifest.id)
+                self._drop_assembler(old)
+            self._queued = job
+            self._cv.notify_all()
+
+    def _drop_assembler(self, job: _Job) -> None:
+        mq = job.manifest.source.mqtt
+        if mq is None:
+            return
+        if self._current is not None and self._current.manifest.source.mqtt is not None \
+                and self._current.manifest.source.mqtt.transfer_id == mq.transfer_id:
+            return
+        if self._queued is not None and self._queued is not job and self._queued.manifest.source.mqtt is not None \
+                and self._queued.manifest.source.mqtt.transfer_id == mq.transfer_id:
+            return
+        asm = self._assemblers.pop(mq.transfer_id, None)
+        if asm is not None:
+            asm.close()  # the state stays on disk: a later push of the same model resumes
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse_chunk_topic(topic)
+        if parsed is None:
+            return
+        tid, idx = parsed
+        with self._cv:
+            asm = self._assemblers.get(tid)
+        if asm is None:
+            self.counters["chunks_dropped"] += 1
+            return
+        try:
+            if asm.add(idx, payload):
+                self.counters["chunks"] += 1
+        except UpdateError as exc:
+            self.counters["chunks_bad"] += 1
+            if exc.reason in ("disk_full", "io_error", "bad_transfer"):
+                with self._cv:
+                    self._chunk_error = exc
+                    self._cv.notify_all()
+            else:
+                log.debug("chunk %s/%d refused: %s", tid, idx, exc)
+            return
+        with self._cv:
+            self._last_chunk_at = time.monotonic()
+            self._cv.notify_all()
+
+    def _url_progress(self, done: int, total: int) -> None:
+        self.reporter.report_progress(done, total)
+
+    def _chunk_progress(self, done: int, total: int) -> None:
+        with contextlib.suppress(UpdateError):
+            if self.reporter.state in ("received", "downloading"):
+                self.reporter.report_progress(done, total)
+
+    def _remember_seen(self, mid: str) -> None:
+        self._seen = [*[s for s in self._seen if s != mid][-(SEEN_MAX - 1):], mid]
+        try:
+            self.store.remember("seen_ids", self._seen)
+        except OSError as exc:
+            log.error("could not persist processed manifest ids: %s", exc)
+
+    def _resume_pending(self, raw: bytes) -> None:
+        """An update interrupted by a restart: re-check it (expiry, newer) and queue it again."""
+        try:
+            m = Manifest.parse_unverified(raw)
+            m = self._verify(raw, own_id=m.id)
+        except UpdateError as exc:
+            log.info("interrupted update not resumed: %s", exc)
+            self.store.remember("pending", None)
+            return
+        log.info("resuming the interrupted update to %s %s", m.model.name, m.model.version)
+        self._enqueue(_Job(m, raw, self.clock()))
+
+    # ---- worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                while self._queued is None and not self._stop.is_set():
+                    self._cv.wait(0.5)
+                if self._stop.is_set():
+                    return
+                job, self._queued = self._queued, None
+                self._current = job
+                self._chunk_error = None
+            assert job is not None
+            try:
+                self._process(job)
+            except Exception as exc:
+                log.exception("update worker failed")
+                self._fail(job, UpdateError("internal", f"{type(exc).__name__}: {str(exc)[:160]}"))
+            finally:
+                with self._cv:
+                    self._current = None
+                    self._drop_assembler(job)
+
+    def _fail(self, job: _Job, exc: UpdateError) -> None:
+        self.counters["failed"] += 1
+        log.error("update to %s failed: %s", job.manifest.label, exc)
+        with contextlib.suppress(UpdateError):
+            if self.reporter.busy:
+                self.reporter.fail(exc.reason, exc.detail)
+            else:
+                self.reporter.transition("received", version=job.manifest.model.version,
+                                         name=job.manifest.model.name, manifest_id=job.manifest.id)
+                self.reporter.fail(exc.reason, exc.detail)
+        self._event("update_failed", reason=exc.reason, detail=exc.detail, manifest_id=job.manifest.id,
+                    version=job.manifest.model.version)
+        if exc.reason not in TRANSIENT and exc.reason != "stopped":
+            self.store.remember("pending", None)
+
+    def _process(self, job: _Job) -> None:
+        m = job.manifest
+        try:
+            m = self._verify(job.raw, own_id=m.id)  # the world may have moved while it was queued
+        except UpdateError as exc:
+            self._fail(job, exc)
+            return
+        r = self.reporter
+        r.transition("received", version=m.model.version, name=m.model.name, manifest_id=m.id)
+        self.store.set_desired(m.model.name, m.model.version, m.id)
+        self.store.remember("pending", job.raw.decode("utf-8"))
+        mv = self.store.version(m.model.name, m.model.version)
+        bundle: object | None = None
+        try:
+            if mv is not None and self.store.is_complete(mv):
+                r.transition("verifying")  # installed before (a rollback to it, or a re-push)
+            else:
+                path = self._download(m)
+                r.transition("verifying")
+                validate_model(path, m)
+                staged = self.store.stage(path, job.raw)
+                mv = self.store.install(staged)
+            r.transition("building")
+            bundle = self.host.prepare_engine(mv.model_path, m)
+            r.transition("validating")
+            smoke = self.host.smoke(bundle, self.host.recent_frames())
+            if self._stop.is_set():
+                raise UpdateError("stopped", "the agent is stopping")
+            before = self.host.health_since(self.clock() - max(self.cfg.health_window_s, 1.0))
+            try:
+                self.host.activate(bundle, mv)
+            except UpdateError:
+                raise
+            except Exception as exc:
+                raise UpdateError("activation_failed", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+            bundle = None  # serving now: no longer ours to release
+            self.store.activate(mv, trial=True)
+        except UpdateError as exc:
+            if bundle is not None:
+                with contextlib.suppress(Exception):
+                    self.host.release(bundle)
+            self._fail(job, exc)
+            return
+        t0 = self.clock()
+        self.counters["activated"] += 1
+        r.transition("active", smoke=smoke)
+        self._event("model_activated", name=m.model.name, version=m.model.version, manifest_id=m.id)
+        self.store.remember("pending", None)
+        self._health_window(m, mv, t0, before)
+
+    def _download(self, m: Manifest) -> Path:
+        if m.source.url is not None:
+            dest = self.download_dir / f"{m.model.sha256[:32]}.onnx"
+            attempts = 3
+            for attempt in range(1, attempts + 1):
+                try:
+                    self.reporter.report_progress(0, m.model.size)
+                    return download_url(m.source.url, dest, m.model.size, self.max_bytes,
+                                        self.cfg.download_timeout_s,
+                                        progress=self._url_progress)
+                except UpdateError as exc:
+                    if exc.reason not in TRANSIENT or attempt == attempts or self._stop.wait(2.0 * attempt):
+                        raise
+                    log.warning("download attempt %d failed (%s); resuming", attempt, exc)
+            raise AssertionError("unreachable")
+        mq = m.source.mqtt
+        assert mq is not None
+        with self._cv:
+            asm = self._assemblers.get(mq.transfer_id)
+        if asm is None:
+            raise UpdateError("bad_transfer", "no assembler for the transfer")
+        self.reporter.report_progress(asm.received_bytes, m.model.size)
+        with self._cv:
+            self._last_chunk_at = time.monotonic()
+            while not asm.complete:
+                if self._stop.is_set():
+                    raise UpdateError("stopped", "the agent is stopping")
+                if self._chunk_error is not None:
+                    err, self._chunk_error = self._chunk_error, None
+                    raise err
+                if time.monotonic() - self._last_chunk_at > self.cfg.download_timeout_s:
+                    missing = len(asm.missing())
+                    raise UpdateError("transfer_stalled", f"{missing} of {mq.chunks} chunks missing after "
+                                                          f"{self.cfg.download_timeout_s:g} s without a chunk; "
+                                                          "push again to resume")
+                self._cv.wait(0.2)
+        return asm.finalize(self.download_dir / f"{m.model.sha256[:32]}.onnx")
+
+    def _health_window(self, m: Manifest, mv: ModelVersion, t0: float, before: dict[str, Any]) -> None:
+        if self._stop.wait(self.cfg.health_window_s):
+            return  # stopping: the trial stays open, and the next start rolls back (safe side)
+        after = self.host.health_since(t0)
+        bad = self.health.judge(before, after)
+        if bad is None:
+            self.store.end_trial(good=True)
+            self._event("model_kept", name=m.model.name, version=m.model.version, health=after)
+            removed = self.store.prune()
+            if removed:
+                log.info("pruned model versions %s", removed)
+            return
+        log.error("model %s failed its health window: %s; rolling back", mv.key, bad)
+        self.counters["rolled_back"] += 1
+        prev = self.store.rollback(bad)
+        with contextlib.suppress(UpdateError):
+            self.reporter.transition("rolled_back", error="health", detail=bad,
+                                     restored=None if prev is None else {"name": prev.name, "version": prev.version})
+        self._event("model_rolled_back", name=m.model.name, version=m.model.version, reason=bad,
+                    to=None if prev is None else prev.key)
+        try:
+            prev_manifest = None
+            if prev is not None:
+                with contextlib.suppress(UpdateError):
+                    prev_manifest = Manifest.parse_unverified(json.dumps(prev.manifest))
+            bundle = self.host.prepare_engine(prev.model_path if prev is not None else None, prev_manifest)
+            self.host.activate(bundle, prev)
+        except Exception as exc:
+            log.exception("rollback engine could not be activated")
+            self._event("rollback_failed", detail=f"{type(exc).__name__}: {str(exc)[:160]}")
