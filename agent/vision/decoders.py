@@ -100,10 +100,8 @@ def decode_yolov8(output: np.ndarray, thresholds: np.ndarray, default_threshold:
     idx = np.flatnonzero(best >= _floor(thresholds, default_threshold))
     if idx.size == 0:
         return Candidates.empty()
-    if scores.shape[0] > 1:
-        cls = scores[:, idx].argmax(axis=0).astype(np.int32)
-    else:
-        cls = np.zeros(idx.size, np.int32)
+    # argmax only over the few anchors that passed, not the whole [nc, N] tensor
+    cls = scores[:, idx].argmax(axis=0).astype(np.int32)
     sc = best[idx].astype(np.float32)
     keep = sc >= _thresholds_for(thresholds, cls, default_threshold)
     idx, cls, sc = idx[keep], cls[keep], sc[keep]

@@ -15,13 +15,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, broker_port: int, model: Path, source: str, **overrides: Any) -> Path:
+def write_config(path: Path, broker_port: int, model_path: Path, source: str, **overrides: Any) -> Path:
     cfg: dict[str, Any] = {
         "device_id": "dev1",
         "log_level": "info",
         "cameras": [{"id": "cam0", "source": source, "pace": True, "loop": True,
                      "reconnect": {"initial_s": 0.1, "max_s": 0.5}}],
-        "model": {"path": str(model), "name": "fixed", "version": "1"},
+        "model": {"path": str(model_path), "name": "fixed", "version": "1"},
         "engine": {"intra_op_threads": 1, "warmup_runs": 1},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "reconnect": {"initial_s": 0.1, "max_s": 0.5}},
         "telemetry": {"period_s": 1},

@@ -1,0 +1,279 @@
+"""`edge-agent bench`: the agent pipeline against the bare engine, side by side in one run.
+
+Measured on one model and one execution provider:
+  bare            session.run in a tight loop on a ready input (numpy in / out)
+  bare_iobinding  the same through IO binding with preallocated input / output (where the EP allows)
+  pipeline_memory the whole agent pipeline (threads, letterbox, engine, decode, NMS, JSON) on frames
+                  already decoded in memory
+  pipeline_file   the same reading the video file as fast as possible (decode included)
+  ultralytics     Ultralytics `predict` on the same ONNX, when the optional package is installed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.capture.reader import CaptureThread
+from agent.capture.sources import FrameSource
+from agent.config import DEMO_MODEL, DEMO_VIDEO, AgentConfig, CameraConfig, EngineConfig, load_config, parse_config
+from agent.engines.onnxruntime import OnnxRuntimeEngine
+from agent.pipeline import Pipeline, build_runtime
+from agent.publish import detections_payload, dumps
+from agent.vision.types import Result
+
+log = logging.getLogger(__name__)
+
+
+def _latency(ms: np.ndarray) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(ms, 50)), 3), "p95": round(float(np.percentile(ms, 95)), 3),
+            "p99": round(float(np.percentile(ms, 99)), 3), "max": round(float(ms.max()), 3)}
+
+
+def load_frames(video: Path, n: int) -> list[np.ndarray]:
+    """Decode up to `n` frames (looping the file) into memory."""
+    import cv2
+
+    frames: list[np.ndarray] = []
+    cap = cv2.VideoCapture(str(video))
+    try:
+        while len(frames) < n:
+            ok, img = cap.read()
+            if not ok:
+                if not frames:
+                    raise SystemExit(f"bench: cannot decode {video}")
+                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                continue
+            frames.append(img)
+    finally:
+        cap.release()
+    return frames
+
+
+class MemorySource(FrameSource):
+    """Frames already in memory, delivered losslessly as fast as they are taken (for benchmarks)."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self._frames = frames
+        self._i = 0
+
+    def open(self) -> None:
+        self._i = 0
+
+    def read(self) -> np.ndarray | None:
+        if self._i >= len(self._frames):
+            return None
+        img = self._frames[self._i]
+        self._i += 1
+        return img
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def live(self) -> bool:
+        return False
+
+    @property
+    def fps(self) -> float | None:
+        return None
+
+    def describe(self) -> str:
+        return f"memory ({len(self._frames)} frames)"
+
+
+def bench_bare(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[str, Any]:
+    sess = engine.session
+    name = engine.input_spec.name
+    outs = [o.name for o in engine.output_specs]
+    for _ in range(10):
+        sess.run(outs, {name: tensor})
+    ms = np.empty(n)
+    cpu0, t_all = time.process_time(), time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        sess.run(outs, {name: tensor})
+        ms[i] = (time.perf_counter() - t0) * 1e3
+    wall = time.perf_counter() - t_all
+    return {"fps": round(n / wall, 2), "latency_ms": _latency(ms), "frames": n,
+            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3)}
+
+
+def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    sess = engine.session
+    provider = engine.info.providers[0]
+    device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+    binding = sess.io_binding()
+    x = ort.OrtValue.ortvalue_from_numpy(tensor, device, 0)
+    binding.bind_ortvalue_input(engine.input_spec.name, x)
+    for spec in engine.output_specs:
+        y = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), spec.dtype.type, device, 0)
+        binding.bind_ortvalue_output(spec.name, y)
+    for _ in range(10):
+        sess.run_with_iobinding(binding)
+    ms = np.empty(n)
+    cpu0, t_all = time.process_time(), time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        ms[i] = (time.perf_counter() - t0) * 1e3
+    wall = time.perf_counter() - t_all
+    return {"fps": round(n / wall, 2), "latency_ms": _latency(ms), "frames": n, "device": device,
+            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3)}
+
+
+def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int,
+                   frames: list[np.ndarray] | None = None) -> dict[str, Any]:
+    engine = OnnxRuntimeEngine(cfg.model.path, cfg.engine)
+    rt = build_runtime(engine, cfg.model, cfg.model.path)
+    engine.warmup(10)
+    sent = 0
+
+    def sink(result: Result) -> None:
+        # What the service does per frame minus the socket: the payload is built and serialised.
+        nonlocal sent
+        dumps(detections_payload(result, camera.id))
+        sent += 1
+
+    factory = (lambda _cfg: MemorySource(frames)) if frames is not None else None
+    capture = CaptureThread(camera, source_factory=factory) if factory else CaptureThread(camera)
+    pipe = Pipeline(camera.id, capture, rt, sink, max_frames=n)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    pipe.start()
+    pipe.wait(600)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    pipe.stop()
+    rt.close()
+    stages = pipe.times.summary()
+    return {"fps": round(pipe.processed / wall, 2), "frames": pipe.processed, "published": sent,
+            "frames_dropped": pipe.capture.stats().get("frames_dropped", 0),
+            "latency_ms": stages.get("e2e", {}), "stages_ms": stages,
+            "host_cpu_ms_per_frame": round(cpu * 1e3 / max(pipe.processed, 1), 3)}
+
+
+def bench_ultralytics(model: Path, frames: list[np.ndarray], n: int, imgsz: int) -> dict[str, Any] | None:
+    try:
+        from ultralytics import YOLO  # optional `bench` extra, never a runtime dependency
+    except ImportError:
+        return None
+    yolo = YOLO(str(model), task="detect")
+    for f in frames[:10]:
+        yolo.predict(f, imgsz=imgsz, verbose=False)
+    ms = np.empty(n)
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        yolo.predict(frames[i % len(frames)], imgsz=imgsz, verbose=False)
+        ms[i] = (time.perf_counter() - t0) * 1e3
+    return {"fps": round(n / (time.perf_counter() - t_all), 2), "latency_ms": _latency(ms), "frames": n}
+
+
+def profile_nodes(model: Path, ecfg: EngineConfig, tensor: np.ndarray, runs: int = 50) -> list[dict[str, Any]]:
+    """Per-node times from ONNX Runtime's profiler, slowest first."""
+    import onnxruntime as ort
+
+    engine = OnnxRuntimeEngine(model, ecfg)
+    engine.load()
+    so = engine._session_options()
+    so.enable_profiling = True
+    providers = engine.info.providers
+    sess = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+    name = sess.get_inputs()[0].name
+    for _ in range(runs):
+        sess.run(None, {name: tensor})
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    totals: dict[str, dict[str, Any]] = {}
+    for ev in trace:
+        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+            continue
+        node = ev["name"][: -len("_kernel_time")]
+        t = totals.setdefault(node, {"node": node, "op": ev.get("args", {}).get("op_name", ""),
+                                     "provider": ev.get("args", {}).get("provider", ""), "us": 0.0})
+        t["us"] += float(ev.get("dur", 0))
+    rows = sorted(totals.values(), key=lambda r: -r["us"])
+    for r in rows:
+        r["us_per_run"] = round(r.pop("us") / runs, 1)
+    engine.close()
+    return rows[:10]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        cfg = parse_config({"cameras": [{"source": str(DEMO_VIDEO)}], "mqtt": {"enabled": False}})
+    if args.model:
+        cfg.model.path = Path(args.model)
+    model = cfg.model.path if args.model or args.config else DEMO_MODEL
+    cfg.model.path = model
+    video = Path(args.video) if args.video else DEMO_VIDEO
+    n = args.frames
+    frames = load_frames(video, min(n, 300))
+
+    engine = OnnxRuntimeEngine(model, cfg.engine)
+    engine.load()
+    tensor, _ = build_runtime(engine, cfg.model, model).letterbox(frames[0])
+    tensor = tensor.copy()
+    info = engine.info
+    results: dict[str, Any] = {
+        "model": str(model), "video": str(video), "frames": n, "onnxruntime": ort.__version__,
+        "providers": info.providers, "intra_op_threads": info.extra.get("intra_op_threads"),
+        "input_shape": list(engine.input_spec.shape), "ts": round(time.time(), 3),
+    }
+    print(f"bench: {model.name} on {info.providers[0]}, {n} frames per run", file=sys.stderr)
+    results["bare"] = bench_bare(engine, tensor, n)
+    try:
+        results["bare_iobinding"] = bench_iobinding(engine, tensor, n)
+    except Exception as exc:  # IO binding is optional per EP; say why it was left out
+        results["bare_iobinding"] = {"error": str(exc)[:200]}
+    engine.close()
+    mem_cam = CameraConfig(id="bench", source="memory:", pace=False)
+    results["pipeline_memory"] = bench_pipeline(cfg, mem_cam, n, frames)
+    file_cam = CameraConfig(id="bench", source=str(video), pace=False, loop=True)
+    results["pipeline_file"] = bench_pipeline(cfg, file_cam, n)
+    ultra = bench_ultralytics(model, frames, n, int(engine.input_spec.shape[-1]))
+    results["ultralytics"] = ultra if ultra is not None else {"error": "ultralytics not installed (bench extra)"}
+    bare_fps = results["bare"]["fps"]
+    results["ratios"] = {
+        "pipeline_memory_vs_bare": round(results["pipeline_memory"]["fps"] / bare_fps, 3),
+        "pipeline_file_vs_bare": round(results["pipeline_file"]["fps"] / bare_fps, 3),
+    }
+    if ultra is not None:
+        results["ratios"]["pipeline_memory_vs_ultralytics"] = round(results["pipeline_memory"]["fps"] / ultra["fps"], 3)
+    if args.profile:
+        results["profile_top10"] = profile_nodes(model, cfg.engine, tensor)
+    print(format_table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"model {Path(r['model']).name}  EP {r['providers'][0]}  threads {r['intra_op_threads']}  "
+             f"input {r['input_shape']}",
+             f"{'path':<18}{'fps':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms/f':>10}"]
+    for key in ("bare", "bare_iobinding", "pipeline_memory", "pipeline_file", "ultralytics"):
+        row = r.get(key, {})
+        if "error" in row:
+            lines.append(f"{key:<18}  ({row['error']})")
+            continue
+        lat = row.get("latency_ms", {})
+        lines.append(f"{key:<18}{row['fps']:>9.1f}{lat.get('p50', 0):>9.2f}{lat.get('p95', 0):>9.2f}"
+                     f"{lat.get('p99', 0):>9.2f}{row.get('host_cpu_ms_per_frame', 0):>10.2f}")
+    lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in r["ratios"].items()))
+    for row in r.get("profile_top10", []):
+        lines.append(f"  {row['us_per_run']:>9.1f} us  {row['op']:<16} {row['provider']:<24} {row['node']}")
+    return "\n".join(lines)
