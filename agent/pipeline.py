@@ -176,10 +176,10 @@ class Pipeline:
     def _infer_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self.infer_progress = time.monotonic()
-                if self._frozen.is_set():
+                if self._frozen.is_set():  # a stuck stage: no heartbeat
                     time.sleep(0.05)
                     continue
+                self.infer_progress = time.monotonic()
                 if self._swap is not None:
                     self._apply_swap()
                 if self.max_frames is not None and self.submitted >= self.max_frames:
@@ -261,6 +261,19 @@ class Pipeline:
             self.times.add("e2e", (time.monotonic() - f.mono) * 1e3)
         self.processed += 1
         self.fps.tick()
+
+    def progress_probes(self) -> dict[str, Callable[[], float]]:
+        """Monotonic time of each stage's last progress, for the watchdog."""
+        return {f"infer-{self.camera_id}": lambda: self.infer_progress,
+                f"post-{self.camera_id}": lambda: self.post_progress,
+                f"capture-{self.camera_id}": self._capture_progress}
+
+    def _capture_progress(self) -> float:
+        # A capture waiting on a lost camera is not stuck (reconnects have their own backoff):
+        # only a stream that stopped delivering while "streaming" counts as stalled.
+        if self.capture.state != "streaming":
+            return time.monotonic()
+        return float(self.capture.last_progress)
 
     # ---- figures --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

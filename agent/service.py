@@ -99,9 +99,8 @@ class Service:
         if self.cfg.service.watchdog and self.notifier.watchdog_interval() is not None:
             self._watchdog = Watchdog(self.notifier, stall_s=self.cfg.service.stall_s)
             for pipe in self.pipelines:
-                self._watchdog.add_probe(f"infer-{pipe.camera_id}", lambda p=pipe: p.infer_progress)
-                self._watchdog.add_probe(f"post-{pipe.camera_id}", lambda p=pipe: p.post_progress)
-                self._watchdog.add_probe(f"capture-{pipe.camera_id}", lambda p=pipe: _capture_progress(p))
+                for name, probe in pipe.progress_probes().items():
+                    self._watchdog.add_probe(name, probe)
             self._watchdog.start()
 
     def _initial_model(self) -> tuple[Path, str, str, ModelConfig]:
@@ -348,14 +347,6 @@ class Service:
                            final=(self.topics.status, self._status_payload("offline").encode()))
         for p in self.pipelines:
             p.runtime.close()
-
-
-def _capture_progress(p: Pipeline) -> float:
-    """A capture waiting on a lost camera is not stuck: only a stalled stream counts."""
-    stats = p.capture.stats()
-    if stats.get("state") != "streaming":
-        return time.monotonic()
-    return float(p.capture.last_progress)
 
 
 def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
