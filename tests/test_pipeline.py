@@ -6,8 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from agent.capture.reader import CaptureThread
 
+from agent.capture.reader import CaptureThread
 from agent.config import CameraConfig, EngineConfig, ModelConfig
 from agent.engines.onnxruntime import OnnxRuntimeEngine
 from agent.pipeline import Pipeline, build_runtime
