@@ -18,13 +18,10 @@ log = logging.getLogger("agent")
 EXIT_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
-    try:
-        from agent.logs import setup_logging
-    except ImportError:  # pragma: no cover - the module ships with the package
-        logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
-        return
-    setup_logging(level)
+def _setup_logging(level: str, device_id: str | None = None) -> None:
+    from agent.logs import setup_logging
+
+    setup_logging(level, fields={"DEVICE_ID": device_id} if device_id else None)
 
 
 def _user_dir(env: str, fallback: str) -> Path:
@@ -73,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(args.log_level or cfg.log_level)
+    _setup_logging(args.log_level or cfg.log_level, cfg.device_id)
     return _run_service(cfg, Path(args.config), False, args.max_frames, args.duration)
 
 

@@ -62,6 +62,8 @@ class Service:
         self._threshold_state: dict[str, bool] = {}
         self.updates: Any = None
         self.update_host: Any = None
+        self.exit_code = 0
+        self._prometheus: Any = None
         self.store: Any = None
 
     # ---- events -----------------------------------------------------------------------------
@@ -91,17 +93,32 @@ class Service:
             self.publishers.append(publisher)
             self.pipelines.append(pipe)
         self._publish_status()
+        if self.cfg.telemetry.prometheus_port is not None:
+            from agent.telemetry.prometheus import PrometheusExporter
+
+            self._prometheus = PrometheusExporter(self.cfg.telemetry.prometheus_port)
         for pipe in self.pipelines:
             pipe.start()
         self._start_updates()
         self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
         self._telemetry_thread.start()
-        if self.cfg.service.watchdog and self.notifier.watchdog_interval() is not None:
-            self._watchdog = Watchdog(self.notifier, stall_s=self.cfg.service.stall_s)
+        if self.cfg.service.watchdog:
+            # Under systemd the pings stop and systemd restarts us; without a watchdog (a container,
+            # a shell) a stuck stage makes the service exit non-zero so the supervisor restarts it.
+            interval = None if self.notifier.watchdog_interval() is not None else self.cfg.service.stall_s / 2
+            self._watchdog = Watchdog(self.notifier, stall_s=self.cfg.service.stall_s, interval_s=interval,
+                                      on_stall=self._on_stall)
             for pipe in self.pipelines:
                 for name, probe in pipe.progress_probes().items():
                     self._watchdog.add_probe(name, probe)
             self._watchdog.start()
+
+    def _on_stall(self, stages: list[str]) -> None:
+        self.emit("pipeline_stalled", {"stages": stages})
+        if self.notifier.watchdog_interval() is None:
+            log.critical("stages %s are stuck and no systemd watchdog watches: exiting for a restart", stages)
+            self.exit_code = 1
+            self._stop.set()
 
     def _initial_model(self) -> tuple[Path, str, str, ModelConfig]:
         """The installed active model if updates are on and it is complete, else the configured one."""
@@ -250,8 +267,11 @@ class Service:
                 snap = self.telemetry()
                 if self.mqtt is not None:
                     self.mqtt.publish(self.topics.telemetry, dumps(snap), qos=0)
-                for name, data in check_thresholds(snap["system"], self.cfg.telemetry, snap["fps"],
-                                                   self._threshold_state):
+                if self._prometheus is not None:
+                    self._prometheus.update(snap)
+                # fps under target means nothing before the first frame (READY)
+                fps = snap["fps"] if self.ready else None
+                for name, data in check_thresholds(snap["system"], self.cfg.telemetry, fps, self._threshold_state):
                     self.emit(name, data)
                 self.notifier.status(self._status_line())
             except Exception:  # telemetry must never take the service down
@@ -312,7 +332,7 @@ class Service:
             if deadline is not None and time.monotonic() >= deadline:
                 break
         self.shutdown()
-        return 0
+        return self.exit_code
 
     def reload(self) -> None:
         """SIGHUP: apply what can change live; a bad config is rejected and the old one stays."""
@@ -347,6 +367,8 @@ class Service:
                            final=(self.topics.status, self._status_payload("offline").encode()))
         for p in self.pipelines:
             p.runtime.close()
+        if self._prometheus is not None:
+            self._prometheus.close()
 
 
 def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:

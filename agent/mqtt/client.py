@@ -91,8 +91,8 @@ def read_password(cfg: MqttConfig) -> str | None:
             path = Path(cred_dir) / "mqtt_password"
     if path is None:
         return None
-    text = path.read_text(encoding="utf-8")
-    return text.rstrip("\r\n")
+    text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    return text or None  # an empty credential (the unit's fallback) means: no password
 
 
 def make_ssl_context(tls: Any) -> ssl.SSLContext:
