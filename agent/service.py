@@ -81,7 +81,6 @@ class Service:
             self.mqtt = MqttClient(self.cfg.mqtt, self.cfg.client_id, will_topic=self.topics.status,
                                    will_payload=self._status_payload("offline").encode(),
                                    on_connect=self._on_mqtt_connect)
-            self.mqtt.start()
         path, name, version, mcfg = self._initial_model()
         runtimes = [self.load_runtime(path, name, version, mcfg) for _ in self.cfg.cameras]
         self.engine_info = runtimes[0].engine.info.to_json()
@@ -92,6 +91,11 @@ class Service:
             pipe = Pipeline(cam.id, capture, rt, publisher, on_event=self.emit, max_frames=self.max_frames)
             self.publishers.append(publisher)
             self.pipelines.append(pipe)
+        # Handlers first, connection second: what the broker kept for us while we were down
+        # (a manifest, update chunks) arrives right at connect and must find its handler.
+        self._start_updates()
+        if self.mqtt is not None:
+            self.mqtt.start()
         self._publish_status()
         if self.cfg.telemetry.prometheus_port is not None:
             from agent.telemetry.prometheus import PrometheusExporter
@@ -99,7 +103,6 @@ class Service:
             self._prometheus = PrometheusExporter(self.cfg.telemetry.prometheus_port)
         for pipe in self.pipelines:
             pipe.start()
-        self._start_updates()
         self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
         self._telemetry_thread.start()
         if self.cfg.service.watchdog:

@@ -102,6 +102,8 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         if not res.ok:
             _print_err("push-model: not every target reached 'active'")
             return 1
+    if res.silent and not res.ok:
+        _print_err(f"push-model: no state from {', '.join(res.silent)}: is the agent running and subscribed?")
     return 0 if res.ok else 1
 
 

@@ -234,6 +234,7 @@ class PushResult:
     bytes_sent: int = 0
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     ok: bool = True
+    silent: list[str] = field(default_factory=list)  # targeted devices that never reported a state
 
 
 def push_model(client: mqtt.Client, signed: dict[str, Any], model_path: Path | None, *, prefix: str = "edge",
@@ -278,6 +279,10 @@ def push_model(client: mqtt.Client, signed: dict[str, Any], model_path: Path | N
         else:
             time.sleep(wait_s)  # group members are not known in advance: watch for the whole time
     result.states = dict(watcher.states)
+    result.silent = [d for d in devices if d not in result.states]
+    waited = mq is not None or wait_s > 0
+    if waited and devices and not groups and len(result.silent) == len(devices):
+        result.ok = False  # nobody acknowledged the manifest: it reached no device
     if wait_s > 0:
         result.ok = bool(result.states) and all(s.get("state") == "active" for s in result.states.values())
         if devices and not groups:

@@ -126,6 +126,7 @@ class ModelStore:
             raise ValueError("keep must be >= 2 (active and previous)")
         self.root = Path(root)
         self.keep = keep
+        self.recovered_from_trial: str | None = None  # set by recover() when it rolled a trial back
         self.versions_dir = self.root / "versions"
         self.staging_dir = self.root / "staging"
         self.trash_dir = self.root / "trash"
@@ -349,6 +350,7 @@ class ModelStore:
                 # the agent died while a new model was on trial (its health window): never trust it
                 # again blindly, or a model that crashes the process would crash-loop the device
                 log.error("model %s was on trial when the agent stopped; rolling back", trial)
+                self.recovered_from_trial = str(trial)
                 state["trial"] = None
                 self._write_state(state)
                 active = None
@@ -423,6 +425,17 @@ class ModelStore:
         return extra.get(key, default) if isinstance(extra, dict) else default
 
     # ---- prune --------------------------------------------------------------------------------
+    def discard(self, mv: ModelVersion) -> bool:
+        """Remove a version that never served (it failed validation); referenced versions stay."""
+        with self._lock:
+            state = self._read_state()
+            if mv.key in {state.get("active"), state.get("previous"), state.get("last_good")}:
+                return False
+            if not mv.path.is_dir():
+                return False
+            self._trash(mv.path)
+            return True
+
     def prune(self) -> list[str]:
         """Keep `keep` versions: always active, previous and last_good, then the most recently used."""
         with self._lock:

@@ -150,7 +150,10 @@ class UpdateManager:
         self.trusted = load_trusted_keys(cfg.trusted_keys)
         self.max_bytes = cfg.max_model_mb * 1024 * 1024
         self.download_dir = Path(cfg.models_dir) / "downloads"
-        self.reporter = UpdateStateReporter(self._publish_state, clock=clock)
+        # A restart during a health window rolled the trial back (ModelStore.recover): say so on
+        # model/state, or the retained state would still claim the abandoned version is active.
+        self.reporter = UpdateStateReporter(self._publish_state, clock=clock,
+                                            initial="active" if store.recovered_from_trial else "idle")
         self._cv = threading.Condition()
         self._queued: _Job | None = None
         self._current: _Job | None = None
@@ -168,6 +171,12 @@ class UpdateManager:
     def start(self) -> None:
         self.download_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         clean_stale_transfers(self.download_dir, keep=set())
+        if self.store.recovered_from_trial:
+            name, _, version = self.store.recovered_from_trial.rpartition("-")
+            with contextlib.suppress(UpdateError):
+                self.reporter.transition("rolled_back", error="restart_during_trial", name=name, version=version,
+                                         detail="the agent restarted during the model's health window")
+            self._event("model_rolled_back", name=name, version=version, reason="restart_during_trial")
         pending = self.store.recall("pending")
         if isinstance(pending, str) and pending:
             self._resume_pending(pending.encode("utf-8"))
@@ -390,6 +399,7 @@ class UpdateManager:
         self.store.remember("pending", job.raw.decode("utf-8"))
         mv = self.store.version(m.model.name, m.model.version)
         bundle: object | None = None
+        installed_now = False
         try:
             if mv is not None and self.store.is_complete(mv):
                 r.transition("verifying")  # installed before (a rollback to it, or a re-push)
@@ -399,6 +409,7 @@ class UpdateManager:
                 validate_model(path, m)
                 staged = self.store.stage(path, job.raw)
                 mv = self.store.install(staged)
+                installed_now = True
             r.transition("building")
             bundle = self.host.prepare_engine(mv.model_path, m)
             r.transition("validating")
@@ -418,6 +429,8 @@ class UpdateManager:
             if bundle is not None:
                 with contextlib.suppress(Exception):
                     self.host.release(bundle)
+            if installed_now and mv is not None and self.store.discard(mv):
+                log.info("removed %s, which failed before serving", mv.key)  # the disk as it was
             self._fail(job, exc)
             return
         t0 = self.clock()

@@ -304,20 +304,27 @@ class ChunkAssembler:
         else:
             log.info("transfer %s resumed with %d/%d chunks", self.transfer_id, self._count, self.chunks)
 
-    def _save_state(self) -> None:
+    def _save_state(self, sync: bool = True) -> None:
+        """Save the bitmap. Every chunk is saved unsynced: the broker got our PUBACK, so a killed
+        process must not forget the chunk (the page cache outlives the process). Every
+        `persist_every` chunks data and bitmap are fsynced too, against power cuts; what a power cut
+        still loses is caught by the sha256 check and resumed by a re-push."""
         assert self._fd is not None
-        os.fsync(self._fd)  # data first, then the bitmap that claims it
+        if sync:
+            os.fsync(self._fd)  # data first, then the bitmap that claims it
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         body = dict(self._params(), bitmap=base64.b64encode(bytes(self._bits)).decode("ascii"))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, json.dumps(body).encode())
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.state_path)
-        _fsync_dir(self.dir)
-        self._unsaved = 0
+        if sync:
+            _fsync_dir(self.dir)
+            self._unsaved = 0
 
     # -- API -----------------------------------------------------------------------------------
     def chunk_length(self, index: int) -> int:
@@ -349,8 +356,7 @@ class ChunkAssembler:
                 self._bits[index >> 3] |= 1 << (index & 7)
                 self._count += 1
                 self._unsaved += 1
-                if self._unsaved >= self.persist_every or self._count == self.chunks:
-                    self._save_state()
+                self._save_state(sync=self._unsaved >= self.persist_every or self._count == self.chunks)
             except OSError as exc:
                 err = _io_error(exc, f"writing chunk {index}")
                 if err.reason == "disk_full":
