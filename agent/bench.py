@@ -228,6 +228,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tensor, _ = build_runtime(engine, cfg.model, model).letterbox(frames[0])
     tensor = tensor.copy()
     info = engine.info
+    imgsz = int(engine.input_spec.shape[-1])
     results: dict[str, Any] = {
         "model": str(model), "video": str(video), "frames": n, "onnxruntime": ort.__version__,
         "providers": info.providers, "intra_op_threads": info.extra.get("intra_op_threads"),
@@ -244,7 +245,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results["pipeline_memory"] = bench_pipeline(cfg, mem_cam, n, frames)
     file_cam = CameraConfig(id="bench", source=str(video), pace=False, loop=True)
     results["pipeline_file"] = bench_pipeline(cfg, file_cam, n)
-    ultra = bench_ultralytics(model, frames, n, int(engine.input_spec.shape[-1]))
+    ultra = bench_ultralytics(model, frames, n, imgsz)
     results["ultralytics"] = ultra if ultra is not None else {"error": "ultralytics not installed (bench extra)"}
     bare_fps = results["bare"]["fps"]
     results["ratios"] = {

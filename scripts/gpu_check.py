@@ -236,6 +236,10 @@ def main() -> int:
     ap.add_argument("model", nargs="?", help="ONNX model (default: a synthetic 640x640 conv net)")
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # the CUDA / cuDNN libraries of the machine's pip packages
     out_dir = Path(os.environ.get("OUT") or ".")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     model = Path(args.model) if args.model else synthetic_model(work / "synthetic.onnx")

@@ -113,8 +113,11 @@ class OnnxRuntimeEngine(Engine):
             ) from exc
         if not self.model_path.is_file():
             raise ModelError(f"model file not found: {self.model_path}")
-        available = ort.get_available_providers()
         wanted = [p.name for p in self.cfg.providers]
+        if wanted[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+            # pip-installed CUDA / cuDNN libraries (nvidia-* wheels) are found only when preloaded
+            ort.preload_dlls()
+        available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
         providers = [(p.name, {k: str(v) for k, v in p.options.items()}) for p in self.cfg.providers
                      if p.name in available]
