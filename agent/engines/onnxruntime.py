@@ -87,6 +87,10 @@ class OnnxRuntimeEngine(Engine):
         self._output_names: list[str] = []
         self._info: EngineInfo | None = None
         self.metadata: dict[str, str] = {}
+        self._binding: Any = None
+        self._binding_device = ""
+        self._bound_in: Any = None
+        self._bound_out: list[Any] = []
 
     def _session_options(self) -> Any:
         import onnxruntime as ort
@@ -124,6 +128,12 @@ class OnnxRuntimeEngine(Engine):
         if missing:
             log.warning("execution providers %s are not available in this onnxruntime (available: %s)",
                         missing, available)
+        if self.cfg.require_gpu:
+            # ONNX Runtime refuses the CPU EP in the list once CPU fallback is disabled
+            if wanted[0] not in available or wanted[0] == "CPUExecutionProvider":
+                raise EngineError(f"engine.require_gpu is set but {wanted[0]} is not available "
+                                  f"(available: {available})")
+            providers = [p for p in providers if p[0] != "CPUExecutionProvider"]
         if not providers:
             raise EngineError(f"none of the execution providers {wanted} is available; available: {available}")
         try:
@@ -148,10 +158,37 @@ class OnnxRuntimeEngine(Engine):
                          for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._binding = None
+        if self.cfg.io_binding:
+            self._bind(ort, got[0])
         self._info = EngineInfo(backend="onnxruntime", providers=got, precision=self.precision,
                                 device="cpu" if got[0] == "CPUExecutionProvider" else "cuda",
                                 extra={"onnxruntime": ort.__version__,
-                                       "intra_op_threads": self._session.get_session_options().intra_op_num_threads})
+                                       "intra_op_threads": self._session.get_session_options().intra_op_num_threads,
+                                       "io_binding": self._binding_device or "off"})
+
+    def _bind(self, ort: Any, provider: str) -> None:
+        """Input and outputs in preallocated buffers on the provider's device, bound once.
+
+        Per frame the input is copied into its buffer and the outputs copied out: no allocation,
+        and on a GPU no round trip through ONNX Runtime's own host staging.
+        """
+        assert self._input is not None
+        device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        try:
+            binding = self._session.io_binding()
+            x = ort.OrtValue.ortvalue_from_shape_and_type(list(self._input.shape), self._input.dtype.type, device, 0)
+            binding.bind_ortvalue_input(self._input.name, x)
+            outs = []
+            for spec in self._outputs:
+                y = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), spec.dtype.type, device, 0)
+                binding.bind_ortvalue_output(spec.name, y)
+                outs.append(y)
+        except Exception as exc:  # an ONNX Runtime without these APIs: plain run() still works
+            log.warning("IO binding unavailable (%s); using session.run", str(exc)[:200])
+            return
+        self._binding, self._bound_in, self._bound_out = binding, x, outs
+        self._binding_device = device
 
     @staticmethod
     def _dtype(ort_type: str, name: str) -> np.dtype:
@@ -174,6 +211,12 @@ class OnnxRuntimeEngine(Engine):
     def _infer_impl(self, tensor: np.ndarray) -> list[np.ndarray]:
         assert self._input is not None
         try:
+            if self._binding is not None:
+                self._bound_in.update_inplace(tensor)
+                self._session.run_with_iobinding(self._binding)
+                # Copies the caller owns: the bound buffers are overwritten by the next frame
+                # while the post thread may still decode this one.
+                return [np.array(y.numpy(), copy=True) for y in self._bound_out]
             out = self._session.run(self._output_names, {self._input.name: tensor})
         except Exception as exc:
             raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
@@ -186,4 +229,5 @@ class OnnxRuntimeEngine(Engine):
         return self._session
 
     def _close_impl(self) -> None:
+        self._binding, self._bound_in, self._bound_out = None, None, []
         self._session = None
