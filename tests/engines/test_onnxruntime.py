@@ -66,7 +66,7 @@ def test_fallback_is_reported_and_require_gpu_refuses(model: Path) -> None:
 def test_unreadable_and_missing_models(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x01garbage")
-    with pytest.raises(ModelError, match="bad.onnx"):
+    with pytest.raises(ModelError, match=r"bad\.onnx"):
         OnnxRuntimeEngine(bad, EngineConfig()).load()
     with pytest.raises(ModelError, match="not found"):
         OnnxRuntimeEngine(tmp_path / "none.onnx", EngineConfig()).load()
