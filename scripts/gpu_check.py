@@ -231,6 +231,32 @@ def check_cache(model: Path) -> dict[str, Any]:
             "key": key[:16], "events": events}
 
 
+def check_agent_engine(model: Path, runs: int) -> dict[str, Any]:
+    """The agent's own OnnxRuntimeEngine on the CUDA EP, IO binding on and off, vs the CPU EP."""
+    from agent.config import EngineConfig, ProviderConfig
+    from agent.engines.onnxruntime import OnnxRuntimeEngine
+
+    cuda = [ProviderConfig(name="CUDAExecutionProvider")]
+    x = np.random.default_rng(1).random((1, 3, 320, 320), dtype=np.float32)
+    cpu = OnnxRuntimeEngine(model, EngineConfig())
+    cpu.load()
+    if cpu.input_spec.shape != x.shape:
+        x = np.random.default_rng(1).random(cpu.input_spec.shape, dtype=np.float32)
+    ref = cpu.infer(x)[0]
+    out: dict[str, Any] = {"ok": True}
+    for io in (True, False):
+        eng = OnnxRuntimeEngine(model, EngineConfig(providers=cuda, io_binding=io, require_gpu=True))
+        eng.load()
+        key = "agent_engine_iobinding" if io else "agent_engine_run"
+        out[key] = stats(timed(lambda e=eng: e.infer(x), runs))
+        out[key]["io_binding"] = eng.info.extra.get("io_binding")
+        out[f"diff_{key}_vs_cpu"] = rel_diff(eng.infer(x)[0], ref)
+        out["ok"] = out["ok"] and out[f"diff_{key}_vs_cpu"]["max_rel_to_range"] < 1e-3
+        eng.close()
+    cpu.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="ONNX model (default: a synthetic 640x640 conv net)")
@@ -246,7 +272,8 @@ def main() -> int:
     report: dict[str, Any] = {"host": platform.node(), "python": sys.version.split()[0], "model": str(model),
                               "runs": args.runs}
     for name, fn in (("cuda_layer", check_cuda_layer), ("ort", lambda: check_ort(model, args.runs)),
-                     ("cache", lambda: check_cache(model))):
+                     ("cache", lambda: check_cache(model)),
+                     ("agent_engine", lambda: check_agent_engine(model, args.runs))):
         t0 = time.perf_counter()
         try:
             report[name] = fn()
@@ -269,6 +296,12 @@ def main() -> int:
                     "cuda_iobinding_agent_buffers_incl_htod": "diff_agent_cuda_vs_cpu"}.get(k)
             note = f"max rel {o[diff]['max_rel_to_range']:.2e}" if diff and diff in o else ""
             rows.append((label, f"{o[k]['median_ms']:.3f}", f"{o[k]['p99_ms']:.3f}", note))
+    ae = report["agent_engine"]
+    for k, label in (("agent_engine_run", "agent engine, CUDA EP, run()"),
+                     ("agent_engine_iobinding", "agent engine, CUDA EP, IO binding")):
+        if k in ae:
+            rows.append((label, f"{ae[k]['median_ms']:.3f}", f"{ae[k]['p99_ms']:.3f}",
+                         f"max rel {ae[f'diff_{k}_vs_cpu']['max_rel_to_range']:.2e} ({ae[k]['io_binding']})"))
     if "first_ms" in c:
         rows.append(("cache build / hit (CUDA EP)", f"{c['first_ms']:.0f} / {c['second_ms']:.0f}", "",
                      f"{'ok' if c['ok'] else 'FAILED'} via {c['via']}"))
@@ -276,11 +309,11 @@ def main() -> int:
     print(f"{'path':38} {'median ms':>10} {'p99 ms':>8}  note")
     for r in rows:
         print(f"{r[0]:38} {r[1]:>10} {r[2]:>8}  {r[3]}")
-    for name in ("cuda_layer", "ort", "cache"):
+    for name in ("cuda_layer", "ort", "cache", "agent_engine"):
         if report[name].get("error"):
             print(f"{name}: {report[name]['error']}")
     print(f"json: {out_dir / 'gpu_check.json'}")
-    ok = cl.get("ok") and "error" not in o and c.get("ok")
+    ok = cl.get("ok") and "error" not in o and c.get("ok") and ae.get("ok")
     return 0 if ok else 1
 
 
