@@ -38,6 +38,7 @@ from agent.cache.keys import file_sha256
 from agent.cache.lock import FileLock
 from agent.engines.fingerprint import CACHE_FORMAT_VERSION, key_fingerprint
 from agent.errors import CacheError
+from agent.fsutil import fsync_dir
 
 __all__ = ["ENGINE_FILE", "META_FILE", "EngineCache", "Entry", "EntryInfo", "EventSink", "fsync_dir",
            "write_atomic"]
@@ -52,15 +53,6 @@ ENGINE_FILE = "engine.bin"
 META_FILE = "meta.json"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_MARK = ".tmp-"
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that a rename or create inside it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tmp_name(path: Path) -> Path:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateError
+from agent.fsutil import fsync_path
 
 __all__ = ["ModelStore", "ModelVersion", "sha256_file"]
 
@@ -64,16 +65,6 @@ def _safe(part: str, what: str) -> str:
     return part
 
 
-def _fsync_path(p: Path, directory: bool = False) -> None:
-    fd = os.open(p, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -90,7 +81,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_path(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 @dataclass(frozen=True)
@@ -240,9 +231,9 @@ class ModelStore:
                 raise UpdateError("checksum_mismatch", f"staged {name}-{version} does not match its manifest")
             for p in staged.iterdir():
                 os.chmod(p, 0o600)
-                _fsync_path(p)
+                fsync_path(p)
             os.chmod(staged, 0o700)
-            _fsync_path(staged, directory=True)
+            fsync_path(staged, directory=True)
             target = self.versions_dir / f"{name}-{version}"
             if target.exists():
                 existing = self._load_version(target.name)
@@ -254,8 +245,8 @@ class ModelStore:
                 os.rename(staged, target)
             except OSError as exc:
                 raise UpdateError("install_failed", f"rename into versions/: {exc.strerror or exc}") from None
-            _fsync_path(self.versions_dir, directory=True)
-            _fsync_path(self.staging_dir, directory=True)
+            fsync_path(self.versions_dir, directory=True)
+            fsync_path(self.staging_dir, directory=True)
             return ModelVersion(name, version, target, manifest)
 
     def _trash(self, d: Path) -> None:
@@ -265,7 +256,7 @@ class ModelStore:
         except OSError:
             shutil.rmtree(d, ignore_errors=True)
             return
-        _fsync_path(d.parent, directory=True)
+        fsync_path(d.parent, directory=True)
         shutil.rmtree(dst, ignore_errors=True)
 
     # ---- pointers -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import UpdateError
+from agent.fsutil import fsync_dir
 
 __all__ = ["ChunkAssembler", "Progress", "download_url"]
 
@@ -40,19 +41,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (bytes done, bytes expected)
 BLOCK = 64 * 1024
 TRANSFER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _io_error(exc: OSError, what: str) -> UpdateError:
@@ -108,7 +96,7 @@ def download_url(
         os.replace(part, dest)
     except OSError as exc:
         raise _io_error(exc, f"rename {part.name}") from None
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -323,7 +311,7 @@ class ChunkAssembler:
             os.close(fd)
         os.replace(tmp, self.state_path)
         if sync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             self._unsaved = 0
 
     # -- API -----------------------------------------------------------------------------------
@@ -410,9 +398,9 @@ class ChunkAssembler:
                 out = Path(dest) if dest is not None else self.dir / f"{self.transfer_id}.bin"
                 os.replace(self.part_path, out)
                 _remove(self.state_path)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
                 if out.parent != self.dir:
-                    _fsync_dir(out.parent)
+                    fsync_dir(out.parent)
             except OSError as exc:
                 raise _io_error(exc, "finalizing the transfer") from None
             return out

@@ -1,0 +1,28 @@
+"""Durability helpers shared by the engine cache, the model store and the update transfers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file, or a directory so that a rename or create inside it survives a power cut.
+
+    Filesystems that cannot fsync (some FUSE or network mounts) are tolerated: nothing more can be
+    done there, and the caller's atomic rename still keeps readers from seeing half a file.
+    """
+    try:
+        fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, directory=True)
