@@ -177,6 +177,9 @@ class UpdateManager:
                 self.reporter.transition("rolled_back", error="restart_during_trial", name=name, version=version,
                                          detail="the agent restarted during the model's health window")
             self._event("model_rolled_back", name=name, version=version, reason="restart_during_trial")
+            # The manifest of that trial may still be pending (killed before it was cleared):
+            # resuming it would put the abandoned version straight back on trial.
+            self.store.remember("pending", None)
         pending = self.store.recall("pending")
         if isinstance(pending, str) and pending:
             self._resume_pending(pending.encode("utf-8"))

@@ -304,3 +304,28 @@ def test_end_to_end_fleet_push_over_real_broker(broker: Any, tmp_path: Path) -> 
         mgr.stop()
         adapter.c.disconnect()
         adapter.c.loop_stop()
+
+
+def test_crash_during_the_health_window_rolls_back_and_does_not_resume(env: dict[str, Any]) -> None:
+    """The agent dies after `active` but before its pending manifest was cleared: the restart rolls
+    the trial back, reports it, and does not put the abandoned version on trial again."""
+    env["cfg"].health_window_s = 30.0  # stays on trial
+    p = model_file(env["tmp"])
+    raw = signed(env, p.read_bytes(), url=p.as_uri())
+    env["bus"].deliver("edge/dev1/model/update", raw)
+    wait_state(env["bus"], lambda s: s["state"] == "active")
+    assert env["store"].on_trial() == "widgets-2"
+    env["mgr"].stop()
+    env["store"].remember("pending", raw.decode())  # as if killed before it was cleared
+    store = ModelStore(env["cfg"].models_dir, env["cfg"].keep_versions)
+    assert store.recover() is None  # back to the bundled default
+    bus, host = Bus(), FakeHost()
+    mgr = UpdateManager(env["cfg"], "dev1", Topics("edge", "dev1"), bus, store, host)
+    env["mgr"] = mgr
+    mgr.start()
+    st = wait_state(bus, lambda s: s["state"] == "rolled_back")
+    assert (st["error"], st["version"]) == ("restart_during_trial", "2")
+    assert mgr.wait_idle(5)
+    time.sleep(0.3)
+    assert host.activated == [] and store.recall("pending") is None
+    assert [s["state"] for s in bus.states()] == ["rolled_back"]
