@@ -9,5 +9,5 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto >/dev/null; fi
 fi
-"$PY" -m pip install -q -e '.[cpu,test]'
+"$PY" -m pip install -q -e '.[cpu,test,metrics]'
 exec "$PY" -m pytest "$@"
