@@ -9,9 +9,7 @@
 index i (seq counts from 0), and computes COCO mAP@0.5 and mAP@0.5:0.95 (faster-coco-eval) and the
 share of frames whose per-label counts (detections with score >= count_threshold) equal the truth.
 
-`reference_payloads(video, model)` is a plain, self-contained reference loop (cv2 letterbox + ONNX
-Runtime + YOLOv8 decode + class-aware NMS) producing such payloads; the agent's own pipeline is
-meant to replace it as the producer.
+The CLI produces the payloads with the agent's own pipeline (scripts/agent_eval.py).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "agent" / "data" / "demo" / "model.onnx"
 
-__all__ = ["ReferenceDetector", "reference_payloads", "score_detections"]
+__all__ = ["iter_frames", "score_detections"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,102 +101,6 @@ def score_detections(published: list[dict[str, Any]], truth: dict[str, Any], cou
     return result
 
 
-# --------------------------------------------------------------------------------------------------
-# reference inference loop
-
-
-def _letterbox_geometry(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int, float]:
-    r = min(dst_h / src_h, dst_w / src_w)
-    new_w, new_h = round(src_w * r), round(src_h * r)
-    dw, dh = (dst_w - new_w) / 2, (dst_h - new_h) / 2
-    return new_w, new_h, round(dw - 0.1), round(dh - 0.1), r
-
-
-def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
-    order = scores.argsort()[::-1]
-    keep: list[int] = []
-    areas = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        xx1 = np.maximum(boxes[i, 0], boxes[rest, 0])
-        yy1 = np.maximum(boxes[i, 1], boxes[rest, 1])
-        xx2 = np.minimum(boxes[i, 2], boxes[rest, 2])
-        yy2 = np.minimum(boxes[i, 3], boxes[rest, 3])
-        inter = (xx2 - xx1).clip(0) * (yy2 - yy1).clip(0)
-        ov = inter / (areas[i] + areas[rest] - inter + 1e-9)
-        order = rest[ov <= iou]
-    return keep
-
-
-class ReferenceDetector:
-    """cv2 letterbox + ONNX Runtime (CPU) + YOLOv8-layout decode + class-aware NMS."""
-
-    def __init__(self, model: Path | str = DEFAULT_MODEL, threads: int = 2, conf: float = 0.05,
-                 iou: float = 0.6, max_det: int = 100) -> None:
-        import ast
-
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.in_h, self.in_w = int(inp.shape[2]), int(inp.shape[3])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        names = ast.literal_eval(meta["names"]) if "names" in meta else {}
-        self.labels = [str(names[k]) for k in sorted(names)]
-        self.version = meta.get("version", "")
-        self.conf, self.iou, self.max_det = conf, iou, max_det
-        self.fp16_input = "float16" in inp.type
-        self._geom: tuple[int, int, tuple[int, int, int, int, float]] | None = None
-
-    def preprocess(self, frame: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int, float]]:
-        h, w = frame.shape[:2]
-        if self._geom is None or self._geom[:2] != (w, h):
-            self._geom = (w, h, _letterbox_geometry(w, h, self.in_w, self.in_h))
-        nw, nh, left, top, _ = self._geom[2]
-        canvas = np.full((self.in_h, self.in_w, 3), 114, np.uint8)
-        canvas[top:top + nh, left:left + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        x = canvas[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255.0)
-        return (x.astype(np.float16) if self.fp16_input else x), self._geom[2]
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
-
-    def postprocess(self, out: np.ndarray, geom: tuple[int, int, int, int, float], w: int, h: int
-                    ) -> list[dict[str, Any]]:
-        x = out[0]  # [4 + nc, N]
-        scores = x[4:]
-        cls = scores.argmax(0)
-        sc = scores.max(0)
-        idx = np.flatnonzero(sc >= self.conf)
-        if idx.size == 0:
-            return []
-        cx, cy, bw, bh = x[0, idx], x[1, idx], x[2, idx], x[3, idx]
-        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-        cls, sc = cls[idx], sc[idx]
-        offset = cls[:, None].astype(np.float32) * 4096.0  # class-aware NMS in one pass
-        keep = _nms(boxes + offset, sc, self.iou)[: self.max_det]
-        _, _, left, top, r = geom
-        dets = []
-        for i in keep:
-            b = boxes[i].copy()
-            b[[0, 2]] = ((b[[0, 2]] - left) / r).clip(0, w)
-            b[[1, 3]] = ((b[[1, 3]] - top) / r).clip(0, h)
-            c = int(cls[i])
-            dets.append({"class_id": c, "label": self.labels[c] if c < len(self.labels) else str(c),
-                         "score": round(float(sc[i]), 4), "box": [round(float(v), 1) for v in b]})
-        return dets
-
-    def __call__(self, frame: np.ndarray) -> list[dict[str, Any]]:
-        x, geom = self.preprocess(frame)
-        return self.postprocess(self.infer(x), geom, frame.shape[1], frame.shape[0])
-
-
 def iter_frames(video: Path | str) -> Iterator[np.ndarray]:
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
@@ -214,21 +115,6 @@ def iter_frames(video: Path | str) -> Iterator[np.ndarray]:
         cap.release()
 
 
-def reference_payloads(video: Path | str, model: Path | str = DEFAULT_MODEL, threads: int = 2,
-                       conf: float = 0.05, camera: str = "cam0") -> list[dict[str, Any]]:
-    """Run the reference loop over every frame of the video; one DESIGN.md payload per frame."""
-    det = ReferenceDetector(model, threads=threads, conf=conf)
-    payloads = []
-    for seq, frame in enumerate(iter_frames(video)):
-        t0 = time.perf_counter()
-        dets = det(frame)
-        payloads.append({"seq": seq, "ts": time.time(), "camera": camera,
-                         "frame": {"w": int(frame.shape[1]), "h": int(frame.shape[0])},
-                         "model": {"name": "demo", "version": det.version},
-                         "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "detections": dets})
-    return payloads
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", type=Path, required=True)
@@ -240,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args(argv)
     truth = json.loads((args.truth or args.video.with_suffix(".json")).read_text())
-    payloads = reference_payloads(args.video, args.model, args.threads, args.conf)
+    if str(ROOT) not in sys.path:  # run as a script
+        sys.path.insert(0, str(ROOT))
+    from scripts.agent_eval import agent_payloads  # the agent's own pipeline produces the payloads
+
+    payloads, _ = agent_payloads(args.video, args.model, args.conf, args.threads)
     res = score_detections(payloads, truth, args.count_threshold)
     lat = np.array([p["latency_ms"] for p in payloads]) if payloads else np.zeros(1)
     res["latency_ms_median"] = float(np.median(lat))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -58,15 +59,28 @@ def test_variants_share_the_io_contract() -> None:
     assert len(shapes) == 1
 
 
-def test_fp16_agrees_with_fp32() -> None:
-    from scripts.evaluate import ReferenceDetector
+def _detect(model: Path, frame: np.ndarray) -> list[dict[str, Any]]:
+    """The agent's own letterbox, engine, decoder and NMS on one frame, as published."""
+    from agent.config import EngineConfig, ModelConfig
+    from agent.engines.onnxruntime import OnnxRuntimeEngine
+    from agent.pipeline import build_runtime
 
+    rt = build_runtime(OnnxRuntimeEngine(model, EngineConfig(intra_op_threads=1)),
+                       ModelConfig(path=model, score_threshold=0.5), model)
+    try:
+        tensor, lb = rt.letterbox(frame)
+        return [d.to_json() for d in rt.post(rt.engine.infer(tensor), lb)]
+    finally:
+        rt.close()
+
+
+def test_fp16_agrees_with_fp32() -> None:
     cap = cv2.VideoCapture(str(DEMO / "sample.mp4"))
     ok, frame = cap.read()
     cap.release()
     assert ok
-    a = ReferenceDetector(DEMO / "model.onnx", threads=1, conf=0.5)(frame)
-    b = ReferenceDetector(DEMO / "model_fp16.onnx", threads=1, conf=0.5)(frame)
+    a = _detect(DEMO / "model.onnx", frame)
+    b = _detect(DEMO / "model_fp16.onnx", frame)
     assert a, "the fp32 model found nothing in the first sample frame"
     assert sorted(d["class_id"] for d in a) == sorted(d["class_id"] for d in b)
     for d in a:
