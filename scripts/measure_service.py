@@ -71,7 +71,26 @@ def config(work: Path, port: int, model: Path, video: Path, cache: Path) -> Path
     return path
 
 
-def one_start(cfg: Path, broker: Broker, work: Path, hold_s: float) -> dict[str, Any]:
+def latency_windows(messages: list[Any], t0: float, window_s: float) -> list[dict[str, Any]]:
+    """Capture-to-publish latency (the agent's own `latency_ms`) percentiles per window of the hold."""
+    buckets: dict[int, list[float]] = {}
+    for m in messages:
+        try:
+            ms = float(json.loads(m.payload)["latency_ms"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        buckets.setdefault(int((m.at - t0) // window_s), []).append(ms)
+    out = []
+    for k in sorted(buckets):
+        v = sorted(buckets[k])
+        def pct(q: float, v: list[float] = v) -> float:
+            return round(v[min(len(v) - 1, int(q * len(v)))], 2)
+        out.append({"from_s": k * window_s, "frames": len(v), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+                    "max_ms": round(v[-1], 2)})
+    return out
+
+
+def one_start(cfg: Path, broker: Broker, work: Path, hold_s: float, window_s: float = 600.0) -> dict[str, Any]:
     sock = work / f"notify-{time.monotonic_ns()}.sock"
     notify = Notify(sock)
     col = Collector(broker.host, broker.port, ["edge/bench/cam0/detections"])
@@ -96,6 +115,7 @@ def one_start(cfg: Path, broker: Broker, work: Path, hold_s: float) -> dict[str,
             samples.append({"t": round(time.monotonic() - t_hold, 1), "cpu_percent": p.cpu_percent(None),
                              "rss_mb": round(p.memory_info().rss / 2**20, 1), "threads": p.num_threads(),
                              "fds": p.num_fds(), "frames": len(col.messages) - start_frames})
+        windows = latency_windows(col.messages[start_frames:], t_hold, window_s)
         t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
@@ -106,7 +126,7 @@ def one_start(cfg: Path, broker: Broker, work: Path, hold_s: float) -> dict[str,
         col.close()
         notify.close()
     return {"first_detection_s": round(first, 3), "ready_s": round(ready, 3), "sigterm_to_exit_s": round(stop, 3),
-            "exit_code": code, "samples": samples}
+            "exit_code": code, "samples": samples, "latency_windows": windows}
 
 
 def main() -> int:
@@ -115,6 +135,7 @@ def main() -> int:
     ap.add_argument("--video", type=Path, default=DEMO_VIDEO)
     ap.add_argument("--steady", type=float, default=60.0, help="seconds of CPU / RSS sampling at the video rate")
     ap.add_argument("--soak", type=float, default=0.0, help="extra soak seconds (RSS growth); 3600 for an hour")
+    ap.add_argument("--window", type=float, default=600.0, help="latency percentile window, seconds")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-agent-measure-"))
@@ -123,7 +144,7 @@ def main() -> int:
     try:
         cfg = config(work, broker.port, args.model, args.video, cache)
         cold = one_start(cfg, broker, work, 0)
-        warm = one_start(cfg, broker, work, args.steady + args.soak)
+        warm = one_start(cfg, broker, work, args.steady + args.soak, args.window)
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -134,6 +155,7 @@ def main() -> int:
         "warm": {k: v for k, v in warm.items() if k != "samples"},
         "warm_vs_cold_first_detection": round(warm["first_detection_s"] / cold["first_detection_s"], 3),
         "samples": s,
+        "latency_windows": warm["latency_windows"],
     }
     if s:
         steady = [x for x in s if x["t"] <= args.steady] or s
@@ -152,6 +174,9 @@ def main() -> int:
         print(f"steady state at the video rate: {out['fps']} fps, CPU {out['cpu_percent_mean']} % of one core, "
               f"RSS {out['rss_mb_start']} -> {out['rss_mb_end']} MB ({out['rss_growth_mb']:+} MB), "
               f"threads {out['threads_start_end']}, fds {out['fds_start_end']}")
+    for w in out["latency_windows"]:
+        print(f"  from {w['from_s']:>6.0f} s: {w['frames']} frames, latency p50 {w['p50_ms']} ms, "
+              f"p99 {w['p99_ms']} ms, max {w['max_ms']} ms")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
