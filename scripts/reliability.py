@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("reliability-report"))
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep each scenario's work folder")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="scenario parameter, e.g. --set soak_s=28800 (8 h soak) or --set cycles=10")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args()
 
@@ -109,10 +111,15 @@ def main() -> int:
         print(f"reliability: unknown scenarios {unknown}; known: {', '.join(scenarios)}", file=sys.stderr)
         return 2
     names = [n for n in (only or list(scenarios)) if n not in skip]
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        print(f"reliability: --set takes KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
+    params = dict(kv.split("=", 1) for kv in args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"size": "quick" if args.quick else "full", "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "seed": args.seed, "absent_modules": absent}
+            "seed": args.seed, "params": params, "absent_modules": absent}
     results: list[ScenarioResult] = []
     failed = False
     for i, name in enumerate(names, 1):
@@ -122,7 +129,7 @@ def main() -> int:
             print(f"[{name}] {msg}", file=sys.stderr, flush=True)
 
         print(f"== {i}/{len(names)} {name}", file=sys.stderr, flush=True)
-        ctx = Context(work=work, quick=args.quick, seed=args.seed, log=log)
+        ctx = Context(work=work, quick=args.quick, seed=args.seed, log=log, params=params)
         t0 = time.monotonic()
         try:
             res = scenarios[name](ctx)

@@ -24,9 +24,16 @@ class Context:
     quick: bool  # CI size: few cycles, seconds not minutes
     seed: int
     log: Callable[[str], None]  # one progress line (the runner prefixes the scenario's name)
+    params: dict[str, str] = field(default_factory=dict)  # `--set key=value` from the command line
 
     def cycles(self, full: int, quick: int) -> int:
+        """Cycle count for this size; `--set cycles=N` overrides both (for a shorter release rehearsal)."""
+        if "cycles" in self.params:
+            return int(self.params["cycles"])
         return quick if self.quick else full
+
+    def param(self, key: str, default: float) -> float:
+        return float(self.params.get(key, default))
 
 
 @dataclass
