@@ -103,7 +103,8 @@ def bench_bare(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[st
         ms[i] = (time.perf_counter() - t0) * 1e3
     wall = time.perf_counter() - t_all
     return {"fps": round(n / wall, 2), "latency_ms": _latency(ms), "frames": n,
-            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3)}
+            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3),
+            "latencies_ms": [round(float(x), 3) for x in ms]}
 
 
 def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[str, Any]:
@@ -129,21 +130,22 @@ def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> di
         ms[i] = (time.perf_counter() - t0) * 1e3
     wall = time.perf_counter() - t_all
     return {"fps": round(n / wall, 2), "latency_ms": _latency(ms), "frames": n, "device": device,
-            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3)}
+            "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3),
+            "latencies_ms": [round(float(x), 3) for x in ms]}
 
 
 def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int,
-                   frames: list[np.ndarray] | None = None) -> dict[str, Any]:
-    engine = OnnxRuntimeEngine(cfg.model.path, cfg.engine)
-    rt = build_runtime(engine, cfg.model, cfg.model.path)
-    engine.warmup(10)
-    sent = 0
+                   frames: list[np.ndarray] | None = None, preprocess: str | None = None) -> dict[str, Any]:
+    ecfg = cfg.engine.model_copy(update={"preprocess": preprocess}) if preprocess else cfg.engine
+    engine = OnnxRuntimeEngine(cfg.model.path, ecfg)
+    rt = build_runtime(engine, cfg.model, cfg.model.path, preprocess=ecfg.preprocess)
+    rt.warmup(10)
+    e2e: list[float] = []
 
     def sink(result: Result) -> None:
         # What the service does per frame minus the socket: the payload is built and serialised.
-        nonlocal sent
         dumps(detections_payload(result, camera.id))
-        sent += 1
+        e2e.append((time.monotonic() - result.mono) * 1e3)
 
     factory = (lambda _cfg: MemorySource(frames)) if frames is not None else None
     capture = CaptureThread(camera, source_factory=factory) if factory else CaptureThread(camera)
@@ -154,12 +156,14 @@ def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int,
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     pipe.stop()
+    used = rt.preprocess
     rt.close()
     stages = pipe.times.summary()
-    return {"fps": round(pipe.processed / wall, 2), "frames": pipe.processed, "published": sent,
-            "frames_dropped": pipe.capture.stats().get("frames_dropped", 0),
-            "latency_ms": stages.get("e2e", {}), "stages_ms": stages,
-            "host_cpu_ms_per_frame": round(cpu * 1e3 / max(pipe.processed, 1), 3)}
+    return {"fps": round(pipe.processed / wall, 2), "frames": pipe.processed, "published": len(e2e),
+            "preprocess": used, "frames_dropped": pipe.capture.stats().get("frames_dropped", 0),
+            "latency_ms": _latency(np.array(e2e)) if e2e else {}, "stages_ms": stages,
+            "host_cpu_ms_per_frame": round(cpu * 1e3 / max(pipe.processed, 1), 3),
+            "latencies_ms": [round(x, 3) for x in e2e]}
 
 
 def bench_ultralytics(model: Path, frames: list[np.ndarray], n: int, imgsz: int) -> dict[str, Any] | None:
@@ -176,7 +180,8 @@ def bench_ultralytics(model: Path, frames: list[np.ndarray], n: int, imgsz: int)
         t0 = time.perf_counter()
         yolo.predict(frames[i % len(frames)], imgsz=imgsz, verbose=False)
         ms[i] = (time.perf_counter() - t0) * 1e3
-    return {"fps": round(n / (time.perf_counter() - t_all), 2), "latency_ms": _latency(ms), "frames": n}
+    return {"fps": round(n / (time.perf_counter() - t_all), 2), "latency_ms": _latency(ms), "frames": n,
+            "latencies_ms": [round(float(x), 3) for x in ms]}
 
 
 def profile_nodes(model: Path, ecfg: EngineConfig, tensor: np.ndarray, runs: int = 50) -> list[dict[str, Any]]:
@@ -208,7 +213,26 @@ def profile_nodes(model: Path, ecfg: EngineConfig, tensor: np.ndarray, runs: int
     return rows[:10]
 
 
+def _resized(frames: list[np.ndarray], size: str, work: Path) -> tuple[list[np.ndarray], Path]:
+    """Frames scaled to `size` ("WxH"), and the same frames written as a video file for the file path."""
+    import cv2
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"bench: --size takes WxH, e.g. 1920x1080, got {size!r}") from None
+    out = [cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in frames]
+    video = work / f"bench-{w}x{h}.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 15.0, (w, h))
+    for f in out:
+        writer.write(f)
+    writer.release()
+    return out, video
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
     import onnxruntime as ort
 
     if args.config:
@@ -222,17 +246,22 @@ def run_bench(args: argparse.Namespace) -> int:
     video = Path(args.video) if args.video else DEMO_VIDEO
     n = args.frames
     frames = load_frames(video, min(n, 300))
+    work = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    if getattr(args, "size", None):
+        frames, video = _resized(frames, args.size, work)
 
     engine = OnnxRuntimeEngine(model, cfg.engine)
     engine.load()
-    tensor, _ = build_runtime(engine, cfg.model, model).letterbox(frames[0])
+    tensor, _ = build_runtime(engine, cfg.model, model, preprocess="cpu").letterbox(frames[0])
     tensor = tensor.copy()
     info = engine.info
     imgsz = int(engine.input_spec.shape[-1])
     results: dict[str, Any] = {
-        "model": str(model), "video": str(video), "frames": n, "onnxruntime": ort.__version__,
-        "providers": info.providers, "intra_op_threads": info.extra.get("intra_op_threads"),
-        "input_shape": list(engine.input_spec.shape), "ts": round(time.time(), 3),
+        "model": str(model), "video": str(video), "frame_size": list(frames[0].shape[1::-1]), "frames": n,
+        "onnxruntime": ort.__version__, "providers": info.providers,
+        "intra_op_threads": info.extra.get("intra_op_threads"), "placement": info.extra.get("placement", {}),
+        "cuda_graph": info.extra.get("cuda_graph", False), "input_shape": list(engine.input_spec.shape),
+        "ts": round(time.time(), 3),
     }
     print(f"bench: {model.name} on {info.providers[0]}, {n} frames per run", file=sys.stderr)
     results["bare"] = bench_bare(engine, tensor, n)
@@ -243,36 +272,54 @@ def run_bench(args: argparse.Namespace) -> int:
     engine.close()
     mem_cam = CameraConfig(id="bench", source="memory:", pace=False)
     results["pipeline_memory"] = bench_pipeline(cfg, mem_cam, n, frames)
+    if results["pipeline_memory"]["preprocess"] == "gpu":  # the CPU letterbox on the same EP, side by side
+        results["pipeline_memory_cpu_pre"] = bench_pipeline(cfg, mem_cam, n, frames, preprocess="cpu")
     file_cam = CameraConfig(id="bench", source=str(video), pace=False, loop=True)
     results["pipeline_file"] = bench_pipeline(cfg, file_cam, n)
     ultra = bench_ultralytics(model, frames, n, imgsz)
     results["ultralytics"] = ultra if ultra is not None else {"error": "ultralytics not installed (bench extra)"}
     bare_fps = results["bare"]["fps"]
-    results["ratios"] = {
+    ratios = {
         "pipeline_memory_vs_bare": round(results["pipeline_memory"]["fps"] / bare_fps, 3),
         "pipeline_file_vs_bare": round(results["pipeline_file"]["fps"] / bare_fps, 3),
     }
+    io = results["bare_iobinding"]
+    if "fps" in io:
+        ratios["pipeline_memory_vs_bare_iobinding"] = round(results["pipeline_memory"]["fps"] / io["fps"], 3)
+        p99 = results["pipeline_memory"]["latency_ms"].get("p99")
+        if p99:
+            ratios["pipeline_p99_vs_bare_iobinding_p50"] = round(p99 / io["latency_ms"]["p50"], 3)
     if ultra is not None:
-        results["ratios"]["pipeline_memory_vs_ultralytics"] = round(results["pipeline_memory"]["fps"] / ultra["fps"], 3)
+        ratios["pipeline_memory_vs_ultralytics"] = round(results["pipeline_memory"]["fps"] / ultra["fps"], 3)
+    results["ratios"] = ratios
     if args.profile:
         results["profile_top10"] = profile_nodes(model, cfg.engine, tensor)
     print(format_table(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def format_table(r: dict[str, Any]) -> str:
+    pl = r.get("placement") or {}
     lines = [f"model {Path(r['model']).name}  EP {r['providers'][0]}  threads {r['intra_op_threads']}  "
-             f"input {r['input_shape']}",
-             f"{'path':<18}{'fps':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms/f':>10}"]
-    for key in ("bare", "bare_iobinding", "pipeline_memory", "pipeline_file", "ultralytics"):
-        row = r.get(key, {})
+             f"input {r['input_shape']}  frames {'x'.join(str(v) for v in r.get('frame_size', []))}  "
+             f"cuda_graph {r.get('cuda_graph', False)}",
+             f"placement: nodes {pl.get('nodes', {})}, copies between devices {pl.get('memcpy_nodes', '-')}",
+             f"{'path':<24}{'fps':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms/f':>10}"]
+    for key in ("bare", "bare_iobinding", "pipeline_memory", "pipeline_memory_cpu_pre", "pipeline_file",
+                "ultralytics"):
+        if key not in r:
+            continue
+        row = r[key]
         if "error" in row:
-            lines.append(f"{key:<18}  ({row['error']})")
+            lines.append(f"{key:<24}  ({row['error']})")
             continue
         lat = row.get("latency_ms", {})
-        lines.append(f"{key:<18}{row['fps']:>9.1f}{lat.get('p50', 0):>9.2f}{lat.get('p95', 0):>9.2f}"
+        lines.append(f"{key:<24}{row['fps']:>9.1f}{lat.get('p50', 0):>9.2f}{lat.get('p95', 0):>9.2f}"
                      f"{lat.get('p99', 0):>9.2f}{row.get('host_cpu_ms_per_frame', 0):>10.2f}")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in r["ratios"].items()))
     for row in r.get("profile_top10", []):

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=300, help="frames per measurement")
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     p.add_argument("--profile", action="store_true", help="print the ten slowest nodes (ONNX Runtime profiler)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="resize the video's frames to this size first (e.g. 1920x1080: 1080p frames)")
     p.set_defaults(func=cmd_bench)
 
     from agent.cache.cli import add_parsers as add_cache_parsers

@@ -110,7 +110,18 @@ class EngineConfig(_Strict):
         description="bind input / outputs to preallocated buffers on the EP's device; measured on an H100 it "
         "pays only once preprocessing writes the device buffer itself (a host frame copied in is slower)",
     )
-    cuda_graph: bool = Field(False, description="capture the run in a CUDA graph (fixed shapes only)")
+    cuda_graph: bool = Field(
+        False, description="capture the run in a CUDA graph (fixed shapes; ONNX Runtime needs every node on the GPU EP)"
+    )
+    preprocess: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="where letterbox / normalise and the score filter run: 'gpu' (a CUDA kernel writing the engine's "
+        "device input, candidates selected on the device), 'cpu', or 'auto' (gpu on a CUDA / TensorRT engine when the "
+        "CUDA Python bindings are installed, else cpu, said in the log)",
+    )
+    placement_report: bool = Field(
+        True, description="profile one run at load to report how many graph nodes each execution provider runs"
+    )
     workspace_mb: int = Field(1024, ge=16, le=65536, description="TensorRT builder workspace")
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimisation level")
     dla_core: int | None = Field(None, ge=0, le=1, description="Jetson DLA core (GPU fallback on)")
@@ -228,11 +239,17 @@ def format_errors(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else (
-            f" (got {value!r:.60})"
-        )
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else _shown(value)
         lines.append(f"{_error_path(tuple(err['loc']))}: {msg}{shown}")
     return lines
+
+
+def _shown(value: object) -> str:
+    try:
+        return f" (got {value!r:.60})"
+    except ValueError:  # an int past Python's 4300-digit repr limit (YAML's 0x / 0o / 0b integers have none)
+        size = f" of {value.bit_length()} bits" if isinstance(value, int) else ""
+        return f" (got an unprintable {type(value).__name__}{size})"
 
 
 def parse_config(data: object, base_dir: Path | None = None) -> AgentConfig:
@@ -269,12 +286,20 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"(file): cannot read {p}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"(file): {p} is not UTF-8 text (byte {exc.start}: {exc.reason})"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError([f"(file): YAML syntax error{where}: {getattr(exc, 'problem', exc)}"]) from None
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as exc:
+        # PyYAML's constructors raise plain Python errors for scalars that parse but cannot be built
+        # (ValueError: a date 2024-13-45, `!!int x`, an integer past Python's 4300-digit limit;
+        # KeyError: `!!bool maybe`; AttributeError: `!!timestamp x`), and its recursive composer runs
+        # out of stack on deep nesting (RecursionError): a bad file, not a crash.
+        raise ConfigError([f"(file): YAML value cannot be read: {type(exc).__name__}: {str(exc)[:160]}"]) from None
     return parse_config(data if data is not None else {}, base_dir=p.resolve().parent)
 
 

@@ -26,6 +26,7 @@ from agent.config import ModelConfig
 from agent.engines.base import Engine
 from agent.errors import AgentError
 from agent.telemetry.metrics import RateMeter, StageTimes
+from agent.vision.decoders import Candidates
 from agent.vision.labels import load_labels
 from agent.vision.postprocess import Postprocessor
 from agent.vision.preprocess import Letterboxer
@@ -48,14 +49,35 @@ class ModelRuntime:
     letterbox: Letterboxer
     post: Postprocessor
     labels: list[str]
+    frontend: Any = None  # agent.vision.gpu.GpuFrontend when preprocessing runs on the GPU
+
+    @property
+    def preprocess(self) -> str:
+        return "gpu" if self.frontend is not None else "cpu"
+
+    def warmup(self, runs: int = 3) -> None:
+        """A few inferences on a blank frame through the path frames will take (GPU kernels included)."""
+        if self.frontend is None:
+            self.engine.warmup(runs)
+            return
+        blank = np.zeros((self.letterbox.height, self.letterbox.width, 3), np.uint8)
+        for _ in range(runs):
+            self.frontend(blank)
 
     def close(self) -> None:
+        if self.frontend is not None:
+            self.frontend.close()
+            self.frontend = None
         self.engine.close()
 
 
 def build_runtime(engine: Engine, model_cfg: ModelConfig, path: Path, name: str | None = None,
-                  version: str | None = None) -> ModelRuntime:
-    """Wrap a loaded engine with its letterbox and postprocessor (labels from config or metadata)."""
+                  version: str | None = None, preprocess: str = "auto") -> ModelRuntime:
+    """Wrap a loaded engine with its letterbox and postprocessor (labels from config or metadata).
+
+    `preprocess`: "gpu" requires the GPU frontend, "auto" uses it when the engine offers device IO
+    (and says in the log when it cannot), "cpu" never does.
+    """
     engine.load()
     spec = engine.input_spec
     outputs = engine.output_specs
@@ -63,8 +85,19 @@ def build_runtime(engine: Engine, model_cfg: ModelConfig, path: Path, name: str 
     num_classes = _num_classes(outputs[0].shape) if outputs else None
     labels = load_labels(model_cfg.labels, meta, num_classes)
     post = Postprocessor.from_config(model_cfg, labels, [o.shape for o in outputs])
+    frontend = None
+    if preprocess != "cpu" and (engine.device_stream is not None or preprocess == "gpu"):
+        try:
+            from agent.vision.gpu import GpuFrontend
+
+            frontend = GpuFrontend(engine, post)
+        except AgentError as exc:
+            if preprocess == "gpu":
+                raise
+            log.warning("GPU preprocessing unavailable, using the CPU path: %s", exc)
     return ModelRuntime(name=name or model_cfg.name, version=version or model_cfg.version, path=path,
-                        engine=engine, letterbox=Letterboxer(spec.shape, spec.dtype), post=post, labels=labels)
+                        engine=engine, letterbox=Letterboxer(spec.shape, spec.dtype), post=post, labels=labels,
+                        frontend=frontend)
 
 
 def _num_classes(shape: tuple[int, ...]) -> int | None:
@@ -89,7 +122,7 @@ class SwapTicket:
 @dataclass
 class _Item:
     frame: Frame
-    outputs: list[np.ndarray]
+    outputs: list[np.ndarray] | Candidates
     letterbox: Letterbox
     runtime: ModelRuntime
     stage_ms: dict[str, float]
@@ -197,15 +230,20 @@ class Pipeline:
         rt = self.runtime
         t0 = time.perf_counter()
         try:
-            tensor, lb = rt.letterbox(frame.image)
-            t1 = time.perf_counter()
-            outputs = rt.engine.infer(tensor)
+            if rt.frontend is None:
+                tensor, lb = rt.letterbox(frame.image)
+                t1 = time.perf_counter()
+                outputs: list[np.ndarray] | Candidates = rt.engine.infer(tensor)
+            else:  # upload, letterbox, inference and candidate selection queued on one stream
+                outputs, lb = rt.frontend(frame.image)
+                t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
             self.errors += 1
             log.error("camera %s frame %d: %s", self.camera_id, frame.seq, exc)
             self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
             return
+        # on the GPU path "infer" includes the letterbox kernel: splitting it would cost a synchronisation
         stage = {"wait": (t0 - frame.mono) * 1e3 if frame.mono else 0.0,
                  "preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
         self.recent_frames.append(frame.image)

@@ -83,7 +83,7 @@ class Service:
                                    on_connect=self._on_mqtt_connect)
         path, name, version, mcfg = self._initial_model()
         runtimes = [self.load_runtime(path, name, version, mcfg) for _ in self.cfg.cameras]
-        self.engine_info = runtimes[0].engine.info.to_json()
+        self.engine_info = {**runtimes[0].engine.info.to_json(), "preprocess": runtimes[0].preprocess}
         for cam, rt in zip(self.cfg.cameras, runtimes, strict=True):
             capture = CaptureThread(cam, on_event=self.emit)
             publisher = ResultPublisher(self.mqtt, self.topics, cam.id, self.cfg.mqtt.detections_qos, echo=self.echo)
@@ -153,12 +153,13 @@ class Service:
         path = path or self.cfg.model.path
         engine = self._make_engine(path)
         try:
-            rt = build_runtime(engine, model_cfg or self.cfg.model, path, name=name, version=version)
+            rt = build_runtime(engine, model_cfg or self.cfg.model, path, name=name, version=version,
+                               preprocess=self.cfg.engine.preprocess)
         except AgentError:
             engine.close()
             raise
         t0 = time.perf_counter()
-        engine.warmup(self.cfg.engine.warmup_runs)
+        rt.warmup(self.cfg.engine.warmup_runs)
         log.info("model %s %s loaded (%s, warm-up %.0f ms)", rt.name, rt.version,
                  ",".join(engine.info.providers), (time.perf_counter() - t0) * 1e3)
         return rt
@@ -204,7 +205,7 @@ class Service:
     def on_model_activated(self, rt: ModelRuntime) -> None:
         """After a swap: status, labels for the count topics, protected cache entries."""
         old_key = str(self.engine_info.get("engine_key", ""))
-        self.engine_info = rt.engine.info.to_json()
+        self.engine_info = {**rt.engine.info.to_json(), "preprocess": rt.preprocess}
         for pub in self.publishers:
             pub.labels = rt.labels
         self._publish_status()

@@ -40,7 +40,7 @@ class FileLock:
         if self._fd is not None:
             raise CacheError(f"lock {self.path} is already held by this object")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise CacheError(f"cannot open lock file {self.path}: {exc.strerror or exc}") from exc
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB

@@ -21,11 +21,13 @@ entry (temp files, or an engine without meta, both cleaned or quarantined later)
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -63,7 +65,8 @@ def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write `data` to `path` atomically: temp file in the same directory, fsync, rename, fsync dir."""
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as fh:
+        # 0600 whatever the umask: the cache holds the device's engines (owner-only, like the model store)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -124,6 +127,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "unknown"
 
 
+# Below this much space left for us, a failed write into the cache is blamed on a full disk.
+# ONNX Runtime reports a failed write of its optimised model as "Protobuf serialization failed",
+# without an errno, so the file system is asked instead (before the partial file is removed).
+FULL_BELOW_BYTES = 1 << 20
+
+
+def _no_space(exc: BaseException, where: Path) -> bool:
+    """Whether `exc` (raised while writing into `where`) means the disk or quota is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
+class _CacheFull(Exception):
+    """The cache's file system ran out of space while an entry was written (handled in get_or_build)."""
+
+
 class EngineCache:
     """Engine cache under `root`, capped at `max_bytes` (LRU eviction, protected keys kept).
 
@@ -175,7 +199,7 @@ class EngineCache:
         probe = self.root / f".write-test{_TMP_MARK}{os.getpid()}"
         try:
             for d in (self.root, self.quarantine_dir, self.locks_dir):
-                d.mkdir(parents=True, exist_ok=True)
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(probe, b"ok")
             probe.unlink()
         except OSError as exc:
@@ -327,9 +351,34 @@ class EngineCache:
                 self._quarantine(key, reason or "invalid entry")
             else:
                 self._clean_tmp(d)
-            obj, entry = self._build(key, full, build, load)
+            try:
+                obj, entry = self._build(key, full, build, load)
+            except _CacheFull as exc:
+                # A full disk must not stop the agent from serving (it would crash-loop at every
+                # start): run on an engine built outside the cache, and say what that costs.
+                self._remove_dir(d)
+                return self._build_uncached(key, full, build, load, str(exc))
         self.evict(exclude={key})
         return obj, entry
+
+    def _build_uncached(self, key: str, fields: dict[str, str], build: Callable[[Path], object],
+                        load: Callable[[Path], T], why: str) -> tuple[T, Entry]:
+        """Build into a private temp dir, load, remove the file: an engine that is not cached."""
+        tmpdir = Path(tempfile.mkdtemp(prefix="edge-agent-uncached-"))
+        try:
+            path = tmpdir / ENGINE_FILE
+            build(path)
+            obj = load(path)  # both backends read the whole file at load: it can go afterwards
+        except Exception as exc:
+            raise CacheError(f"engine cache {self.root} is full ({why}), and the engine could not be built outside "
+                             f"it either: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        log.error("engine cache %s is full (%s): engine %s runs uncached and is rebuilt at every start until "
+                  "space is freed", self.root, why, key[:12])
+        self._emit("engine_cache_full", key=key, dir=str(self.root), error=why)
+        meta = {"format": CACHE_FORMAT_VERSION, "key": key, "fields": fields, "uncached": True}
+        return obj, Entry(key, tmpdir, meta, built=True)
 
     def _clean_tmp(self, d: Path) -> None:
         with contextlib.suppress(OSError):
@@ -341,7 +390,7 @@ class EngineCache:
     def _build(self, key: str, fields: dict[str, str], build: Callable[[Path], object],
                load: Callable[[Path], T]) -> tuple[T, Entry]:
         d = self.entry_dir(key)
-        d.mkdir(exist_ok=True)
+        d.mkdir(exist_ok=True, mode=0o700)
         fsync_dir(self.root)
         tmp = _tmp_name(d / ENGINE_FILE)
         self._emit("engine_build_started", key=key, backend=fields.get("backend", ""))
@@ -350,22 +399,31 @@ class EngineCache:
             build(tmp)
             if not tmp.is_file():
                 raise CacheError(f"the engine build for key {key[:12]} wrote no file")
+            os.chmod(tmp, 0o600)  # the runtime wrote it with the process umask
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             digest, size = file_sha256(tmp), tmp.stat().st_size
             os.replace(tmp, d / ENGINE_FILE)
             fsync_dir(d)
         except BaseException as exc:
+            full = isinstance(exc, Exception) and _no_space(exc, d)  # asked before the partial file goes
             with contextlib.suppress(OSError):
                 tmp.unlink()
             self._emit("engine_build_failed", key=key, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            if full:
+                raise _CacheFull(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
             raise
         build_s = time.monotonic() - t0
         now = time.time()
         meta: dict[str, Any] = {"format": CACHE_FORMAT_VERSION, "key": key, "fields": fields,
                                 "engine_sha256": digest, "size": size, "built_at": now,
                                 "build_s": round(build_s, 3), "last_use": now}
-        write_atomic(d / META_FILE, json.dumps(meta, indent=1).encode())
+        try:
+            write_atomic(d / META_FILE, json.dumps(meta, indent=1).encode())
+        except OSError as exc:
+            if _no_space(exc, d):
+                raise _CacheFull(f"writing the metadata: {exc.strerror or exc}") from exc
+            raise
         self._emit("engine_built", key=key, size=size, build_s=round(build_s, 3),
                    backend=fields.get("backend", ""))
         try:
@@ -379,10 +437,10 @@ class EngineCache:
         src = self.entry_dir(key)
         dst = self.quarantine_dir / f"{key}.{int(time.time())}.{os.getpid()}.{_slug(reason)}"
         try:
-            self.quarantine_dir.mkdir(exist_ok=True)
+            self.quarantine_dir.mkdir(exist_ok=True, mode=0o700)
             os.replace(src, dst)
             fsync_dir(self.root)
-            (dst / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+            write_atomic(dst / "reason.txt", (reason + "\n").encode(), sync_dir=False)
         except OSError as exc:  # could not move it: remove it, a bad engine must not stay valid
             log.warning("cannot quarantine engine %s (%s); removing it", key[:12], exc)
             self._remove_dir(src)

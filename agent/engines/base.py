@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,24 @@ class Engine(abc.ABC):
         if tensor.dtype != spec.dtype:
             raise EngineError(f"input dtype {tensor.dtype} does not match the model's {spec.dtype}")
         return self._infer_impl(tensor)
+
+    # ---- device-resident IO (GPU backends) -----------------------------------------------
+    @property
+    def device_stream(self) -> Any | None:
+        """The CUDA stream (agent.engines.cuda.Stream) the engine runs on, when device IO is possible.
+
+        Work queued on it before run_device() is ordered before the inference, so a preprocessing
+        kernel can write the bound input without a host synchronisation.
+        """
+        return None
+
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
+        """Run on caller-owned device buffers from now on (input first, outputs in output_specs order)."""
+        raise EngineError(f"{type(self).__name__} has no device IO")
+
+    def run_device(self) -> None:
+        """One inference on the bound device buffers; queued on device_stream (the caller synchronises)."""
+        raise EngineError(f"{type(self).__name__} has no device IO")
 
     def warmup(self, runs: int = 3) -> None:
         """Run a few inferences on a zero input so that the first real frame is not slow."""

@@ -26,12 +26,16 @@ from agent.errors import EngineError
 __all__ = [
     "DeviceBuffer",
     "Event",
+    "Kernel",
     "PinnedBuffer",
     "Stream",
     "copy_dtoh_async",
     "copy_htod_async",
     "cuda_runtime",
     "device_count",
+    "memcpy_async",
+    "memset_async",
+    "use_device",
 ]
 
 _RT: Any = None
@@ -239,3 +243,98 @@ def copy_dtoh_async(dst: PinnedBuffer | np.ndarray, src: DeviceBuffer, stream: S
     ptr = _host_ptr(dst, src.nbytes, "copy_dtoh_async")
     check(rt.cudaMemcpyAsync(ptr, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw),
           "cudaMemcpyAsync(DtoH)")
+
+
+def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> None:
+    """Raw-pointer copy of `nbytes` on `stream`; kind is "htod", "dtoh" or "dtod"."""
+    rt = cuda_runtime()
+    k = {"htod": rt.cudaMemcpyKind.cudaMemcpyHostToDevice, "dtoh": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+         "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice}[kind]
+    check(rt.cudaMemcpyAsync(dst, src, nbytes, k, stream.raw), f"cudaMemcpyAsync({kind}, {nbytes})")
+
+
+def memset_async(dst: DeviceBuffer, value: int, stream: Stream) -> None:
+    dst._alive()
+    check(cuda_runtime().cudaMemsetAsync(dst.ptr, value, dst.nbytes, stream.raw), "cudaMemsetAsync")
+
+
+def use_device(device: int = 0) -> None:
+    """Make `device`'s primary context current on the calling thread (driver-API launches need one)."""
+    rt = cuda_runtime()
+    check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+    check(rt.cudaFree(0), "cudaFree(0)")  # forces the context to exist on this thread
+
+
+def _import_first(*names: str) -> Any:
+    last: Exception | None = None
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            last = exc
+    raise EngineError(f"CUDA Python bindings lack {names[0]}: `pip install cuda-python` ({last})")
+
+
+def _check_nvrtc(nvrtc: Any, result: Any, what: str, prog: Any = None) -> Any:
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        detail = ""
+        if prog is not None:
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            buf = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+            detail = ": " + buf.decode(errors="replace").strip()[:2000]
+        raise EngineError(f"{what}: {err}{detail}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def _check_driver(drv: Any, result: Any, what: str) -> Any:
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise EngineError(f"{what}: {err}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class Kernel(_Owned):
+    """CUDA C source compiled at run time by NVRTC for this GPU (a cubin, so the driver does no JIT).
+
+    `launch(name, grid, block, stream, args)` takes numpy scalars (np.int32(3), np.uint64(ptr), ...)
+    whose dtype is the kernel parameter's type. Launching needs the device's context current on the
+    calling thread: call `use_device()` once per thread first.
+    """
+
+    def __init__(self, source: str, names: list[str], device: int = 0) -> None:
+        rt = cuda_runtime()
+        nvrtc = _import_first("cuda.bindings.nvrtc", "cuda.nvrtc")
+        self._drv = _import_first("cuda.bindings.driver", "cuda.cuda")
+        use_device(device)
+        major = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device),
+                      "cudaDeviceGetAttribute")
+        minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device),
+                      "cudaDeviceGetAttribute")
+        self.arch = f"sm_{major}{minor}"
+        prog = _check_nvrtc(nvrtc, nvrtc.nvrtcCreateProgram(source.encode(), b"agent.cu", 0, [], []),
+                            "nvrtcCreateProgram")
+        try:
+            opts = [f"--gpu-architecture={self.arch}".encode(), b"--std=c++14"]
+            _check_nvrtc(nvrtc, nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "nvrtcCompileProgram", prog)
+            size = _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            cubin = b" " * size
+            _check_nvrtc(nvrtc, nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        self._module = _check_driver(self._drv, self._drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self._functions = {n: _check_driver(self._drv, self._drv.cuModuleGetFunction(self._module, n.encode()),
+                                            f"cuModuleGetFunction({n})") for n in names}
+
+    def launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], stream: Stream,
+               args: list[np.generic]) -> None:
+        self._alive()
+        holders = [np.array([a]) for a in args]  # kernelParams: an array of pointers to each value
+        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
+        _check_driver(self._drv, self._drv.cuLaunchKernel(self._functions[name], *grid, *block, 0, stream.raw,
+                                                          params.ctypes.data, 0), f"cuLaunchKernel({name})")
+
+    def _free_impl(self) -> None:
+        self._functions = {}
+        _check_driver(self._drv, self._drv.cuModuleUnload(self._module), "cuModuleUnload")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +26,7 @@ _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(int64)": np.dtype(np.int64),
     "tensor(int32)": np.dtype(np.int32),
 }
+_GPU_EPS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
 
@@ -91,6 +93,10 @@ class OnnxRuntimeEngine(Engine):
         self._binding_device = ""
         self._bound_in: Any = None
         self._bound_out: list[Any] = []
+        self._stream: Any = None  # agent.engines.cuda.Stream shared with GPU preprocessing, when there is one
+        self._device_binding: Any = None
+        self._run_options: Any = None
+        self.placement: dict[str, Any] = {}
 
     def _session_options(self) -> Any:
         import onnxruntime as ort
@@ -107,7 +113,35 @@ class OnnxRuntimeEngine(Engine):
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         return so
 
+    def _gpu_provider_options(self, name: str, options: dict[str, str]) -> dict[str, str]:
+        """Options the agent adds to a GPU EP: a shared stream for device IO, CUDA graphs from config."""
+        opts = dict(options)
+        if self.cfg.cuda_graph:
+            opts.setdefault("enable_cuda_graph" if name == "CUDAExecutionProvider" else "trt_cuda_graph_enable", "1")
+        if self.cfg.preprocess != "cpu" and "user_compute_stream" not in opts:
+            from agent.engines import cuda
+
+            try:
+                self._stream = cuda.Stream()
+            except EngineError as exc:
+                if self.cfg.preprocess == "gpu":
+                    raise EngineError(f"engine.preprocess is 'gpu' but no CUDA stream can be made: {exc}") from exc
+                log.warning("GPU preprocessing unavailable (%s); preprocessing on the CPU", exc)
+            else:
+                # one stream for upload, preprocessing kernel, inference and candidate selection:
+                # ordered on the device, no host synchronisation between them
+                opts["user_compute_stream"] = str(self._stream.handle)
+                opts["has_user_compute_stream"] = "1"
+        return opts
+
     def _load_impl(self) -> None:
+        try:
+            self._load_session()
+        except BaseException:
+            self._close_impl()  # the shared CUDA stream, when one was made
+            raise
+
+    def _load_session(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -125,6 +159,8 @@ class OnnxRuntimeEngine(Engine):
         missing = [p for p in wanted if p not in available]
         providers = [(p.name, {k: str(v) for k, v in p.options.items()}) for p in self.cfg.providers
                      if p.name in available]
+        if providers and providers[0][0] in _GPU_EPS:
+            providers[0] = (providers[0][0], self._gpu_provider_options(*providers[0]))
         if missing:
             log.warning("execution providers %s are not available in this onnxruntime (available: %s)",
                         missing, available)
@@ -136,9 +172,16 @@ class OnnxRuntimeEngine(Engine):
             providers = [p for p in providers if p[0] != "CPUExecutionProvider"]
         if not providers:
             raise EngineError(f"none of the execution providers {wanted} is available; available: {available}")
+        so = self._session_options()
+        profile_dir = None
+        if self.cfg.placement_report:
+            import tempfile
+
+            profile_dir = tempfile.mkdtemp(prefix="edge-agent-placement-")
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(profile_dir) / "placement")
         try:
-            self._session = ort.InferenceSession(str(self.model_path), sess_options=self._session_options(),
-                                                 providers=providers)
+            self._session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own Fail / InvalidGraph / RuntimeError types
             raise ModelError(f"cannot load {self.model_path.name}: {str(exc).strip()[:500]}") from exc
         got = list(self._session.get_providers())
@@ -158,6 +201,8 @@ class OnnxRuntimeEngine(Engine):
                          for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        if profile_dir is not None:
+            self.placement = self._report_placement(profile_dir, got)
         self._binding = None
         if self.cfg.io_binding:
             self._bind(ort, got[0])
@@ -165,7 +210,77 @@ class OnnxRuntimeEngine(Engine):
                                 device="cpu" if got[0] == "CPUExecutionProvider" else "cuda",
                                 extra={"onnxruntime": ort.__version__,
                                        "intra_op_threads": self._session.get_session_options().intra_op_num_threads,
-                                       "io_binding": self._binding_device or "off"})
+                                       "io_binding": self._binding_device or "off",
+                                       "cuda_graph": bool(self.cfg.cuda_graph and got[0] in _GPU_EPS),
+                                       "placement": self.placement})
+
+    def _report_placement(self, profile_dir: str, providers: list[str]) -> dict[str, Any]:
+        """Nodes per execution provider, from the profiler's trace of one run on a zero input.
+
+        A GPU EP that leaves nodes to the CPU EP gets Memcpy nodes at every boundary: data crosses
+        the bus inside each inference (the subgraph trap). Said in the log and in telemetry.
+        """
+        import shutil
+
+        assert self._input is not None
+        try:
+            self._session.run(None, {self._input.name: np.zeros(self._input.shape, self._input.dtype)})
+            trace = json.loads(Path(self._session.end_profiling()).read_text())
+        except Exception as exc:  # a report, never a reason to refuse the model
+            log.warning("placement report unavailable: %s", str(exc)[:200])
+            return {}
+        finally:
+            shutil.rmtree(profile_dir, ignore_errors=True)
+        nodes: dict[str, str] = {}
+        for ev in trace:
+            args = ev.get("args") or {}
+            name = str(ev.get("name", ""))
+            if ev.get("cat") == "Node" and name.endswith("_kernel_time") and args.get("provider"):
+                nodes[name[: -len("_kernel_time")]] = str(args["provider"])
+        per_ep: dict[str, int] = {}
+        for ep in nodes.values():
+            per_ep[ep] = per_ep.get(ep, 0) + 1
+        memcpy = sum(1 for n in nodes if n.startswith("Memcpy"))
+        report = {"nodes": per_ep, "memcpy_nodes": memcpy}
+        main = providers[0]
+        off = {ep: n for ep, n in per_ep.items() if ep != main}
+        if main in _GPU_EPS and (off or memcpy):
+            log.warning("graph placement: %s runs %d nodes, others %s, %d copies between devices per run "
+                        "(each is a host round trip)", main, per_ep.get(main, 0), off, memcpy)
+        else:
+            log.info("graph placement: %s", per_ep)
+        return report
+
+    # ---- device IO (GPU preprocessing writes the input, candidates are read from the outputs) ----
+    @property
+    def device_stream(self) -> Any | None:
+        return self._stream
+
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
+        self._require_loaded()
+        assert self._input is not None
+        if self._stream is None:
+            raise EngineError("device IO needs a GPU execution provider and the CUDA Python bindings")
+        if len(output_ptrs) != len(self._outputs):
+            raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
+        import onnxruntime as ort
+
+        binding = self._session.io_binding()
+        binding.bind_input(self._input.name, "cuda", 0, self._input.dtype.type, list(self._input.shape), input_ptr)
+        for spec, ptr in zip(self._outputs, output_ptrs, strict=True):
+            binding.bind_output(spec.name, "cuda", 0, spec.dtype.type, list(spec.shape), ptr)
+        ro = ort.RunOptions()
+        # the caller synchronises the shared stream once, after its own kernels and copies
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._device_binding, self._run_options = binding, ro
+
+    def run_device(self) -> None:
+        if self._device_binding is None:
+            raise EngineError("bind_device() first")
+        try:
+            self._session.run_with_iobinding(self._device_binding, self._run_options)
+        except Exception as exc:
+            raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
 
     def _bind(self, ort: Any, provider: str) -> None:
         """Input and outputs in preallocated buffers on the provider's device, bound once.
@@ -230,4 +345,12 @@ class OnnxRuntimeEngine(Engine):
 
     def _close_impl(self) -> None:
         self._binding, self._bound_in, self._bound_out = None, None, []
+        self._device_binding = self._run_options = None
         self._session = None
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+                self._stream.free()
+            except EngineError as exc:
+                log.warning("closing the engine's CUDA stream: %s", exc)
+            self._stream = None

@@ -416,6 +416,8 @@ class TensorRTEngine(Engine):
         from agent.engines import cuda
 
         assert self._stream is not None
+        if getattr(self, "_device_bound", False):
+            raise EngineError("the engine runs on caller-bound device buffers (bind_device); use run_device()")
         inp = self._inputs[0]
         np.copyto(self._host[inp.name].array, tensor)
         cuda.copy_htod_async(self._device[inp.name], self._host[inp.name], self._stream)
@@ -426,6 +428,27 @@ class TensorRTEngine(Engine):
         self._stream.synchronize()
         outs = [self._host[s.name].array for s in self._outputs]
         return [o.copy() for o in outs] if self.copy_outputs else outs
+
+    # ---- device IO: GPU preprocessing writes the input, the outputs stay on the device ----------
+    @property
+    def device_stream(self) -> Any | None:
+        return self._stream
+
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
+        self._require_loaded()
+        if len(output_ptrs) != len(self._outputs):
+            raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
+        for spec, ptr in zip([self._inputs[0], *self._outputs], [input_ptr, *output_ptrs], strict=True):
+            if not self._context.set_tensor_address(spec.name, ptr):
+                raise EngineError(f"set_tensor_address({spec.name!r}) failed")
+        self._device_bound = True
+
+    def run_device(self) -> None:
+        assert self._stream is not None
+        if not getattr(self, "_device_bound", False):
+            raise EngineError("bind_device() first")
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise EngineError("TensorRT execute_async_v3 failed")
 
     def _close_impl(self) -> None:
         """Free what this object allocated, in reverse order; the engine and runtime are owned too."""

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -115,6 +116,13 @@ LABEL_RE = r"^[^\x00-\x1f\x7f]{1,128}$"
 def _no_dotdot(v: str) -> str:
     if ".." in v:
         raise ValueError("'..' is not allowed in a name")
+    return v
+
+
+def _not_bool(v: object) -> object:
+    # Literal[1] alone accepts `true` (True == 1 in Python), even in strict mode
+    if isinstance(v, bool):
+        raise ValueError("must be the integer 1, not a boolean")
     return v
 
 
@@ -174,7 +182,7 @@ class Targets(_Strict):
 class Manifest(_Strict):
     """A parsed manifest. Built only by `verify_manifest` (or `Manifest.parse_unverified` in tools)."""
 
-    schema_: Literal[1] = Field(alias="schema")
+    schema_: Annotated[Literal[1], BeforeValidator(_not_bool)] = Field(alias="schema")
     id: Annotated[str, Field(pattern=ID_RE)]
     model: ModelSpec
     source: Source
@@ -369,7 +377,9 @@ def generate_keypair(directory: Path | str, key_id: str) -> KeyPair:
     _write_private(priv_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption()))
     pub = key.public_key()
-    pub_path.write_bytes(pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    # owner-only like everything the tools write (its base64 form is printed for the devices' config)
+    _write_private(pub_path, pub.public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo))
     return KeyPair(key_id, priv_path, pub_path, public_key_b64(pub))
 
 

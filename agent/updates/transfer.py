@@ -280,7 +280,7 @@ class ChunkAssembler:
                     self._bits = bytearray(bits)
                     self._count = sum(bin(b).count("1") for b in self._bits)
                     resumed = True
-            except (OSError, ValueError, AttributeError, TypeError):
+            except (OSError, ValueError, AttributeError, TypeError, RecursionError):  # deep nesting in a damaged file
                 resumed = False
         flags = os.O_RDWR | os.O_CREAT | (0 if resumed else os.O_TRUNC)
         self._fd = os.open(self.part_path, flags, 0o600)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.errors import ModelError
-from agent.vision.decoders import LAYOUTS, decode, detect_layout, layout_num_classes
+from agent.vision.decoders import LAYOUTS, Candidates, decode, detect_layout, layout_num_classes
 from agent.vision.labels import fallback_labels
 from agent.vision.nms import nms
 from agent.vision.preprocess import scale_boxes_to_source
@@ -130,13 +130,23 @@ class Postprocessor:
     def label_of(self, class_id: int) -> str:
         return self.labels[class_id] if 0 <= class_id < len(self.labels) else f"class_{class_id}"
 
-    def __call__(self, outputs: list[np.ndarray], lb: Letterbox) -> list[Detection]:
+    @property
+    def thresholds(self) -> _Thresholds:
+        """The current threshold set (one immutable object; a live reload replaces it)."""
+        return self._state
+
+    def decode(self, outputs: list[np.ndarray]) -> Candidates:
+        """Raw outputs -> scored candidates in model-input pixels (the step GPU decoding replaces)."""
         if not outputs:
             raise ModelError("no model outputs to decode")
         st = self._state
-        cand = decode(self.layout, outputs[0], st.per_class, st.score)
+        return decode(self.layout, outputs[0], st.per_class, st.score)
+
+    def finish(self, cand: Candidates, lb: Letterbox) -> list[Detection]:
+        """Candidates -> NMS (not for end2end) -> detections in source pixels, highest score first."""
         if len(cand) == 0:
             return []
+        st = self._state
         if self.layout == "end2end":
             keep = np.argsort(-cand.scores, kind="stable")[: st.max_det]
         else:
@@ -148,3 +158,8 @@ class Postprocessor:
             Detection(class_id=c, label=self.label_of(c), score=s, box=(b[0], b[1], b[2], b[3]))
             for c, s, b in zip(class_ids, scores, boxes, strict=True)
         ]
+
+    def __call__(self, outputs: list[np.ndarray] | Candidates, lb: Letterbox) -> list[Detection]:
+        """Raw outputs (or candidates already selected on the device) -> detections."""
+        cand = outputs if isinstance(outputs, Candidates) else self.decode(outputs)
+        return self.finish(cand, lb)

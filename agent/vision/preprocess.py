@@ -28,7 +28,7 @@ import numpy as np
 from agent.errors import ModelError, SourceError
 from agent.vision.types import Letterbox
 
-__all__ = ["Letterboxer", "letterbox_geometry", "scale_boxes_to_source"]
+__all__ = ["Letterboxer", "letterbox_geometry", "linear_taps", "scale_boxes_to_source"]
 
 _MAX_SOURCE_SIZES = 4  # distinct source sizes whose scratch buffers are kept (LRU)
 
@@ -40,6 +40,27 @@ def letterbox_geometry(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[
     dw, dh = (dst_w - new_w) / 2, (dst_h - new_h) / 2
     left, top = round(dw - 0.1), round(dh - 0.1)
     return new_w, new_h, left, top, r
+
+
+def linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR taps for uint8 along one axis: (first, second source index, their weights).
+
+    Weights are fixed point (2048 = 1.0) computed as cv2.resize does (pixel-centre mapping in
+    double, fraction in float, edge clamping, rounded to short), so a kernel combining them with
+    cv2's integer arithmetic (see gpu.py) reproduces cv2's downscaled pixels exactly.
+    """
+    d = np.arange(dst, dtype=np.float64)
+    f = ((d + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int32)
+    f = (f - i0.astype(np.float32)).astype(np.float32)
+    low, high = i0 < 0, i0 >= src - 1
+    f[low] = 0.0
+    i0[low] = 0
+    f[high] = 0.0
+    i0[high] = src - 1
+    w0 = np.rint((np.float32(1.0) - f) * np.float32(2048.0)).astype(np.int32)
+    w1 = np.rint(f * np.float32(2048.0)).astype(np.int32)
+    return i0, np.minimum(i0 + 1, src - 1).astype(np.int32), w0, w1
 
 
 @dataclass(slots=True)

@@ -1,0 +1,281 @@
+"""Frame -> candidates on the GPU: one upload, letterbox in a kernel, inference, score filter on the device.
+
+Per frame, on the engine's own CUDA stream and with one host synchronisation at the end:
+  1. the BGR uint8 frame is copied into a pinned host buffer and uploaded asynchronously;
+  2. a kernel letterboxes it (OpenCV INTER_LINEAR taps and integer arithmetic, so downscaled pixels
+     equal cv2.resize's), converts BGR -> RGB and HWC -> CHW and normalises through the same
+     256-entry table as the CPU path, straight into the engine's bound input buffer;
+  3. the engine runs on its bound device buffers (nothing crosses the bus);
+  4. for YOLOv8-layout outputs a kernel keeps the anchors whose best class passes its threshold
+     (the CPU decoder's rule, per-class thresholds included) and packs them; only their count and
+     those rows come back to the host. Other layouts copy their (small) outputs back whole.
+NMS runs on the host on those few candidates, in the post thread, exactly as on the CPU path.
+
+Kernels are compiled by NVRTC at start (agent.engines.cuda.Kernel), not shipped as binaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from agent.engines import cuda
+from agent.engines.base import Engine
+from agent.errors import EngineError, SourceError
+from agent.vision.decoders import Candidates
+from agent.vision.postprocess import Postprocessor
+from agent.vision.preprocess import letterbox_geometry, linear_taps
+from agent.vision.types import Letterbox
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GpuFrontend"]
+
+_SOURCE = r"""
+typedef unsigned char u8;
+typedef unsigned short u16;
+
+// One thread per output pixel. taps: x0, x1, wx0, wx1 per output column inside the letterbox
+// region (int4), then y0, y1, wy0, wy1 per row. Arithmetic is cv2's fixed-point INTER_LINEAR
+// for uint8 (HResizeLinear + VResizeLinear with FixedPtCast): identical results when downscaling.
+#define LETTERBOX(NAME, T)                                                                            \
+extern "C" __global__ void NAME(const u8* __restrict__ src, int src_pitch, const int4* __restrict__ xt,   \
+        const int4* __restrict__ yt, int new_w, int new_h, int left, int top, int out_w, int out_h,      \
+        int pad, const T* __restrict__ lut, T* __restrict__ dst) {                                      \
+    int x = blockIdx.x * blockDim.x + threadIdx.x;                                                    \
+    int y = blockIdx.y * blockDim.y + threadIdx.y;                                                    \
+    if (x >= out_w || y >= out_h) return;                                                             \
+    int plane = out_w * out_h, o = y * out_w + x, dx = x - left, dy = y - top;                        \
+    if (dx < 0 || dx >= new_w || dy < 0 || dy >= new_h) {                                             \
+        T v = lut[pad];                                                                               \
+        dst[o] = v; dst[plane + o] = v; dst[2 * plane + o] = v;                                       \
+        return;                                                                                       \
+    }                                                                                                 \
+    int4 tx = xt[dx], ty = yt[dy];                                                                    \
+    const u8* r0 = src + (long)ty.x * src_pitch;                                                      \
+    const u8* r1 = src + (long)ty.y * src_pitch;                                                      \
+    for (int c = 0; c < 3; ++c) {                                                                     \
+        int h0 = r0[tx.x * 3 + c] * tx.z + r0[tx.y * 3 + c] * tx.w;                                   \
+        int h1 = r1[tx.x * 3 + c] * tx.z + r1[tx.y * 3 + c] * tx.w;                                   \
+        int v = (((ty.z * (h0 >> 4)) >> 16) + ((ty.w * (h1 >> 4)) >> 16) + 2) >> 2;                  \
+        dst[(2 - c) * plane + o] = lut[v];  /* BGR in, RGB planes out */                              \
+    }                                                                                                 \
+}
+LETTERBOX(letterbox_f32, float)
+LETTERBOX(letterbox_u16, u16)
+LETTERBOX(letterbox_u8, u8)
+
+__device__ __forceinline__ float load_f32(const float* p, int i) { return p[i]; }
+__device__ __forceinline__ float load_f16(const u16* p, int i) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i])); return f;
+}
+
+// One thread per anchor of a [1, 4+nc, n] output: best class (first on ties, like numpy argmax),
+// kept when best >= floor and best >= its class threshold; kept rows are packed as
+// x1, y1, x2, y2, score, class, anchor (anchor lets the host restore the CPU decoder's order).
+#define CANDIDATES(NAME, T, LOAD)                                                                     \
+extern "C" __global__ void NAME(const T* __restrict__ out, int nc, int n, const float* __restrict__ thr, \
+        int nthr, float beyond, float floor_, float* __restrict__ rows, int* __restrict__ count, int cap) { \
+    int j = blockIdx.x * blockDim.x + threadIdx.x;                                                    \
+    if (j >= n) return;                                                                               \
+    float best = LOAD(out, 4 * n + j); int cls = 0;                                                   \
+    for (int c = 1; c < nc; ++c) { float v = LOAD(out, (4 + c) * n + j); if (v > best) { best = v; cls = c; } } \
+    if (!(best >= floor_)) return;                                                                    \
+    float t = cls < nthr ? thr[cls] : beyond;                                                         \
+    if (!(best >= t)) return;                                                                         \
+    int k = atomicAdd(count, 1);                                                                      \
+    if (k >= cap) return;                                                                             \
+    float cx = LOAD(out, j), cy = LOAD(out, n + j), hw = LOAD(out, 2 * n + j) * 0.5f;                 \
+    float hh = LOAD(out, 3 * n + j) * 0.5f;                                                           \
+    float* r = rows + 7 * k;                                                                          \
+    r[0] = cx - hw; r[1] = cy - hh; r[2] = cx + hw; r[3] = cy + hh;                                   \
+    r[4] = best; r[5] = (float)cls; r[6] = (float)j;                                                  \
+}
+CANDIDATES(candidates_f32, float, load_f32)
+CANDIDATES(candidates_f16, u16, load_f16)
+"""
+
+_KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "candidates_f32", "candidates_f16"]
+_FAST_ROWS = 512  # candidate rows read back with the count; more need a second (rare) copy
+_TINY = float(np.finfo(np.float32).tiny)
+_O = TypeVar("_O", bound=cuda._Owned)
+
+
+@dataclass
+class _SourceSize:
+    """Buffers for one source frame size: pinned staging, the device frame, the resize taps."""
+
+    pinned: cuda.PinnedBuffer
+    frame: cuda.DeviceBuffer
+    xtaps: cuda.DeviceBuffer
+    ytaps: cuda.DeviceBuffer
+    new_w: int
+    new_h: int
+    left: int
+    top: int
+    lb: Letterbox
+
+    def free(self) -> None:
+        for b in (self.pinned, self.frame, self.xtaps, self.ytaps):
+            b.free()
+
+
+def _upload(host: np.ndarray, stream: cuda.Stream) -> cuda.DeviceBuffer:
+    buf = cuda.DeviceBuffer(host.nbytes)
+    cuda.copy_htod_async(buf, np.ascontiguousarray(host), stream)
+    stream.synchronize()  # `host` may be a temporary
+    return buf
+
+
+class GpuFrontend:
+    """Callable: BGR uint8 frame -> (candidates, or the raw outputs for non-YOLOv8 layouts; Letterbox).
+
+    Owns the engine's device input / output buffers and binds them once. Not thread-safe: one per
+    inference thread (the thread that calls it gets the device's context made current).
+    """
+
+    def __init__(self, engine: Engine, post: Postprocessor, pad_value: int = 114, device: int = 0) -> None:
+        stream = engine.device_stream
+        if stream is None:
+            raise EngineError(f"{type(engine).__name__} has no CUDA stream for device IO")
+        self.engine, self.post, self.stream, self.device = engine, post, stream, device
+        spec = engine.input_spec
+        if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[1] != 3:
+            raise EngineError(f"GPU preprocessing needs an NCHW (1, 3, H, W) input, got {spec.shape}")
+        self.height, self.width = int(spec.shape[2]), int(spec.shape[3])
+        self.pad_value = int(pad_value)
+        self._owned: list[cuda._Owned] = []
+        self._sizes: dict[tuple[int, int], _SourceSize] = {}
+        self._thread: int | None = None
+        try:
+            self.kernels = self._own(cuda.Kernel(_SOURCE, _KERNELS, device))
+            levels = np.arange(256, dtype=np.float32) / np.float32(255.0)  # the CPU path's table
+            if spec.dtype == np.dtype(np.float32):
+                lut, self._letterbox = levels, "letterbox_f32"
+            elif spec.dtype == np.dtype(np.float16):
+                lut, self._letterbox = levels.astype(np.float16).view(np.uint16), "letterbox_u16"
+            elif spec.dtype == np.dtype(np.uint8):
+                lut, self._letterbox = np.arange(256, dtype=np.uint8), "letterbox_u8"
+            else:
+                raise EngineError(f"GPU preprocessing does not support input dtype {spec.dtype}")
+            self._lut = self._own(_upload(lut, stream))
+            self.input = self._own(cuda.DeviceBuffer(int(np.prod(spec.shape)) * spec.dtype.itemsize))
+            self.outputs = [self._own(cuda.DeviceBuffer(int(np.prod(o.shape)) * o.dtype.itemsize))
+                            for o in engine.output_specs]
+            engine.bind_device(self.input.ptr, [o.ptr for o in self.outputs])
+            self._setup_decode()
+        except BaseException:
+            self.close()
+            raise
+        log.info("GPU preprocessing on (%s, %s input, %s)", self.kernels.arch, spec.dtype,
+                 "candidates selected on the device" if self.on_device_decode else "outputs copied back whole")
+
+    def _own(self, obj: _O) -> _O:
+        self._owned.append(obj)
+        return obj
+
+    def _setup_decode(self) -> None:
+        out = self.engine.output_specs[0]
+        self.on_device_decode = (self.post.layout == "yolov8" and len(out.shape) == 3 and out.shape[0] == 1
+                                 and out.dtype in (np.dtype(np.float32), np.dtype(np.float16)))
+        if self.on_device_decode:
+            self._nc, self._n = int(out.shape[1]) - 4, int(out.shape[2])
+            self._candidates = "candidates_f32" if out.dtype == np.dtype(np.float32) else "candidates_f16"
+            self._rows = self._own(cuda.DeviceBuffer(self._n * 7 * 4))
+            self._count = self._own(cuda.DeviceBuffer(4))
+            self._host_rows = self._own(cuda.PinnedBuffer((self._n, 7), np.float32))
+            self._host_count = self._own(cuda.PinnedBuffer((1,), np.int32))
+            self._thr_state: object = None
+            self._thr: cuda.DeviceBuffer | None = None
+        else:
+            self._host_outputs = [self._own(cuda.PinnedBuffer(o.shape, o.dtype)) for o in self.engine.output_specs]
+
+    def _size(self, src_w: int, src_h: int) -> _SourceSize:
+        s = self._sizes.get((src_w, src_h))
+        if s is not None:
+            return s
+        for old in self._sizes.values():  # a camera changes size rarely: keep only the current one
+            old.free()
+        self._sizes.clear()
+        new_w, new_h, left, top, r = letterbox_geometry(src_w, src_h, self.width, self.height)
+        xt = np.stack(linear_taps(src_w, new_w), axis=1).astype(np.int32)  # int4 per column
+        yt = np.stack(linear_taps(src_h, new_h), axis=1).astype(np.int32)
+        s = _SourceSize(pinned=cuda.PinnedBuffer((src_h, src_w, 3), np.uint8),
+                        frame=cuda.DeviceBuffer(src_h * src_w * 3), xtaps=_upload(xt, self.stream),
+                        ytaps=_upload(yt, self.stream), new_w=new_w, new_h=new_h, left=left, top=top,
+                        lb=Letterbox(scale=r, pad_x=float(left), pad_y=float(top), src_w=src_w, src_h=src_h))
+        self._sizes[(src_w, src_h)] = s
+        return s
+
+    def _thresholds(self) -> tuple[cuda.DeviceBuffer, int, float, float]:
+        """Device copy of the postprocessor's thresholds, refreshed when a live reload replaced them."""
+        st = self.post.thresholds
+        if st is not self._thr_state or self._thr is None:
+            if self._thr is not None:
+                self._thr.free()
+            table = st.per_class if st.per_class.size else np.zeros(1, np.float32)
+            self._thr = _upload(np.ascontiguousarray(table, dtype=np.float32), self.stream)
+            self._thr_state = st
+        lo = float(st.per_class.min()) if st.per_class.size else st.score
+        return self._thr, int(st.per_class.size), max(st.score, _TINY), max(min(lo, st.score), _TINY)
+
+    def __call__(self, image: np.ndarray) -> tuple[Candidates | list[np.ndarray], Letterbox]:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
+        if threading.get_ident() != self._thread:
+            cuda.use_device(self.device)
+            self._thread = threading.get_ident()
+        src_h, src_w = int(image.shape[0]), int(image.shape[1])
+        if src_h == 0 or src_w == 0:
+            raise SourceError(f"empty frame {image.shape}")
+        s, stream, k = self._size(src_w, src_h), self.stream, self.kernels
+        np.copyto(s.pinned.array, image)  # the one host copy: pageable -> pinned, then DMA
+        cuda.copy_htod_async(s.frame, s.pinned, stream)
+        grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
+        k.launch(self._letterbox, grid, (32, 8, 1), stream,
+                 [np.uint64(s.frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
+                  np.int32(s.new_w), np.int32(s.new_h), np.int32(s.left), np.int32(s.top), np.int32(self.width),
+                  np.int32(self.height), np.int32(self.pad_value), np.uint64(self._lut.ptr), np.uint64(self.input.ptr)])
+        if self.on_device_decode:
+            cuda.memset_async(self._count, 0, stream)
+        self.engine.run_device()
+        if not self.on_device_decode:
+            for host, dev in zip(self._host_outputs, self.outputs, strict=True):
+                cuda.copy_dtoh_async(host, dev, stream)
+            stream.synchronize()
+            return [h.array.copy() for h in self._host_outputs], s.lb
+        thr, nthr, beyond, floor = self._thresholds()
+        k.launch(self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1), stream,
+                 [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(thr.ptr),
+                  np.int32(nthr), np.float32(beyond), np.float32(floor), np.uint64(self._rows.ptr),
+                  np.uint64(self._count.ptr), np.int32(self._n)])
+        fast = min(_FAST_ROWS, self._n)
+        cuda.memcpy_async(self._host_count.ptr, self._count.ptr, 4, "dtoh", stream)
+        cuda.memcpy_async(self._host_rows.ptr, self._rows.ptr, fast * 28, "dtoh", stream)
+        stream.synchronize()
+        n = min(int(self._host_count.array[0]), self._n)
+        if n > fast:  # a crowded frame: fetch the rest
+            cuda.memcpy_async(self._host_rows.ptr + fast * 28, self._rows.ptr + fast * 28, (n - fast) * 28, "dtoh",
+                              stream)
+            stream.synchronize()
+        rows = self._host_rows.array[:n]
+        rows = rows[np.argsort(rows[:, 6], kind="stable")]  # anchor order, as the CPU decoder yields them
+        return Candidates(np.ascontiguousarray(rows[:, :4]), np.ascontiguousarray(rows[:, 4]),
+                          rows[:, 5].astype(np.int32)), s.lb
+
+    def close(self) -> None:
+        for s in self._sizes.values():
+            s.free()
+        self._sizes.clear()
+        if getattr(self, "_thr", None) is not None:
+            self._thr.free()  # type: ignore[union-attr]
+        for obj in reversed(self._owned):
+            try:
+                obj.free()
+            except EngineError as exc:
+                log.warning("freeing a GPU preprocessing buffer: %s", exc)
+        self._owned.clear()
