@@ -119,6 +119,9 @@ class EngineConfig(_Strict):
         "device input, candidates selected on the device), 'cpu', or 'auto' (gpu on a CUDA / TensorRT engine when the "
         "CUDA Python bindings are installed, else cpu, said in the log)",
     )
+    gpu_sync: Literal["block", "spin", "auto"] = Field(
+        "block", description="how threads wait for the GPU: block (frees the CPU core), spin (lowest latency), auto"
+    )
     placement_report: bool = Field(
         True, description="profile one run at load to report how many graph nodes each execution provider runs"
     )

@@ -122,7 +122,7 @@ class SwapTicket:
 @dataclass
 class _Item:
     frame: Frame
-    outputs: list[np.ndarray] | Candidates
+    outputs: list[np.ndarray] | Candidates | Any  # Any: agent.vision.gpu.Pending (collected by the post thread)
     letterbox: Letterbox
     runtime: ModelRuntime
     stage_ms: dict[str, float]
@@ -233,9 +233,10 @@ class Pipeline:
             if rt.frontend is None:
                 tensor, lb = rt.letterbox(frame.image)
                 t1 = time.perf_counter()
-                outputs: list[np.ndarray] | Candidates = rt.engine.infer(tensor)
-            else:  # upload, letterbox, inference and candidate selection queued on one stream
-                outputs, lb = rt.frontend(frame.image)
+                outputs: list[np.ndarray] | Candidates | Any = rt.engine.infer(tensor)
+            else:  # queued on the GPU; the post thread collects it, this thread takes the next frame
+                pending = rt.frontend.submit(frame.image)
+                outputs, lb = pending, pending.lb
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
@@ -274,7 +275,13 @@ class Pipeline:
         t0 = time.perf_counter()
         rt = item.runtime
         try:
-            detections = rt.post(item.outputs, item.letterbox)
+            outputs = item.outputs
+            if not isinstance(outputs, (list, Candidates)):  # a frame still on the GPU: wait for it
+                outputs, _ = outputs.result()
+                t0b = time.perf_counter()
+                item.stage_ms["gpu_wait"] = (t0b - t0) * 1e3
+                t0 = t0b
+            detections = rt.post(outputs, item.letterbox)
         except Exception as exc:  # a decoder bug must not kill the thread: count, report, go on
             self.errors += 1
             log.exception("camera %s frame %d: postprocess failed", self.camera_id, item.frame.seq)

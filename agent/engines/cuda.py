@@ -33,8 +33,10 @@ __all__ = [
     "copy_htod_async",
     "cuda_runtime",
     "device_count",
+    "is_pinned",
     "memcpy_async",
     "memset_async",
+    "set_sync_mode",
     "use_device",
 ]
 
@@ -187,15 +189,25 @@ class Stream(_Owned):
     def synchronize(self) -> None:
         check(cuda_runtime().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")
 
+    def wait(self, event: Event) -> None:
+        """Work queued on this stream from now on starts after `event` (recorded on another stream)."""
+        event._alive()
+        check(cuda_runtime().cudaStreamWaitEvent(self.raw, event._event, 0), "cudaStreamWaitEvent")
+
     def _free_impl(self) -> None:
         check(cuda_runtime().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
 
 
 class Event(_Owned):
-    """A CUDA event for timing work on a stream: `end.elapsed_ms(start)` after both are recorded."""
+    """A CUDA event: timing work on a stream (`end.elapsed_ms(start)`), or, with `timing=False`, a
+    cheap marker one stream waits on (`Stream.wait`) or a host thread synchronises with."""
 
-    def __init__(self) -> None:
-        self._event = check(cuda_runtime().cudaEventCreate(), "cudaEventCreate")
+    def __init__(self, timing: bool = True) -> None:
+        rt = cuda_runtime()
+        if timing:
+            self._event = check(rt.cudaEventCreate(), "cudaEventCreate")
+        else:
+            self._event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
 
     def record(self, stream: Stream) -> None:
         self._alive()
@@ -338,3 +350,29 @@ class Kernel(_Owned):
     def _free_impl(self) -> None:
         self._functions = {}
         _check_driver(self._drv, self._drv.cuModuleUnload(self._module), "cuModuleUnload")
+
+
+def set_sync_mode(mode: str, device: int = 0) -> None:
+    """How a host thread waits for the GPU: "block" (sleeps; frees the CPU, a few us later), "spin"
+    (busy-waits: lowest latency, burns a core), "auto" (CUDA's choice). Process-wide; set before
+    the first context is used, or CUDA may keep its earlier choice (said in the log, not fatal).
+    """
+    import logging
+
+    rt = cuda_runtime()
+    flags = {"block": rt.cudaDeviceScheduleBlockingSync, "spin": rt.cudaDeviceScheduleSpin,
+             "auto": rt.cudaDeviceScheduleAuto}[mode]
+    try:
+        check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+        check(rt.cudaSetDeviceFlags(flags), f"cudaSetDeviceFlags({mode})")
+    except EngineError as exc:
+        logging.getLogger(__name__).warning("GPU wait mode %r not applied: %s", mode, exc)
+
+
+def is_pinned(ptr: int) -> bool:
+    """True when host address `ptr` lies in page-locked memory CUDA knows (a DMA can read it directly)."""
+    rt = cuda_runtime()
+    err, attrs = rt.cudaPointerGetAttributes(ptr)
+    if err != rt.cudaError_t.cudaSuccess:
+        return False
+    return bool(attrs.type == rt.cudaMemoryType.cudaMemoryTypeHost)

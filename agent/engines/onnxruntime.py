@@ -90,12 +90,15 @@ class OnnxRuntimeEngine(Engine):
         self._info: EngineInfo | None = None
         self.metadata: dict[str, str] = {}
         self._binding: Any = None
+        self._binding_options: Any = None
         self._binding_device = ""
         self._bound_in: Any = None
         self._bound_out: list[Any] = []
         self._stream: Any = None  # agent.engines.cuda.Stream shared with GPU preprocessing, when there is one
         self._device_binding: Any = None
         self._run_options: Any = None
+        self._plain_options: Any = None  # RunOptions for session.run; keeps plain runs out of CUDA graphs
+        self._graphs = False
         self.placement: dict[str, Any] = {}
 
     def _session_options(self) -> Any:
@@ -172,6 +175,10 @@ class OnnxRuntimeEngine(Engine):
             providers = [p for p in providers if p[0] != "CPUExecutionProvider"]
         if not providers:
             raise EngineError(f"none of the execution providers {wanted} is available; available: {available}")
+        if providers[0][0] in _GPU_EPS:
+            from agent.engines import cuda
+
+            cuda.set_sync_mode(self.cfg.gpu_sync)
         so = self._session_options()
         profile_dir = None
         if self.cfg.placement_report:
@@ -201,6 +208,9 @@ class OnnxRuntimeEngine(Engine):
                          for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._graphs = bool(self.cfg.cuda_graph and got[0] in _GPU_EPS)
+        if self._graphs:
+            self._plain_options = self.run_options(-1)
         if profile_dir is not None:
             self.placement = self._report_placement(profile_dir, got)
         self._binding = None
@@ -224,7 +234,8 @@ class OnnxRuntimeEngine(Engine):
 
         assert self._input is not None
         try:
-            self._session.run(None, {self._input.name: np.zeros(self._input.shape, self._input.dtype)})
+            self._session.run(None, {self._input.name: np.zeros(self._input.shape, self._input.dtype)},
+                              self._plain_options)
             trace = json.loads(Path(self._session.end_profiling()).read_text())
         except Exception as exc:  # a report, never a reason to refuse the model
             log.warning("placement report unavailable: %s", str(exc)[:200])
@@ -263,16 +274,28 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError("device IO needs a GPU execution provider and the CUDA Python bindings")
         if len(output_ptrs) != len(self._outputs):
             raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
-        import onnxruntime as ort
 
         binding = self._session.io_binding()
         binding.bind_input(self._input.name, "cuda", 0, self._input.dtype.type, list(self._input.shape), input_ptr)
         for spec, ptr in zip(self._outputs, output_ptrs, strict=True):
             binding.bind_output(spec.name, "cuda", 0, spec.dtype.type, list(spec.shape), ptr)
-        ro = ort.RunOptions()
+        ro = self.run_options(1)
         # the caller synchronises the shared stream once, after its own kernels and copies
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._device_binding, self._run_options = binding, ro
+
+    def run_options(self, graph_id: int) -> Any:
+        """RunOptions naming the CUDA graph a run belongs to (one per set of bound addresses).
+
+        With `cuda_graph` on, ONNX Runtime replays the graph captured for that id; -1 runs without
+        a graph (plain session.run, whose buffers move between calls). Without `cuda_graph`, plain.
+        """
+        import onnxruntime as ort
+
+        ro = ort.RunOptions()
+        if self._graphs:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
 
     def run_device(self) -> None:
         if self._device_binding is None:
@@ -304,6 +327,7 @@ class OnnxRuntimeEngine(Engine):
             return
         self._binding, self._bound_in, self._bound_out = binding, x, outs
         self._binding_device = device
+        self._binding_options = self.run_options(2) if self._plain_options is not None else None
 
     @staticmethod
     def _dtype(ort_type: str, name: str) -> np.dtype:
@@ -328,11 +352,11 @@ class OnnxRuntimeEngine(Engine):
         try:
             if self._binding is not None:
                 self._bound_in.update_inplace(tensor)
-                self._session.run_with_iobinding(self._binding)
+                self._session.run_with_iobinding(self._binding, self._binding_options)
                 # Copies the caller owns: the bound buffers are overwritten by the next frame
                 # while the post thread may still decode this one.
                 return [np.array(y.numpy(), copy=True) for y in self._bound_out]
-            out = self._session.run(self._output_names, {self._input.name: tensor})
+            out = self._session.run(self._output_names, {self._input.name: tensor}, self._plain_options)
         except Exception as exc:
             raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
         return list(out)

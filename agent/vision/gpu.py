@@ -1,7 +1,8 @@
 """Frame -> candidates on the GPU: one upload, letterbox in a kernel, inference, score filter on the device.
 
-Per frame, on the engine's own CUDA stream and with one host synchronisation at the end:
-  1. the BGR uint8 frame is copied into a pinned host buffer and uploaded asynchronously;
+Per frame, queued without any host wait (submit), and collected later by another thread (result):
+  1. the BGR uint8 frame is uploaded on a copy stream (straight from page-locked memory, or after
+     one copy into a pinned staging buffer), so frame N+1 crosses the bus while frame N infers;
   2. a kernel letterboxes it (OpenCV INTER_LINEAR taps and integer arithmetic, so downscaled pixels
      equal cv2.resize's), converts BGR -> RGB and HWC -> CHW and normalises through the same
      256-entry table as the CPU path, straight into the engine's bound input buffer;
@@ -10,6 +11,11 @@ Per frame, on the engine's own CUDA stream and with one host synchronisation at 
      (the CPU decoder's rule, per-class thresholds included) and packs them; only their count and
      those rows come back to the host. Other layouts copy their (small) outputs back whole.
 NMS runs on the host on those few candidates, in the post thread, exactly as on the CPU path.
+
+Up to SLOTS frames are in flight; each slot owns its staging, device frame and result buffers, so
+nothing is reused before its result was read. Everything after the upload is on the engine's
+stream, ordered on the device; the inference thread never waits for the GPU (the post thread
+does, on the slot's event), so host work of one frame overlaps the GPU work of the previous one.
 
 Kernels are compiled by NVRTC at start (agent.engines.cuda.Kernel), not shipped as binaries.
 """
@@ -100,17 +106,17 @@ CANDIDATES(candidates_f16, u16, load_f16)
 """
 
 _KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "candidates_f32", "candidates_f16"]
-_FAST_ROWS = 512  # candidate rows read back with the count; more need a second (rare) copy
+SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepares and collects
 _TINY = float(np.finfo(np.float32).tiny)
 _O = TypeVar("_O", bound=cuda._Owned)
 
 
 @dataclass
 class _SourceSize:
-    """Buffers for one source frame size: pinned staging, the device frame, the resize taps."""
+    """Buffers for one source frame size: pinned staging and device frame per slot, the resize taps."""
 
-    pinned: cuda.PinnedBuffer
-    frame: cuda.DeviceBuffer
+    pinned: list[cuda.PinnedBuffer]
+    frames: list[cuda.DeviceBuffer]
     xtaps: cuda.DeviceBuffer
     ytaps: cuda.DeviceBuffer
     new_w: int
@@ -120,8 +126,32 @@ class _SourceSize:
     lb: Letterbox
 
     def free(self) -> None:
-        for b in (self.pinned, self.frame, self.xtaps, self.ytaps):
+        for b in (*self.pinned, *self.frames, self.xtaps, self.ytaps):
             b.free()
+
+
+@dataclass
+class _Slot:
+    index: int
+    uploaded: cuda.Event  # on the copy stream: the frame is on the device
+    done: cuda.Event  # on the engine stream: results are in the host buffers
+    host_out: list[cuda.PinnedBuffer]  # candidates: [count, rows]; other layouts: every output
+    free: threading.Event
+
+
+class Pending:
+    """A frame queued on the GPU; `result()` (any thread) waits for it and frees its slot."""
+
+    def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox) -> None:
+        self._frontend, self._slot, self.lb = frontend, slot, lb
+
+    def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
+        slot = self._slot
+        try:
+            slot.done.synchronize()
+            return self._frontend._collect(slot), self.lb
+        finally:
+            slot.free.set()
 
 
 def _upload(host: np.ndarray, stream: cuda.Stream) -> cuda.DeviceBuffer:
@@ -132,10 +162,11 @@ def _upload(host: np.ndarray, stream: cuda.Stream) -> cuda.DeviceBuffer:
 
 
 class GpuFrontend:
-    """Callable: BGR uint8 frame -> (candidates, or the raw outputs for non-YOLOv8 layouts; Letterbox).
+    """BGR uint8 frame -> (candidates, or the raw outputs for non-YOLOv8 layouts; Letterbox).
 
-    Owns the engine's device input / output buffers and binds them once. Not thread-safe: one per
-    inference thread (the thread that calls it gets the device's context made current).
+    `submit(frame)` queues a frame and returns a Pending; `frontend(frame)` does both steps. Owns
+    the engine's device input / output buffers and binds them once. `submit` is for one thread (the
+    inference thread, which gets the device's context made current); `result` for any.
     """
 
     def __init__(self, engine: Engine, post: Postprocessor, pad_value: int = 114, device: int = 0) -> None:
@@ -149,10 +180,13 @@ class GpuFrontend:
         self.height, self.width = int(spec.shape[2]), int(spec.shape[3])
         self.pad_value = int(pad_value)
         self._owned: list[cuda._Owned] = []
-        self._sizes: dict[tuple[int, int], _SourceSize] = {}
+        self._size_state: tuple[tuple[int, int], _SourceSize] | None = None
         self._thread: int | None = None
+        self._slots: list[_Slot] = []
+        self._next = 0
         try:
             self.kernels = self._own(cuda.Kernel(_SOURCE, _KERNELS, device))
+            self.copy_stream = self._own(cuda.Stream())
             levels = np.arange(256, dtype=np.float32) / np.float32(255.0)  # the CPU path's table
             if spec.dtype == np.dtype(np.float32):
                 lut, self._letterbox = levels, "letterbox_f32"
@@ -171,8 +205,9 @@ class GpuFrontend:
         except BaseException:
             self.close()
             raise
-        log.info("GPU preprocessing on (%s, %s input, %s)", self.kernels.arch, spec.dtype,
-                 "candidates selected on the device" if self.on_device_decode else "outputs copied back whole")
+        log.info("GPU preprocessing on (%s, %s input, %s, %d frames in flight)", self.kernels.arch, spec.dtype,
+                 "candidates selected on the device" if self.on_device_decode else "outputs copied back whole",
+                 SLOTS)
 
     def _own(self, obj: _O) -> _O:
         self._owned.append(obj)
@@ -182,48 +217,61 @@ class GpuFrontend:
         out = self.engine.output_specs[0]
         self.on_device_decode = (self.post.layout == "yolov8" and len(out.shape) == 3 and out.shape[0] == 1
                                  and out.dtype in (np.dtype(np.float32), np.dtype(np.float16)))
+        self._thr_state: object = None
+        self._thr: cuda.DeviceBuffer | None = None
         if self.on_device_decode:
             self._nc, self._n = int(out.shape[1]) - 4, int(out.shape[2])
             self._candidates = "candidates_f32" if out.dtype == np.dtype(np.float32) else "candidates_f16"
             self._rows = self._own(cuda.DeviceBuffer(self._n * 7 * 4))
             self._count = self._own(cuda.DeviceBuffer(4))
-            self._host_rows = self._own(cuda.PinnedBuffer((self._n, 7), np.float32))
-            self._host_count = self._own(cuda.PinnedBuffer((1,), np.int32))
-            self._thr_state: object = None
-            self._thr: cuda.DeviceBuffer | None = None
-        else:
-            self._host_outputs = [self._own(cuda.PinnedBuffer(o.shape, o.dtype)) for o in self.engine.output_specs]
+        for i in range(SLOTS):
+            if self.on_device_decode:
+                host = [self._own(cuda.PinnedBuffer((1,), np.int32)),
+                        self._own(cuda.PinnedBuffer((self._n, 7), np.float32))]
+            else:
+                host = [self._own(cuda.PinnedBuffer(o.shape, o.dtype)) for o in self.engine.output_specs]
+            free = threading.Event()
+            free.set()
+            self._slots.append(_Slot(i, self._own(cuda.Event(timing=False)), self._own(cuda.Event(timing=False)),
+                                     host, free))
+
+    def _drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every slot's result was collected (before buffers they use are freed)."""
+        return all(slot.free.wait(timeout) for slot in self._slots)
 
     def _size(self, src_w: int, src_h: int) -> _SourceSize:
-        s = self._sizes.get((src_w, src_h))
-        if s is not None:
-            return s
-        for old in self._sizes.values():  # a camera changes size rarely: keep only the current one
-            old.free()
-        self._sizes.clear()
+        if self._size_state is not None and self._size_state[0] == (src_w, src_h):
+            return self._size_state[1]
+        if self._size_state is not None:  # a camera changed resolution: retire the old buffers
+            if not self._drain():
+                raise EngineError("GPU results of earlier frames were never collected")
+            self._size_state[1].free()
+            self._size_state = None
         new_w, new_h, left, top, r = letterbox_geometry(src_w, src_h, self.width, self.height)
         xt = np.stack(linear_taps(src_w, new_w), axis=1).astype(np.int32)  # int4 per column
         yt = np.stack(linear_taps(src_h, new_h), axis=1).astype(np.int32)
-        s = _SourceSize(pinned=cuda.PinnedBuffer((src_h, src_w, 3), np.uint8),
-                        frame=cuda.DeviceBuffer(src_h * src_w * 3), xtaps=_upload(xt, self.stream),
-                        ytaps=_upload(yt, self.stream), new_w=new_w, new_h=new_h, left=left, top=top,
+        s = _SourceSize(pinned=[cuda.PinnedBuffer((src_h, src_w, 3), np.uint8) for _ in range(SLOTS)],
+                        frames=[cuda.DeviceBuffer(src_h * src_w * 3) for _ in range(SLOTS)],
+                        xtaps=_upload(xt, self.stream), ytaps=_upload(yt, self.stream), new_w=new_w, new_h=new_h,
+                        left=left, top=top,
                         lb=Letterbox(scale=r, pad_x=float(left), pad_y=float(top), src_w=src_w, src_h=src_h))
-        self._sizes[(src_w, src_h)] = s
+        self._size_state = ((src_w, src_h), s)
         return s
 
     def _thresholds(self) -> tuple[cuda.DeviceBuffer, int, float, float]:
         """Device copy of the postprocessor's thresholds, refreshed when a live reload replaced them."""
         st = self.post.thresholds
         if st is not self._thr_state or self._thr is None:
-            if self._thr is not None:
-                self._thr.free()
             table = st.per_class if st.per_class.size else np.zeros(1, np.float32)
-            self._thr = _upload(np.ascontiguousarray(table, dtype=np.float32), self.stream)
+            # a new buffer each time (rare): kernels still queued may read the old one
+            self._thr = self._own(_upload(np.ascontiguousarray(table, dtype=np.float32), self.stream))
             self._thr_state = st
         lo = float(st.per_class.min()) if st.per_class.size else st.score
         return self._thr, int(st.per_class.size), max(st.score, _TINY), max(min(lo, st.score), _TINY)
 
-    def __call__(self, image: np.ndarray) -> tuple[Candidates | list[np.ndarray], Letterbox]:
+    def submit(self, image: np.ndarray) -> Pending:
+        """Queue one frame: upload, letterbox, inference, candidate selection, copy back. No host wait
+        for the GPU (only for a free slot, when SLOTS frames are already in flight)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
         if threading.get_ident() != self._thread:
@@ -233,49 +281,74 @@ class GpuFrontend:
         if src_h == 0 or src_w == 0:
             raise SourceError(f"empty frame {image.shape}")
         s, stream, k = self._size(src_w, src_h), self.stream, self.kernels
-        np.copyto(s.pinned.array, image)  # the one host copy: pageable -> pinned, then DMA
-        cuda.copy_htod_async(s.frame, s.pinned, stream)
-        grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
-        k.launch(self._letterbox, grid, (32, 8, 1), stream,
-                 [np.uint64(s.frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
-                  np.int32(s.new_w), np.int32(s.new_h), np.int32(s.left), np.int32(s.top), np.int32(self.width),
-                  np.int32(self.height), np.int32(self.pad_value), np.uint64(self._lut.ptr), np.uint64(self.input.ptr)])
-        if self.on_device_decode:
-            cuda.memset_async(self._count, 0, stream)
-        self.engine.run_device()
+        slot = self._slots[self._next]
+        if not slot.free.wait(10.0):
+            raise EngineError("no free GPU slot in 10 s: results are not being collected")
+        slot.free.clear()
+        self._next = (self._next + 1) % SLOTS
+        try:
+            frame = s.frames[slot.index]
+            if image.flags.c_contiguous and cuda.is_pinned(image.ctypes.data):
+                cuda.copy_htod_async(frame, image, self.copy_stream)  # decoded into page-locked memory: DMA only
+            else:
+                np.copyto(s.pinned[slot.index].array, image)  # the one host copy: pageable -> pinned
+                cuda.copy_htod_async(frame, s.pinned[slot.index], self.copy_stream)
+            slot.uploaded.record(self.copy_stream)
+            stream.wait(slot.uploaded)
+            grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
+            k.launch(self._letterbox, grid, (32, 8, 1), stream,
+                     [np.uint64(frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
+                      np.int32(s.new_w), np.int32(s.new_h), np.int32(s.left), np.int32(s.top),
+                      np.int32(self.width), np.int32(self.height), np.int32(self.pad_value),
+                      np.uint64(self._lut.ptr), np.uint64(self.input.ptr)])
+            if self.on_device_decode:
+                cuda.memset_async(self._count, 0, stream)
+            self.engine.run_device()
+            if self.on_device_decode:
+                thr, nthr, beyond, floor = self._thresholds()
+                k.launch(self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1), stream,
+                         [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(thr.ptr),
+                          np.int32(nthr), np.float32(beyond), np.float32(floor), np.uint64(self._rows.ptr),
+                          np.uint64(self._count.ptr), np.int32(self._n)])
+                # every row slot, not just the kept ones: the count is not known on the host yet,
+                # and the device buffers belong to the next frame once this is queued (~28 B/anchor)
+                cuda.memcpy_async(slot.host_out[0].ptr, self._count.ptr, 4, "dtoh", stream)
+                cuda.memcpy_async(slot.host_out[1].ptr, self._rows.ptr, self._n * 28, "dtoh", stream)
+            else:
+                for host, dev in zip(slot.host_out, self.outputs, strict=True):
+                    cuda.copy_dtoh_async(host, dev, stream)
+            slot.done.record(stream)
+        except BaseException:
+            slot.free.set()
+            raise
+        return Pending(self, slot, s.lb)
+
+    def _collect(self, slot: _Slot) -> Candidates | list[np.ndarray]:
         if not self.on_device_decode:
-            for host, dev in zip(self._host_outputs, self.outputs, strict=True):
-                cuda.copy_dtoh_async(host, dev, stream)
-            stream.synchronize()
-            return [h.array.copy() for h in self._host_outputs], s.lb
-        thr, nthr, beyond, floor = self._thresholds()
-        k.launch(self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1), stream,
-                 [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(thr.ptr),
-                  np.int32(nthr), np.float32(beyond), np.float32(floor), np.uint64(self._rows.ptr),
-                  np.uint64(self._count.ptr), np.int32(self._n)])
-        fast = min(_FAST_ROWS, self._n)
-        cuda.memcpy_async(self._host_count.ptr, self._count.ptr, 4, "dtoh", stream)
-        cuda.memcpy_async(self._host_rows.ptr, self._rows.ptr, fast * 28, "dtoh", stream)
-        stream.synchronize()
-        n = min(int(self._host_count.array[0]), self._n)
-        if n > fast:  # a crowded frame: fetch the rest
-            cuda.memcpy_async(self._host_rows.ptr + fast * 28, self._rows.ptr + fast * 28, (n - fast) * 28, "dtoh",
-                              stream)
-            stream.synchronize()
-        rows = self._host_rows.array[:n]
+            return [h.array.copy() for h in slot.host_out]
+        n = min(int(slot.host_out[0].array[0]), self._n)
+        rows = slot.host_out[1].array[:n]
         rows = rows[np.argsort(rows[:, 6], kind="stable")]  # anchor order, as the CPU decoder yields them
         return Candidates(np.ascontiguousarray(rows[:, :4]), np.ascontiguousarray(rows[:, 4]),
-                          rows[:, 5].astype(np.int32)), s.lb
+                          rows[:, 5].astype(np.int32))
+
+    def __call__(self, image: np.ndarray) -> tuple[Candidates | list[np.ndarray], Letterbox]:
+        return self.submit(image).result()
 
     def close(self) -> None:
-        for s in self._sizes.values():
-            s.free()
-        self._sizes.clear()
-        if getattr(self, "_thr", None) is not None:
-            self._thr.free()  # type: ignore[union-attr]
+        if self._slots and not self._drain(5.0):
+            log.warning("closing GPU preprocessing with results still in flight")
+        try:
+            self.stream.synchronize()
+        except EngineError:
+            pass
+        if self._size_state is not None:
+            self._size_state[1].free()
+            self._size_state = None
         for obj in reversed(self._owned):
             try:
                 obj.free()
             except EngineError as exc:
                 log.warning("freeing a GPU preprocessing buffer: %s", exc)
         self._owned.clear()
+        self._slots.clear()
