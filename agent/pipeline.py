@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -129,6 +130,7 @@ class _Item:
 
 
 _STOP = object()
+_SWITCH_INTERVAL_S = 0.001
 
 
 class Pipeline:
@@ -164,6 +166,10 @@ class Pipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        # Three Python threads share the GIL; at the default 5 ms switch interval a thread woken by
+        # its queue can wait that long behind a busy one, which shows as latency spikes (p99).
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.capture.start()
         self._infer_thread.start()
         self._post_thread.start()

@@ -224,7 +224,10 @@ class EngineCache:
         protected.json so that other processes (the CLI) honour them too."""
         self.ensure_ready()
         self._protected = {k for k in keys if k}
-        write_atomic(self.root / "protected.json", json.dumps(sorted(self._protected)).encode())
+        try:
+            write_atomic(self.root / "protected.json", json.dumps(sorted(self._protected)).encode())
+        except OSError as exc:  # a full disk: this process still honours them (kept in memory)
+            raise CacheError(f"cannot record protected engines in {self.root}: {exc.strerror or exc}") from exc
 
     def protected_keys(self) -> set[str]:
         keys = set(self._protected)

@@ -27,6 +27,7 @@ __all__ = [
     "DeviceBuffer",
     "Event",
     "Kernel",
+    "Launch",
     "PinnedBuffer",
     "Stream",
     "copy_dtoh_async",
@@ -206,8 +207,9 @@ class Event(_Owned):
         rt = cuda_runtime()
         if timing:
             self._event = check(rt.cudaEventCreate(), "cudaEventCreate")
-        else:
-            self._event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+        else:  # a host waiting on it sleeps instead of spinning a core
+            flags = rt.cudaEventDisableTiming | rt.cudaEventBlockingSync
+            self._event = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
 
     def record(self, stream: Stream) -> None:
         self._alive()
@@ -341,15 +343,34 @@ class Kernel(_Owned):
 
     def launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], stream: Stream,
                args: list[np.generic]) -> None:
+        self.prepare(name, grid, block, args)(stream)
+
+    def prepare(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int],
+                args: list[np.generic]) -> Launch:
+        """A launch with fixed arguments, packed once: calling it costs one driver call per frame."""
         self._alive()
-        holders = [np.array([a]) for a in args]  # kernelParams: an array of pointers to each value
-        params = np.array([h.ctypes.data for h in holders], dtype=np.uint64)
-        _check_driver(self._drv, self._drv.cuLaunchKernel(self._functions[name], *grid, *block, 0, stream.raw,
-                                                          params.ctypes.data, 0), f"cuLaunchKernel({name})")
+        return Launch(self, self._functions[name], name, grid, block, args)
 
     def _free_impl(self) -> None:
         self._functions = {}
         _check_driver(self._drv, self._drv.cuModuleUnload(self._module), "cuModuleUnload")
+
+
+class Launch:
+    """A kernel launch whose arguments were packed once (kernelParams: pointers to each value)."""
+
+    def __init__(self, kernel: Kernel, function: Any, name: str, grid: tuple[int, int, int],
+                 block: tuple[int, int, int], args: list[np.generic]) -> None:
+        self._kernel, self._function, self.name, self.grid, self.block = kernel, function, name, grid, block
+        self._holders = [np.array([a]) for a in args]  # kept alive as long as the launch
+        self._params = np.array([h.ctypes.data for h in self._holders], dtype=np.uint64)
+        self._params_ptr = int(self._params.ctypes.data)
+
+    def __call__(self, stream: Stream) -> None:
+        self._kernel._alive()
+        drv = self._kernel._drv
+        _check_driver(drv, drv.cuLaunchKernel(self._function, *self.grid, *self.block, 0, stream.raw,
+                                              self._params_ptr, 0), f"cuLaunchKernel({self.name})")
 
 
 def set_sync_mode(mode: str, device: int = 0) -> None:

@@ -125,6 +125,7 @@ class OnnxRuntimeEngine(Engine):
             from agent.engines import cuda
 
             try:
+                cuda.set_sync_mode(self.cfg.gpu_sync)  # before anything makes the CUDA context
                 self._stream = cuda.Stream()
             except EngineError as exc:
                 if self.cfg.preprocess == "gpu":
@@ -175,10 +176,6 @@ class OnnxRuntimeEngine(Engine):
             providers = [p for p in providers if p[0] != "CPUExecutionProvider"]
         if not providers:
             raise EngineError(f"none of the execution providers {wanted} is available; available: {available}")
-        if providers[0][0] in _GPU_EPS:
-            from agent.engines import cuda
-
-            cuda.set_sync_mode(self.cfg.gpu_sync)
         so = self._session_options()
         profile_dir = None
         if self.cfg.placement_report:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -88,7 +89,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         err = f" error={st.get('error')} {st.get('detail') or ''}" if st.get("error") else ""
         print(f"  {device}: {st.get('state')}{extra}{err}", flush=True)
 
-    client = connect(args.host, args.port)
+    client = connect(args.host, args.port, tls=_tls(args))
     try:
         res = push_model(client, signed, model if args.via == "mqtt" else None, prefix=args.prefix,
                          retain=args.retain, ready_timeout=args.ready_timeout, wait_s=args.wait,
@@ -110,7 +111,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.fleet.status import collect_status, format_table
 
-    rows = collect_status(args.host, args.port, args.prefix, timeout=args.timeout)
+    rows = collect_status(args.host, args.port, args.prefix, timeout=args.timeout, tls=_tls(args))
     if args.json:
         print(json.dumps({d: {"status": r.status, "model_state": r.model_state} for d, r in rows.items()}, indent=2))
     else:
@@ -120,8 +121,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="broker host")
-    p.add_argument("--port", type=int, default=1883, help="broker port")
+    p.add_argument("--port", type=int, default=1883, help="broker port (a TLS listener is usually 8883)")
     p.add_argument("--prefix", default="edge", help="topic prefix")
+    p.add_argument("--cafile", default=None, help="TLS: CA bundle that signed the broker's certificate")
+    p.add_argument("--certfile", default=None, help="TLS: this operator's client certificate (mutual TLS)")
+    p.add_argument("--keyfile", default=None, help="TLS: the private key of --certfile")
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """TLS to the broker when any of --cafile / --certfile / --keyfile is given (config/CERTIFICATES.md)."""
+    if not (args.cafile or args.certfile or args.keyfile):
+        return None
+    if bool(args.certfile) != bool(args.keyfile):
+        raise UpdateError("bad_key", "--certfile and --keyfile go together")
+    ctx = ssl.create_default_context(cafile=args.cafile)
+    if args.certfile:
+        ctx.load_cert_chain(args.certfile, args.keyfile)
+    return ctx
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import ast
 import hashlib
 import json
 import math
+import ssl
 import threading
 import time
 import uuid
@@ -137,10 +138,13 @@ def build_manifest(info: ModelInfo, *, name: str, version: str, devices: Iterabl
     }
 
 
-def connect(host: str, port: int, client_id: str | None = None, timeout: float = 10.0) -> mqtt.Client:
-    """A connected paho client with its network loop running."""
+def connect(host: str, port: int, client_id: str | None = None, timeout: float = 10.0,
+            tls: ssl.SSLContext | None = None) -> mqtt.Client:
+    """A connected paho client with its network loop running (over TLS when `tls` is given)."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"edge-fleet-{uuid.uuid4().hex[:8]}",
                     protocol=mqtt.MQTTv311)
+    if tls is not None:
+        c.tls_set_context(tls)
     c.max_inflight_messages_set(64)
     ok = threading.Event()
     c.on_connect = lambda *a: ok.set()

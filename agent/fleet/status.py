@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class DeviceRow:
 
 
 def collect_status(host: str, port: int, prefix: str = "edge", timeout: float = 3.0,
-                   quiet_s: float = 0.5) -> dict[str, DeviceRow]:
+                   quiet_s: float = 0.5, tls: ssl.SSLContext | None = None) -> dict[str, DeviceRow]:
     """Read the retained topics: stops `quiet_s` after the last message, or at `timeout`."""
     rows: dict[str, DeviceRow] = {}
     lock = threading.Lock()
@@ -66,7 +67,7 @@ def collect_status(host: str, port: int, prefix: str = "edge", timeout: float = 
                 row.model_state = payload
             last[0] = time.monotonic()
 
-    client = connect(host, port)
+    client = connect(host, port, tls=tls)
     try:
         client.on_message = on_message
         client.on_subscribe = lambda *a: subscribed.set()

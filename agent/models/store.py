@@ -69,15 +69,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError:
+        # a full disk fails the write itself: leave no temp file behind at every attempt
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
@@ -195,24 +196,31 @@ class ModelStore:
         raw = manifest_raw if isinstance(manifest_raw, bytes) else json.dumps(manifest, sort_keys=True).encode()
         model = manifest["model"]
         d = self.new_staging_dir(model["name"], model["version"])
-        dst = d / MODEL_FILE
-        if move:
-            try:
-                os.replace(model_file, dst)
-            except OSError:
+        try:
+            dst = d / MODEL_FILE
+            if move:
+                try:
+                    os.replace(model_file, dst)
+                except OSError:
+                    shutil.copyfile(model_file, dst)
+                    Path(model_file).unlink()
+            else:
                 shutil.copyfile(model_file, dst)
-                Path(model_file).unlink()
-        else:
-            shutil.copyfile(model_file, dst)
-        os.chmod(dst, 0o600)
-        files = {MANIFEST_FILE: raw, LABELS_FILE: ("\n".join(model.get("labels", [])) + "\n").encode()}
-        files.update(extra or {})
-        for fname, data in files.items():
-            fd = os.open(d / _safe(fname, "file name"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+            os.chmod(dst, 0o600)
+            files = {MANIFEST_FILE: raw, LABELS_FILE: ("\n".join(model.get("labels", [])) + "\n").encode()}
+            files.update(extra or {})
+            for fname, data in files.items():
+                fd = os.open(d / _safe(fname, "file name"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:  # os.write may write less than asked (and a full disk raises)
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+        except BaseException:
+            # a half-staged version (disk full, say) would wait for the next start's recover()
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         return d
 
     def install(self, staged_dir: Path) -> ModelVersion:
@@ -410,6 +418,25 @@ class ModelStore:
             extra = state.setdefault("extra", {})
             extra[key] = value
             self._write_state(state)
+
+    def remember_all(self, values: dict[str, Any]) -> None:
+        """Store several small JSON values in ONE atomic state write (no crash can keep half of them)."""
+        with self._lock:
+            state = self._read_state()
+            extra = state.setdefault("extra", {})
+            extra.update(values)
+            self._write_state(state)
+
+    def forget(self, key: str, only_if: Any) -> bool:
+        """Clear `key` when it still holds `only_if` (one check-and-write under the lock); True if cleared."""
+        with self._lock:
+            state = self._read_state()
+            extra = state.get("extra", {})
+            if not isinstance(extra, dict) or extra.get(key) != only_if:
+                return False
+            extra[key] = None
+            self._write_state(state)
+            return True
 
     def recall(self, key: str, default: Any = None) -> Any:
         extra = self._read_state().get("extra", {})

@@ -37,6 +37,7 @@ Design (see DESIGN.md, MQTT lessons):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -91,7 +92,11 @@ def read_password(cfg: MqttConfig) -> str | None:
             path = Path(cred_dir) / "mqtt_password"
     if path is None:
         return None
-    text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    try:
+        text = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        # its message quotes a byte of the secret and its position: say only what is wrong
+        raise OSError(errno.EINVAL, "not UTF-8 text", str(path)) from None
     return text or None  # an empty credential (the unit's fallback) means: no password
 
 

@@ -109,7 +109,12 @@ class ServiceHost:
         for t in tickets:
             if t.old is not None:
                 t.old.close()  # the inference thread has moved on: the old engine is idle now
-        self.svc.on_model_activated(bundle.runtimes[0])
+        try:
+            self.svc.on_model_activated(bundle.runtimes[0])
+        except Exception:
+            # The new model serves already: an error here (a full disk under the cache's
+            # protected.json, say) must not make the manager release the bundle that now serves.
+            log.exception("bookkeeping after the swap to %s %s failed", bundle.name, bundle.version)
 
     def release(self, bundle: object) -> None:
         assert isinstance(bundle, Bundle)

@@ -37,6 +37,7 @@ from agent.models.store import ModelStore, ModelVersion
 from agent.updates.manifest import DEFAULT_CLOCK_SKEW_S, Manifest, load_trusted_keys, verify_manifest
 from agent.updates.state import UpdateStateReporter
 from agent.updates.transfer import ChunkAssembler, clean_stale_transfers, download_url
+from agent.updates.transfer import _io_error as io_update_error
 from agent.updates.validate import validate_model
 
 __all__ = ["HealthPolicy", "MqttLike", "TopicsLike", "UpdateHost", "UpdateManager"]
@@ -178,8 +179,13 @@ class UpdateManager:
                                          detail="the agent restarted during the model's health window")
             self._event("model_rolled_back", name=name, version=version, reason="restart_during_trial")
             # The manifest of that trial may still be pending (killed before it was cleared):
-            # resuming it would put the abandoned version straight back on trial.
-            self.store.remember("pending", None)
+            # resuming it would put the abandoned version straight back on trial. A newer manifest
+            # that arrived during the trial is pending instead, and goes on.
+            pending = self.store.recall("pending")
+            with contextlib.suppress(UpdateError, TypeError, UnicodeEncodeError):
+                if isinstance(pending, str) and \
+                        Manifest.parse_unverified(pending).label == self.store.recovered_from_trial:
+                    self.store.forget("pending", only_if=pending)
         pending = self.store.recall("pending")
         if isinstance(pending, str) and pending:
             self._resume_pending(pending.encode("utf-8"))
@@ -246,7 +252,10 @@ class UpdateManager:
             log.exception("manifest handling failed")
             self._rejected(payload, UpdateError("internal", str(exc)[:200]))
             return
-        self._remember_seen(m.id)
+        # Seen AND pending in one atomic write, before this callback returns (and paho acknowledges
+        # the message): a kill from here on finds the update pending at the next start. Written
+        # later, a kill in between lost the update unreported (acknowledged, or refused as replayed).
+        self._remember_seen(m.id, pending=bytes(payload))
         log.info("update %s %s accepted (manifest %s, key %s)", m.model.name, m.model.version, m.id, m.key_id)
         self._enqueue(_Job(m, bytes(payload), self.clock()))
 
@@ -275,6 +284,7 @@ class UpdateManager:
                         self.download_dir, mq.transfer_id, mq.chunk_size, mq.chunks, job.manifest.model.size,
                         self.max_bytes, progress=self._chunk_progress)
                 except UpdateError as exc:
+                    self._clear_pending(job.raw)
                     self._rejected(job.raw, exc)
                     return
             if self._queued is not None:
@@ -316,7 +326,10 @@ class UpdateManager:
             self.counters["chunks_bad"] += 1
             if exc.reason in ("disk_full", "io_error", "bad_transfer"):
                 with self._cv:
-                    self._chunk_error = exc
+                    # the first error is the cause: chunks still arriving at the closed assembler
+                    # would otherwise replace "disk_full" by "bad_transfer: assembler closed"
+                    if self._chunk_error is None:
+                        self._chunk_error = exc
                     self._cv.notify_all()
             else:
                 log.debug("chunk %s/%d refused: %s", tid, idx, exc)
@@ -333,12 +346,22 @@ class UpdateManager:
             if self.reporter.state in ("received", "downloading"):
                 self.reporter.report_progress(done, total)
 
-    def _remember_seen(self, mid: str) -> None:
+    def _remember_seen(self, mid: str, pending: bytes | None = None) -> None:
         self._seen = [*[s for s in self._seen if s != mid][-(SEEN_MAX - 1):], mid]
+        values: dict[str, Any] = {"seen_ids": self._seen}
+        if pending is not None:
+            values["pending"] = pending.decode("utf-8")  # the newest accepted manifest: resumed after a crash
         try:
-            self.store.remember("seen_ids", self._seen)
+            self.store.remember_all(values)
         except OSError as exc:
             log.error("could not persist processed manifest ids: %s", exc)
+
+    def _clear_pending(self, raw: bytes) -> None:
+        """Forget the pending manifest, unless a newer one replaced it meanwhile (that one must stay)."""
+        try:
+            self.store.forget("pending", only_if=raw.decode("utf-8"))
+        except OSError as exc:
+            log.error("could not clear the pending update: %s", exc)
 
     def _resume_pending(self, raw: bytes) -> None:
         """An update interrupted by a restart: re-check it (expiry, newer) and queue it again."""
@@ -346,8 +369,10 @@ class UpdateManager:
             m = Manifest.parse_unverified(raw)
             m = self._verify(raw, own_id=m.id)
         except UpdateError as exc:
-            log.info("interrupted update not resumed: %s", exc)
-            self.store.remember("pending", None)
+            # said on model/state: an accepted update must end visibly, not vanish at a restart
+            log.warning("interrupted update not resumed: %s", exc)
+            self._clear_pending(raw)
+            self._rejected(raw, exc)
             return
         log.info("resuming the interrupted update to %s %s", m.model.name, m.model.version)
         self._enqueue(_Job(m, raw, self.clock()))
@@ -386,8 +411,22 @@ class UpdateManager:
                 self.reporter.fail(exc.reason, exc.detail)
         self._event("update_failed", reason=exc.reason, detail=exc.detail, manifest_id=job.manifest.id,
                     version=job.manifest.model.version)
+        if exc.reason == "disk_full":
+            self._discard_transfer(job)  # give the space back; a later push starts the transfer anew
         if exc.reason not in TRANSIENT and exc.reason != "stopped":
-            self.store.remember("pending", None)
+            self._clear_pending(job.raw)
+
+    def _discard_transfer(self, job: _Job) -> None:
+        mq = job.manifest.source.mqtt
+        if mq is None:
+            return
+        with self._cv:
+            queued = self._queued.manifest.source.mqtt if self._queued is not None else None
+            if queued is not None and queued.transfer_id == mq.transfer_id:
+                return  # the next update needs the same bytes: keep what was received
+            asm = self._assemblers.pop(mq.transfer_id, None)
+        if asm is not None:
+            asm.discard()
 
     def _process(self, job: _Job) -> None:
         m = job.manifest
@@ -398,8 +437,13 @@ class UpdateManager:
             return
         r = self.reporter
         r.transition("received", version=m.model.version, name=m.model.name, manifest_id=m.id)
-        self.store.set_desired(m.model.name, m.model.version, m.id)
-        self.store.remember("pending", job.raw.decode("utf-8"))
+        try:
+            # `pending` was written when the manifest was accepted (_on_manifest): not again here,
+            # where it would overwrite a newer manifest that arrived meanwhile
+            self.store.set_desired(m.model.name, m.model.version, m.id)
+        except OSError as exc:  # the store's disk is full (or failing): say so, not "internal"
+            self._fail(job, io_update_error(exc, "writing the model store's state"))
+            return
         mv = self.store.version(m.model.name, m.model.version)
         bundle: object | None = None
         installed_now = False
@@ -428,7 +472,9 @@ class UpdateManager:
                 raise UpdateError("activation_failed", f"{type(exc).__name__}: {str(exc)[:160]}") from None
             bundle = None  # serving now: no longer ours to release
             self.store.activate(mv, trial=True)
-        except UpdateError as exc:
+        except (UpdateError, OSError) as exc:
+            if isinstance(exc, OSError):  # staging / installing on a full or failing disk
+                exc = io_update_error(exc, "model store")
             if bundle is not None:
                 with contextlib.suppress(Exception):
                     self.host.release(bundle)
@@ -440,7 +486,7 @@ class UpdateManager:
         self.counters["activated"] += 1
         r.transition("active", smoke=smoke)
         self._event("model_activated", name=m.model.name, version=m.model.version, manifest_id=m.id)
-        self.store.remember("pending", None)
+        self._clear_pending(job.raw)
         self._health_window(m, mv, t0, before)
 
     def _download(self, m: Manifest) -> Path:

@@ -117,6 +117,7 @@ class _SourceSize:
 
     pinned: list[cuda.PinnedBuffer]
     frames: list[cuda.DeviceBuffer]
+    letterbox: list[cuda.Launch]  # per slot: the kernel reading that slot's frame
     xtaps: cuda.DeviceBuffer
     ytaps: cuda.DeviceBuffer
     new_w: int
@@ -219,6 +220,7 @@ class GpuFrontend:
                                  and out.dtype in (np.dtype(np.float32), np.dtype(np.float16)))
         self._thr_state: object = None
         self._thr: cuda.DeviceBuffer | None = None
+        self._cand_launch: cuda.Launch | None = None
         if self.on_device_decode:
             self._nc, self._n = int(out.shape[1]) - 4, int(out.shape[2])
             self._candidates = "candidates_f32" if out.dtype == np.dtype(np.float32) else "candidates_f16"
@@ -251,23 +253,37 @@ class GpuFrontend:
         xt = np.stack(linear_taps(src_w, new_w), axis=1).astype(np.int32)  # int4 per column
         yt = np.stack(linear_taps(src_h, new_h), axis=1).astype(np.int32)
         s = _SourceSize(pinned=[cuda.PinnedBuffer((src_h, src_w, 3), np.uint8) for _ in range(SLOTS)],
-                        frames=[cuda.DeviceBuffer(src_h * src_w * 3) for _ in range(SLOTS)],
+                        frames=[cuda.DeviceBuffer(src_h * src_w * 3) for _ in range(SLOTS)], letterbox=[],
                         xtaps=_upload(xt, self.stream), ytaps=_upload(yt, self.stream), new_w=new_w, new_h=new_h,
                         left=left, top=top,
                         lb=Letterbox(scale=r, pad_x=float(left), pad_y=float(top), src_w=src_w, src_h=src_h))
+        grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
+        for frame in s.frames:
+            s.letterbox.append(self.kernels.prepare(
+                self._letterbox, grid, (32, 8, 1),
+                [np.uint64(frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
+                 np.int32(new_w), np.int32(new_h), np.int32(left), np.int32(top), np.int32(self.width),
+                 np.int32(self.height), np.int32(self.pad_value), np.uint64(self._lut.ptr),
+                 np.uint64(self.input.ptr)]))
         self._size_state = ((src_w, src_h), s)
         return s
 
-    def _thresholds(self) -> tuple[cuda.DeviceBuffer, int, float, float]:
-        """Device copy of the postprocessor's thresholds, refreshed when a live reload replaced them."""
+    def _candidates_launch(self) -> cuda.Launch:
+        """The candidate kernel with the postprocessor's current thresholds (re-packed after a live reload)."""
         st = self.post.thresholds
-        if st is not self._thr_state or self._thr is None:
+        if st is not self._thr_state or self._cand_launch is None:
             table = st.per_class if st.per_class.size else np.zeros(1, np.float32)
             # a new buffer each time (rare): kernels still queued may read the old one
             self._thr = self._own(_upload(np.ascontiguousarray(table, dtype=np.float32), self.stream))
+            lo = float(st.per_class.min()) if st.per_class.size else st.score
+            self._cand_launch = self.kernels.prepare(
+                self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1),
+                [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(self._thr.ptr),
+                 np.int32(st.per_class.size), np.float32(max(st.score, _TINY)),
+                 np.float32(max(min(lo, st.score), _TINY)), np.uint64(self._rows.ptr), np.uint64(self._count.ptr),
+                 np.int32(self._n)])
             self._thr_state = st
-        lo = float(st.per_class.min()) if st.per_class.size else st.score
-        return self._thr, int(st.per_class.size), max(st.score, _TINY), max(min(lo, st.score), _TINY)
+        return self._cand_launch
 
     def submit(self, image: np.ndarray) -> Pending:
         """Queue one frame: upload, letterbox, inference, candidate selection, copy back. No host wait
@@ -280,7 +296,7 @@ class GpuFrontend:
         src_h, src_w = int(image.shape[0]), int(image.shape[1])
         if src_h == 0 or src_w == 0:
             raise SourceError(f"empty frame {image.shape}")
-        s, stream, k = self._size(src_w, src_h), self.stream, self.kernels
+        s, stream = self._size(src_w, src_h), self.stream
         slot = self._slots[self._next]
         if not slot.free.wait(10.0):
             raise EngineError("no free GPU slot in 10 s: results are not being collected")
@@ -295,21 +311,12 @@ class GpuFrontend:
                 cuda.copy_htod_async(frame, s.pinned[slot.index], self.copy_stream)
             slot.uploaded.record(self.copy_stream)
             stream.wait(slot.uploaded)
-            grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
-            k.launch(self._letterbox, grid, (32, 8, 1), stream,
-                     [np.uint64(frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
-                      np.int32(s.new_w), np.int32(s.new_h), np.int32(s.left), np.int32(s.top),
-                      np.int32(self.width), np.int32(self.height), np.int32(self.pad_value),
-                      np.uint64(self._lut.ptr), np.uint64(self.input.ptr)])
+            s.letterbox[slot.index](stream)
             if self.on_device_decode:
                 cuda.memset_async(self._count, 0, stream)
             self.engine.run_device()
             if self.on_device_decode:
-                thr, nthr, beyond, floor = self._thresholds()
-                k.launch(self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1), stream,
-                         [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(thr.ptr),
-                          np.int32(nthr), np.float32(beyond), np.float32(floor), np.uint64(self._rows.ptr),
-                          np.uint64(self._count.ptr), np.int32(self._n)])
+                self._candidates_launch()(stream)
                 # every row slot, not just the kept ones: the count is not known on the host yet,
                 # and the device buffers belong to the next frame once this is queued (~28 B/anchor)
                 cuda.memcpy_async(slot.host_out[0].ptr, self._count.ptr, 4, "dtoh", stream)
