@@ -1,10 +1,14 @@
-"""One camera's pipeline: capture thread -> inference thread -> post/publish thread.
+"""One camera's pipeline: capture thread -> inference thread -> launch thread -> post/publish thread.
 
-The inference thread takes the newest frame (live) or every frame (files), preprocesses it into
-the engine's preallocated input and runs the engine. Decoding, NMS and publishing happen on the
-post thread, so a slow broker or a burst of detections never stalls inference. A model swap
-happens between two frames on the inference thread: the old runtime serves until the new one
-takes the next frame, and every result carries the runtime that produced it.
+The inference thread takes the newest frame (live) or every frame (files). On the CPU path it
+letterboxes it into the engine's preallocated input and runs the engine; on the GPU path it only
+queues the upload and the letterbox kernel (agent.vision.gpu), and the launch thread runs the
+engine on the frame before (ONNX Runtime's call blocks while the GPU infers, so the two overlap).
+CPU frames pass the launch thread untouched. Decoding, NMS and publishing happen on the post
+thread, so a slow broker or a burst of detections never stalls inference. Every hand-off is a
+FIFO: frames keep their order. A model swap happens between two frames on the inference thread:
+the old runtime serves until the new one takes the next frame, and every result carries the
+runtime that produced it.
 """
 
 from __future__ import annotations
@@ -156,12 +160,15 @@ class Pipeline:
         self.post_progress = time.monotonic()
         self.finished = threading.Event()
         self._handoff: queue.Queue[object] = queue.Queue(maxsize=handoff_size)
+        self._launch_q: queue.Queue[object] = queue.Queue(maxsize=2)
+        self.launch_progress = time.monotonic()
         self._stop = threading.Event()
         self._frozen = threading.Event()  # test hook: simulates a stuck inference thread
         self._swap: SwapTicket | None = None
         self._new_ticket: SwapTicket | None = None
         self._swap_lock = threading.Lock()
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{camera_id}", daemon=True)
+        self._launch_thread = threading.Thread(target=self._launch_loop, name=f"launch-{camera_id}", daemon=True)
         self._post_thread = threading.Thread(target=self._post_loop, name=f"post-{camera_id}", daemon=True)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -172,6 +179,7 @@ class Pipeline:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.capture.start()
         self._infer_thread.start()
+        self._launch_thread.start()
         self._post_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -180,8 +188,9 @@ class Pipeline:
         self._frozen.clear()
         self.capture.stop(timeout)
         self._infer_thread.join(timeout)
+        self._launch_thread.join(timeout)
         self._post_thread.join(timeout)
-        if self._post_thread.is_alive() or self._infer_thread.is_alive():
+        if self._post_thread.is_alive() or self._infer_thread.is_alive() or self._launch_thread.is_alive():
             log.warning("pipeline %s did not stop within %.1f s", self.camera_id, timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -230,6 +239,33 @@ class Pipeline:
                     continue
                 self._infer_one(frame)
         finally:
+            self._launch_q.put(_STOP)
+
+    def _launch_loop(self) -> None:
+        """GPU frames: run the engine on each staged frame, in order (its call blocks while the GPU
+        infers, so staging the next frame happens on the inference thread meanwhile). CPU frames
+        arrive already inferred and pass straight on."""
+        try:
+            while True:
+                try:
+                    item = self._launch_q.get(timeout=0.2)
+                except queue.Empty:
+                    self.launch_progress = time.monotonic()
+                    continue
+                self.launch_progress = time.monotonic()
+                if item is _STOP:
+                    break
+                assert isinstance(item, _Item)
+                if item.runtime.frontend is not None and not isinstance(item.outputs, (list, Candidates)):
+                    try:
+                        item.outputs = item.runtime.frontend.launch(item.outputs)
+                    except AgentError as exc:
+                        self.errors += 1
+                        log.error("camera %s frame %d: %s", self.camera_id, item.frame.seq, exc)
+                        self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+                        continue
+                self._handoff.put(item)
+        finally:
             self._handoff.put(_STOP)
 
     def _infer_one(self, frame: Frame) -> None:
@@ -240,9 +276,9 @@ class Pipeline:
                 tensor, lb = rt.letterbox(frame.image)
                 t1 = time.perf_counter()
                 outputs: list[np.ndarray] | Candidates | Any = rt.engine.infer(tensor)
-            else:  # queued on the GPU; the post thread collects it, this thread takes the next frame
-                pending = rt.frontend.submit(frame.image)
-                outputs, lb = pending, pending.lb
+            else:  # uploaded and letterboxed on the GPU; the launch thread runs the engine on it
+                staged = rt.frontend.stage(frame.image)
+                outputs, lb = staged, staged.lb
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
@@ -250,12 +286,12 @@ class Pipeline:
             log.error("camera %s frame %d: %s", self.camera_id, frame.seq, exc)
             self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
             return
-        # on the GPU path "infer" includes the letterbox kernel: splitting it would cost a synchronisation
+        # on the GPU path "infer" is the host time to queue upload and letterbox; the GPU time shows in gpu_wait
         stage = {"wait": (t0 - frame.mono) * 1e3 if frame.mono else 0.0,
                  "preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
         self.recent_frames.append(frame.image)
         self.submitted += 1
-        self._handoff.put(_Item(frame, outputs, lb, rt, stage))
+        self._launch_q.put(_Item(frame, outputs, lb, rt, stage))
         if self._new_ticket is not None:
             self._new_ticket.first_seq = frame.seq
             self._new_ticket.done.set()
@@ -316,6 +352,7 @@ class Pipeline:
     def progress_probes(self) -> dict[str, Callable[[], float]]:
         """Monotonic time of each stage's last progress, for the watchdog."""
         return {f"infer-{self.camera_id}": lambda: self.infer_progress,
+                f"launch-{self.camera_id}": lambda: self.launch_progress,
                 f"post-{self.camera_id}": lambda: self.post_progress,
                 f"capture-{self.camera_id}": self._capture_progress}
 

@@ -60,7 +60,7 @@ def device_input(rt: ModelRuntime) -> np.ndarray:
     spec = rt.engine.input_spec
     host = np.empty(spec.shape, spec.dtype)
     fe.stream.synchronize()
-    cuda.copy_dtoh_async(host, fe.input, fe.stream)
+    cuda.copy_dtoh_async(host, fe.inputs[(fe._staged - 1) % len(fe.inputs)], fe.stream)
     fe.stream.synchronize()
     return host
 
@@ -228,7 +228,7 @@ def time_kernel_alone(model: Path, frame: np.ndarray, runs: int) -> dict[str, An
             t0 = time.perf_counter()
             np.copyto(s.pinned[0].array, frame)
             cuda.copy_htod_async(s.frames[0], s.pinned[0], fe.stream)
-            s.letterbox[0](fe.stream)
+            s.letterbox[0][0](fe.stream)
             fe.stream.synchronize()
             if i >= 20:
                 ms.append((time.perf_counter() - t0) * 1e3)

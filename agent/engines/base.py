@@ -94,12 +94,15 @@ class Engine(abc.ABC):
         """
         return None
 
-    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
-        """Run on caller-owned device buffers from now on (input first, outputs in output_specs order)."""
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> int:
+        """Register caller-owned device buffers (outputs in output_specs order); returns the binding's id.
+
+        Several bindings (e.g. two input buffers used in turn) may exist; each keeps its addresses.
+        """
         raise EngineError(f"{type(self).__name__} has no device IO")
 
-    def run_device(self) -> None:
-        """One inference on the bound device buffers; queued on device_stream (the caller synchronises)."""
+    def run_device(self, binding: int = 0) -> None:
+        """One inference on a binding's buffers, on device_stream (the caller synchronises)."""
         raise EngineError(f"{type(self).__name__} has no device IO")
 
     def warmup(self, runs: int = 3) -> None:

@@ -95,8 +95,7 @@ class OnnxRuntimeEngine(Engine):
         self._bound_in: Any = None
         self._bound_out: list[Any] = []
         self._stream: Any = None  # agent.engines.cuda.Stream shared with GPU preprocessing, when there is one
-        self._device_binding: Any = None
-        self._run_options: Any = None
+        self._device_bindings: list[tuple[Any, Any]] = []  # (IO binding, its RunOptions)
         self._plain_options: Any = None  # RunOptions for session.run; keeps plain runs out of CUDA graphs
         self._graphs = False
         self.placement: dict[str, Any] = {}
@@ -264,22 +263,23 @@ class OnnxRuntimeEngine(Engine):
     def device_stream(self) -> Any | None:
         return self._stream
 
-    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> int:
         self._require_loaded()
         assert self._input is not None
         if self._stream is None:
             raise EngineError("device IO needs a GPU execution provider and the CUDA Python bindings")
         if len(output_ptrs) != len(self._outputs):
             raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
-
         binding = self._session.io_binding()
         binding.bind_input(self._input.name, "cuda", 0, self._input.dtype.type, list(self._input.shape), input_ptr)
         for spec, ptr in zip(self._outputs, output_ptrs, strict=True):
             binding.bind_output(spec.name, "cuda", 0, spec.dtype.type, list(spec.shape), ptr)
-        ro = self.run_options(1)
+        index = len(self._device_bindings)
+        ro = self.run_options(10 + index)  # a CUDA graph per binding: each replays its own addresses
         # the caller synchronises the shared stream once, after its own kernels and copies
         ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self._device_binding, self._run_options = binding, ro
+        self._device_bindings.append((binding, ro))
+        return index
 
     def run_options(self, graph_id: int) -> Any:
         """RunOptions naming the CUDA graph a run belongs to (one per set of bound addresses).
@@ -294,11 +294,12 @@ class OnnxRuntimeEngine(Engine):
             ro.add_run_config_entry("gpu_graph_id", str(graph_id))
         return ro
 
-    def run_device(self) -> None:
-        if self._device_binding is None:
+    def run_device(self, binding: int = 0) -> None:
+        if not 0 <= binding < len(self._device_bindings):
             raise EngineError("bind_device() first")
+        io, ro = self._device_bindings[binding]
         try:
-            self._session.run_with_iobinding(self._device_binding, self._run_options)
+            self._session.run_with_iobinding(io, ro)
         except Exception as exc:
             raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
 
@@ -366,7 +367,7 @@ class OnnxRuntimeEngine(Engine):
 
     def _close_impl(self) -> None:
         self._binding, self._bound_in, self._bound_out = None, None, []
-        self._device_binding = self._run_options = None
+        self._device_bindings = []
         self._session = None
         if self._stream is not None:
             try:

@@ -336,6 +336,8 @@ class TensorRTEngine(Engine):
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
         self._info: EngineInfo | None = None
+        self._device_bindings: list[list[int]] = []  # [input, *outputs] device addresses per binding
+        self._active_binding = -1
 
     def _io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         trt, engine = self._trt, self._engine
@@ -416,7 +418,7 @@ class TensorRTEngine(Engine):
         from agent.engines import cuda
 
         assert self._stream is not None
-        if getattr(self, "_device_bound", False):
+        if self._device_bindings:
             raise EngineError("the engine runs on caller-bound device buffers (bind_device); use run_device()")
         inp = self._inputs[0]
         np.copyto(self._host[inp.name].array, tensor)
@@ -434,19 +436,24 @@ class TensorRTEngine(Engine):
     def device_stream(self) -> Any | None:
         return self._stream
 
-    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
+    def bind_device(self, input_ptr: int, output_ptrs: list[int]) -> int:
         self._require_loaded()
         if len(output_ptrs) != len(self._outputs):
             raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
-        for spec, ptr in zip([self._inputs[0], *self._outputs], [input_ptr, *output_ptrs], strict=True):
-            if not self._context.set_tensor_address(spec.name, ptr):
-                raise EngineError(f"set_tensor_address({spec.name!r}) failed")
-        self._device_bound = True
+        self._device_bindings.append([input_ptr, *output_ptrs])
+        return len(self._device_bindings) - 1
 
-    def run_device(self) -> None:
+    def run_device(self, binding: int = 0) -> None:
         assert self._stream is not None
-        if not getattr(self, "_device_bound", False):
+        if not 0 <= binding < len(self._device_bindings):
             raise EngineError("bind_device() first")
+        # addresses are per execution context, not per call: set them when the binding changes
+        if binding != self._active_binding:
+            names = [self._inputs[0].name, *(s.name for s in self._outputs)]
+            for name, ptr in zip(names, self._device_bindings[binding], strict=True):
+                if not self._context.set_tensor_address(name, ptr):
+                    raise EngineError(f"set_tensor_address({name!r}) failed")
+            self._active_binding = binding
         if not self._context.execute_async_v3(self._stream.handle):
             raise EngineError("TensorRT execute_async_v3 failed")
 

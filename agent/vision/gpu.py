@@ -1,8 +1,13 @@
 """Frame -> candidates on the GPU: one upload, letterbox in a kernel, inference, score filter on the device.
 
-Per frame, queued without any host wait (submit), and collected later by another thread (result):
-  1. the BGR uint8 frame is uploaded on a copy stream (straight from page-locked memory, or after
-     one copy into a pinned staging buffer), so frame N+1 crosses the bus while frame N infers;
+Per frame, in three steps that three pipeline threads take in turn, none waiting for another's GPU work:
+  stage (inference thread): upload, letterbox into one of two input buffers, on a prep stream;
+  launch (launch thread): inference on that buffer, candidate selection, copy back, on the engine's stream;
+  result (post thread): wait for the frame's event, read the candidates.
+So frame N+1 is uploaded and letterboxed while frame N infers (ONNX Runtime's graph replay
+blocks its caller until the inference ends: preparing the next frame must happen elsewhere).
+  1. the BGR uint8 frame is uploaded on the prep stream (straight from page-locked memory, or
+     after one copy into a pinned staging buffer);
   2. a kernel letterboxes it (OpenCV INTER_LINEAR taps and integer arithmetic, so downscaled pixels
      equal cv2.resize's), converts BGR -> RGB and HWC -> CHW and normalises through the same
      256-entry table as the CPU path, straight into the engine's bound input buffer;
@@ -13,9 +18,8 @@ Per frame, queued without any host wait (submit), and collected later by another
 NMS runs on the host on those few candidates, in the post thread, exactly as on the CPU path.
 
 Up to SLOTS frames are in flight; each slot owns its staging, device frame and result buffers, so
-nothing is reused before its result was read. Everything after the upload is on the engine's
-stream, ordered on the device; the inference thread never waits for the GPU (the post thread
-does, on the slot's event), so host work of one frame overlaps the GPU work of the previous one.
+nothing is reused before its result was read. The two input buffers alternate; events order the
+streams on the device (a buffer is letterboxed again only after the inference that read it).
 
 Kernels are compiled by NVRTC at start (agent.engines.cuda.Kernel), not shipped as binaries.
 """
@@ -107,6 +111,7 @@ CANDIDATES(candidates_f16, u16, load_f16)
 
 _KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "candidates_f32", "candidates_f16"]
 SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepares and collects
+INPUTS = 2  # input buffers used in turn: one is letterboxed while the other is inferred
 _TINY = float(np.finfo(np.float32).tiny)
 _O = TypeVar("_O", bound=cuda._Owned)
 
@@ -117,7 +122,7 @@ class _SourceSize:
 
     pinned: list[cuda.PinnedBuffer]
     frames: list[cuda.DeviceBuffer]
-    letterbox: list[cuda.Launch]  # per slot: the kernel reading that slot's frame
+    letterbox: list[list[cuda.Launch]]  # [slot][input buffer]: the kernel from that frame into that buffer
     xtaps: cuda.DeviceBuffer
     ytaps: cuda.DeviceBuffer
     new_w: int
@@ -138,6 +143,15 @@ class _Slot:
     done: cuda.Event  # on the engine stream: results are in the host buffers
     host_out: list[cuda.PinnedBuffer]  # candidates: [count, rows]; other layouts: every output
     free: threading.Event
+
+
+@dataclass
+class Staged:
+    """A frame uploaded and letterboxed (or queued to be) into input buffer `input`."""
+
+    slot: _Slot
+    input: int
+    lb: Letterbox
 
 
 class Pending:
@@ -182,7 +196,7 @@ class GpuFrontend:
         self.pad_value = int(pad_value)
         self._owned: list[cuda._Owned] = []
         self._size_state: tuple[tuple[int, int], _SourceSize] | None = None
-        self._thread: int | None = None
+        self._threads: set[int] = set()
         self._slots: list[_Slot] = []
         self._next = 0
         try:
@@ -198,10 +212,15 @@ class GpuFrontend:
             else:
                 raise EngineError(f"GPU preprocessing does not support input dtype {spec.dtype}")
             self._lut = self._own(_upload(lut, stream))
-            self.input = self._own(cuda.DeviceBuffer(int(np.prod(spec.shape)) * spec.dtype.itemsize))
+            nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
+            self.inputs = [self._own(cuda.DeviceBuffer(nbytes)) for _ in range(INPUTS)]
+            self.input = self.inputs[0]
             self.outputs = [self._own(cuda.DeviceBuffer(int(np.prod(o.shape)) * o.dtype.itemsize))
                             for o in engine.output_specs]
-            engine.bind_device(self.input.ptr, [o.ptr for o in self.outputs])
+            self._bindings = [engine.bind_device(i.ptr, [o.ptr for o in self.outputs]) for i in self.inputs]
+            # recorded after each inference: its input buffer may be letterboxed again
+            self._input_free = [self._own(cuda.Event(timing=False)) for _ in self.inputs]
+            self._staged = 0
             self._setup_decode()
         except BaseException:
             self.close()
@@ -259,12 +278,12 @@ class GpuFrontend:
                         lb=Letterbox(scale=r, pad_x=float(left), pad_y=float(top), src_w=src_w, src_h=src_h))
         grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
         for frame in s.frames:
-            s.letterbox.append(self.kernels.prepare(
+            s.letterbox.append([self.kernels.prepare(
                 self._letterbox, grid, (32, 8, 1),
                 [np.uint64(frame.ptr), np.int32(src_w * 3), np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr),
                  np.int32(new_w), np.int32(new_h), np.int32(left), np.int32(top), np.int32(self.width),
                  np.int32(self.height), np.int32(self.pad_value), np.uint64(self._lut.ptr),
-                 np.uint64(self.input.ptr)]))
+                 np.uint64(inp.ptr)]) for inp in self.inputs])
         self._size_state = ((src_w, src_h), s)
         return s
 
@@ -285,36 +304,54 @@ class GpuFrontend:
             self._thr_state = st
         return self._cand_launch
 
-    def submit(self, image: np.ndarray) -> Pending:
-        """Queue one frame: upload, letterbox, inference, candidate selection, copy back. No host wait
-        for the GPU (only for a free slot, when SLOTS frames are already in flight)."""
+    def _on_thread(self) -> None:
+        ident = threading.get_ident()
+        if ident not in self._threads:  # driver-API launches need the context current on this thread
+            cuda.use_device(self.device)
+            self._threads.add(ident)
+
+    def stage(self, image: np.ndarray) -> Staged:
+        """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
+        slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
-        if threading.get_ident() != self._thread:
-            cuda.use_device(self.device)
-            self._thread = threading.get_ident()
+        self._on_thread()
         src_h, src_w = int(image.shape[0]), int(image.shape[1])
         if src_h == 0 or src_w == 0:
             raise SourceError(f"empty frame {image.shape}")
-        s, stream = self._size(src_w, src_h), self.stream
+        s, prep = self._size(src_w, src_h), self.copy_stream
         slot = self._slots[self._next]
         if not slot.free.wait(10.0):
             raise EngineError("no free GPU slot in 10 s: results are not being collected")
         slot.free.clear()
         self._next = (self._next + 1) % SLOTS
+        k = self._staged % INPUTS
         try:
             frame = s.frames[slot.index]
             if image.flags.c_contiguous and cuda.is_pinned(image.ctypes.data):
-                cuda.copy_htod_async(frame, image, self.copy_stream)  # decoded into page-locked memory: DMA only
+                cuda.copy_htod_async(frame, image, prep)  # decoded into page-locked memory: DMA only
             else:
                 np.copyto(s.pinned[slot.index].array, image)  # the one host copy: pageable -> pinned
-                cuda.copy_htod_async(frame, s.pinned[slot.index], self.copy_stream)
-            slot.uploaded.record(self.copy_stream)
+                cuda.copy_htod_async(frame, s.pinned[slot.index], prep)
+            prep.wait(self._input_free[k])  # the inference that last read buffer k has finished
+            s.letterbox[slot.index][k](prep)
+            slot.uploaded.record(prep)
+        except BaseException:
+            slot.free.set()
+            raise
+        self._staged += 1
+        return Staged(slot, k, s.lb)
+
+    def launch(self, staged: Staged) -> Pending:
+        """Inference on a staged frame, candidate selection and copy back, on the engine's stream."""
+        self._on_thread()
+        slot, k, stream = staged.slot, staged.input, self.stream
+        try:
             stream.wait(slot.uploaded)
-            s.letterbox[slot.index](stream)
             if self.on_device_decode:
                 cuda.memset_async(self._count, 0, stream)
-            self.engine.run_device()
+            self.engine.run_device(self._bindings[k])
+            self._input_free[k].record(stream)
             if self.on_device_decode:
                 self._candidates_launch()(stream)
                 # every row slot, not just the kept ones: the count is not known on the host yet,
@@ -328,7 +365,10 @@ class GpuFrontend:
         except BaseException:
             slot.free.set()
             raise
-        return Pending(self, slot, s.lb)
+        return Pending(self, slot, staged.lb)
+
+    def submit(self, image: np.ndarray) -> Pending:
+        return self.launch(self.stage(image))
 
     def _collect(self, slot: _Slot) -> Candidates | list[np.ndarray]:
         if not self.on_device_decode:

@@ -117,3 +117,31 @@ def test_scale_boxes_clips() -> None:
     out = scale_boxes_to_source(boxes, lb)
     np.testing.assert_allclose(out, [[0, 0, 1280, 720], [20, 20, 40, 40]])
     assert boxes[0, 0] == -10  # input untouched
+
+
+def _fixed_point_resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """The GPU letterbox kernel's arithmetic (agent/vision/gpu.py), in numpy: cv2's uint8 INTER_LINEAR."""
+    from agent.vision.preprocess import linear_taps
+
+    x0, x1, a0, a1 = (t.astype(np.int64) for t in linear_taps(img.shape[1], w))
+    y0, y1, b0, b1 = (t.astype(np.int64) for t in linear_taps(img.shape[0], h))
+    src = img.astype(np.int64)
+    h0 = src[y0][:, x0] * a0[None, :, None] + src[y0][:, x1] * a1[None, :, None]
+    h1 = src[y1][:, x0] * a0[None, :, None] + src[y1][:, x1] * a1[None, :, None]
+    v = (((b0[:, None, None] * (h0 >> 4)) >> 16) + ((b1[:, None, None] * (h1 >> 4)) >> 16) + 2) >> 2
+    return v.astype(np.uint8)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((1920, 1080), (640, 360)), ((1280, 720), (640, 360)),
+                                          ((333, 517), (206, 320)), ((640, 360), (320, 180)),
+                                          ((640, 640), (640, 640))])
+def test_gpu_kernel_taps_equal_cv2_when_downscaling(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    img = _frame(*src, seed=5)
+    want = cv2.resize(img, dst, interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(_fixed_point_resize(img, *dst), want)
+
+
+def test_gpu_kernel_taps_within_one_level_when_upscaling() -> None:
+    img = _frame(200, 120, seed=6)
+    want = cv2.resize(img, (640, 384), interpolation=cv2.INTER_LINEAR).astype(int)
+    assert np.abs(_fixed_point_resize(img, 640, 384).astype(int) - want).max() <= 1
