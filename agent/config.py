@@ -54,6 +54,11 @@ class CameraConfig(_Strict):
     height: int | None = Field(None, ge=16, le=8192, description="requested height (v4l2, csi, synthetic)")
     fps: float | None = Field(None, gt=0, le=1000, description="requested frame rate")
     fourcc: str | None = Field(None, min_length=4, max_length=4, description="v4l2 pixel format, e.g. MJPG")
+    decode: Literal["cpu", "jetson"] = Field(
+        "cpu", description="rtsp:// and file sources: 'jetson' decodes on the Jetson's NVDEC engine through "
+        "GStreamer (nvv4l2decoder, nvvidconv) instead of FFmpeg on the CPU"
+    )
+    codec: Literal["h264", "h265"] = Field("h264", description="rtsp:// with decode 'jetson': the stream's codec")
     open_timeout_s: float = Field(10.0, gt=0, le=300, description="network sources: open timeout")
     read_timeout_s: float = Field(5.0, gt=0, le=300, description="a read slower than this counts as a failure")
     # a returning camera is picked up within ~0.6 s (#8's goal: <= 1 s); a retry each 0.5 s costs nothing

@@ -9,10 +9,10 @@ The implementation is picked by an explicit registry, scheme -> class (`SOURCES`
 
 | URI | class | live |
 | --- | --- | --- |
-| `path/to/video.mp4`, `file:///abs/video.mp4` | `FileSource` (OpenCV, any backend) | no |
+| `path/to/video.mp4`, `file:///abs/video.mp4` | `FileSource` (OpenCV, any backend; `decode: jetson`: NVDEC) | no |
 | `synthetic:`, `synthetic:WxH`, `synthetic:WxH@FPS` | `SyntheticSource` (procedural, deterministic) | yes |
 | `/dev/videoN`, `v4l2:///dev/videoN` | `V4L2Source` (cv2.CAP_V4L2) | yes |
-| `rtsp://` | `RtspSource` (FFmpeg backend over TCP) | yes |
+| `rtsp://` | `RtspSource` (FFmpeg backend over TCP; `decode: jetson`: NVDEC via GStreamer) | yes |
 | `http://`, `https://` | `HttpSource` (FFmpeg backend; MJPEG multipart) | yes |
 | `csi://N` | `CsiSource` (nvarguscamerasrc GStreamer pipeline) | yes |
 | `gst:PIPELINE` | `GstSource` (raw GStreamer pipeline ending in appsink) | yes |
@@ -217,11 +217,19 @@ class FileSource(_CvSource):
         self._pacer: _Pacer | None = None
         self.frames_read = 0
 
+    def _target(self) -> tuple[str, int]:
+        """What OpenCV opens: the path (any backend), or the Jetson hardware-decoding pipeline."""
+        cv2 = _cv2()
+        if self.cfg.decode == "jetson":
+            return jetson_decode_pipeline(self.cfg, str(self.path)), cv2.CAP_GSTREAMER
+        return str(self.path), cv2.CAP_ANY
+
     def open(self) -> None:
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
-        cv2 = _cv2()
-        cap = self._open_capture(str(self.path), cv2.CAP_ANY)
+        if self.cfg.decode == "jetson":
+            _require_gstreamer(f"hardware decoding of {self.path}")
+        cap = self._open_capture(*self._target())
         if cap is None:
             raise SourceError(f"cannot decode video file {self.path} (unsupported container or codec?)")
         self._cap = cap
@@ -233,9 +241,9 @@ class FileSource(_CvSource):
         cv2 = _cv2()
         if self._cap is not None and self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             return True
-        # some containers do not seek: open it again
+        # some containers (and GStreamer pipelines) do not seek: open it again
         self.close()
-        self._cap = self._open_capture(str(self.path), cv2.CAP_ANY)
+        self._cap = self._open_capture(*self._target())
         return self._cap is not None
 
     def read(self) -> np.ndarray | None:
@@ -400,6 +408,17 @@ class RtspSource(_FfmpegNetSource):
         # read by OpenCV's FFmpeg backend at each open; a value the operator set wins
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
 
+    def open(self) -> None:
+        if self.cfg.decode != "jetson":
+            super().open()
+            return
+        _require_gstreamer(f"hardware decoding of {self.describe()}")
+        pipeline = jetson_decode_pipeline(self.cfg)
+        cap = self._open_capture(pipeline, _cv2().CAP_GSTREAMER)
+        if cap is None:
+            raise SourceError(f"GStreamer could not start hardware decoding of {self.describe()}: {redact(pipeline)}")
+        self._cap = cap
+
 
 class HttpSource(_FfmpegNetSource):
     """An HTTP(S) stream through FFmpeg: MJPEG `multipart/x-mixed-replace` cameras, and plain streams."""
@@ -437,6 +456,33 @@ def pipeline_for(cfg: CameraConfig) -> str:
     raise SourceError(f"no GStreamer pipeline for source {redact(src)!r}: expected csi://N or gst:PIPELINE")
 
 
+# NVDEC decodes into NVMM (device) buffers; nvvidconv (the VIC engine) writes BGRx into system
+# memory, the one transfer off the device (Orin's memory is shared: a blit, not a bus copy);
+# videoconvert drops the 4th byte on the CPU; the agent then uploads BGR to its letterbox kernel.
+_JETSON_TAIL = "nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
+
+
+def jetson_decode_pipeline(cfg: CameraConfig, path: str | None = None) -> str:
+    """The hardware-decoding GStreamer pipeline for an rtsp:// source, or for the video file `path`."""
+    if path is not None:  # decodebin picks nvv4l2decoder on a Jetson (its rank beats the software ones)
+        return f'filesrc location="{path}" ! decodebin ! {_JETSON_TAIL}appsink max-buffers=4 sync=false'
+    if not cfg.source.startswith("rtsp://"):
+        raise SourceError(f"decode 'jetson' is for rtsp:// and file sources, not {redact(cfg.source)!r}")
+    latency_ms = 200  # rtspsrc's jitter buffer: enough for a factory network, far below a frame period x 10
+    return (f'rtspsrc location="{cfg.source}" protocols=tcp latency={latency_ms} drop-on-latency=true ! '
+            f"rtp{cfg.codec}depay ! {cfg.codec}parse ! nvv4l2decoder ! {_JETSON_TAIL}"
+            "appsink drop=true max-buffers=1 sync=false")
+
+
+def _require_gstreamer(what: str) -> None:
+    if not gstreamer_available():
+        raise SourceError(
+            f"this OpenCV has no GStreamer support (cv2.getBuildInformation(): GStreamer NO), so {what} "
+            "cannot be opened. On a Jetson, a pip-installed opencv-python has probably replaced JetPack's "
+            "GStreamer-enabled OpenCV: `pip uninstall opencv-python opencv-python-headless` (see README)"
+        )
+
+
 class GstSource(_CvSource):
     """A raw GStreamer pipeline ending in appsink (cv2.CAP_GSTREAMER)."""
 
@@ -445,12 +491,7 @@ class GstSource(_CvSource):
         self.pipeline = pipeline_for(cfg)
 
     def open(self) -> None:
-        if not gstreamer_available():
-            raise SourceError(
-                f"this OpenCV has no GStreamer support (cv2.getBuildInformation(): GStreamer NO), so {self.describe()} "
-                "cannot be opened. On a Jetson, a pip-installed opencv-python has probably replaced JetPack's "
-                "GStreamer-enabled OpenCV: `pip uninstall opencv-python opencv-python-headless` (see README)"
-            )
+        _require_gstreamer(self.describe())
         cv2 = _cv2()
         cap = self._open_capture(self.pipeline, cv2.CAP_GSTREAMER)
         if cap is None:

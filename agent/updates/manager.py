@@ -287,12 +287,11 @@ class UpdateManager:
                     self._clear_pending(job.raw)
                     self._rejected(job.raw, exc)
                     return
-            if self._queued is not None:
-                old = self._queued
+            old, self._queued = self._queued, job  # queued first: a new job on the same transfer keeps its assembler
+            if old is not None:
                 self.counters["superseded"] += 1
                 self._event("update_superseded", manifest_id=old.manifest.id, by=job.manifest.id)
                 self._drop_assembler(old)
-            self._queued = job
             self._cv.notify_all()
 
     def _drop_assembler(self, job: _Job) -> None:

@@ -18,6 +18,7 @@ from agent.capture.sources import (
     SyntheticSource,
     V4L2Source,
     gstreamer_available,
+    jetson_decode_pipeline,
     open_source,
     pipeline_for,
     redact,
@@ -248,3 +249,27 @@ def test_gst_pipeline_reads_frames() -> None:
     finally:
         src.close()
     assert img is not None and img.shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("codec", ["h264", "h265"])
+def test_jetson_rtsp_pipeline_decodes_on_nvdec(codec: str) -> None:
+    pipe = jetson_decode_pipeline(cam("rtsp://10.0.0.5:8554/line1", decode="jetson", codec=codec))
+    assert pipe.startswith('rtspsrc location="rtsp://10.0.0.5:8554/line1" protocols=tcp ')
+    assert f"rtp{codec}depay ! {codec}parse ! nvv4l2decoder ! nvvidconv ! video/x-raw,format=BGRx" in pipe
+    assert pipe.endswith("appsink drop=true max-buffers=1 sync=false")  # live: newest frame only
+
+
+def test_jetson_file_pipeline_is_lossless_and_rejects_other_sources(tmp_path: Path) -> None:
+    pipe = jetson_decode_pipeline(cam(str(tmp_path / "a.mp4"), decode="jetson"), str(tmp_path / "a.mp4"))
+    assert "decodebin ! nvvidconv" in pipe and "drop=true" not in pipe  # files: every frame
+    with pytest.raises(SourceError, match="rtsp:// and file"):
+        jetson_decode_pipeline(cam("http://cam/stream", decode="jetson"))
+
+
+@pytest.mark.skipif(gstreamer_available(), reason="this OpenCV has GStreamer: the no-GStreamer error cannot occur")
+def test_jetson_decode_without_gstreamer_says_why(tmp_path: Path) -> None:
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"not really a video")
+    for uri in ("rtsp://127.0.0.1:1/x", str(video)):
+        with pytest.raises(SourceError, match="no GStreamer support"):
+            open_source(cam(uri, decode="jetson")).open()

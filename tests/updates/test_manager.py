@@ -329,3 +329,26 @@ def test_crash_during_the_health_window_rolls_back_and_does_not_resume(env: dict
     time.sleep(0.3)
     assert host.activated == [] and store.recall("pending") is None
     assert [s["state"] for s in bus.states()] == ["rolled_back"]
+
+
+def test_resent_manifest_for_a_queued_transfer_keeps_its_chunks(env: dict[str, Any]) -> None:
+    """An operator re-pushes (new manifest id, same model, so the same transfer id) while the first
+    push is still queued: the newer job supersedes the older but must keep the shared assembler."""
+    gate = threading.Event()
+    env["host"].gate = gate
+    first = model_file(env["tmp"], "2")
+    env["bus"].deliver("edge/dev1/model/update", signed(env, first.read_bytes(), url=first.as_uri(), version="2"))
+    wait_state(env["bus"], lambda s: s["state"] == "building")
+    data = model_file(env["tmp"], "3", gain=0.5).read_bytes()
+    raws = [signed(env, data, version="3", mqtt_chunk=1024) for _ in range(2)]
+    tids = {json.loads(r)["source"]["mqtt"]["transfer_id"] for r in raws}
+    assert len(tids) == 1  # the transfer id comes from the model's hash
+    for raw in raws:
+        env["bus"].deliver("edge/dev1/model/update", raw)
+    tid = tids.pop()
+    for i in range((len(data) + 1023) // 1024):
+        env["bus"].deliver(f"edge/dev1/model/chunks/{tid}/{i}", data[i * 1024:(i + 1) * 1024])
+    gate.set()
+    assert env["mgr"].wait_idle(15)
+    assert env["host"].current == ("widgets", "3")
+    assert env["store"].active().model_path.read_bytes() == data
