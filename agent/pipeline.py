@@ -14,6 +14,7 @@ runtime that produced it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -175,8 +176,9 @@ class Pipeline:
     def start(self) -> None:
         # Three Python threads share the GIL; at the default 5 ms switch interval a thread woken by
         # its queue can wait that long behind a busy one, which shows as latency spikes (p99).
-        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
-            sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        interval = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", _SWITCH_INTERVAL_S * 1e3)) / 1e3
+        if sys.getswitchinterval() > interval:
+            sys.setswitchinterval(interval)
         self.capture.start()
         self._infer_thread.start()
         self._launch_thread.start()
