@@ -14,7 +14,6 @@ runtime that produced it.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sys
 import threading
@@ -174,11 +173,11 @@ class Pipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        # Three Python threads share the GIL; at the default 5 ms switch interval a thread woken by
-        # its queue can wait that long behind a busy one, which shows as latency spikes (p99).
-        interval = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", _SWITCH_INTERVAL_S * 1e3)) / 1e3
-        if sys.getswitchinterval() > interval:
-            sys.setswitchinterval(interval)
+        # Four Python threads share the GIL; at the default 5 ms switch interval a thread woken by
+        # its queue may wait that long behind a busy one. 1 ms bounds that; on the H200 bench 0.1,
+        # 0.25 and 1 ms gave the same throughput and p99 (docs/measurements/h200-2026-11-30).
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.capture.start()
         self._infer_thread.start()
         self._launch_thread.start()
