@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def _run_service(cfg: AgentConfig, config_path: Path | None, echo: bool, max_fra
     except AgentError as exc:
         log.error("%s", exc)
         svc.notifier.status(f"failed: {str(exc)[:200]}")
-        return 1
+        # a trusted key that cannot be read is a configuration error: exit 2, which the unit does not
+        # restart (RestartPreventExitStatus), rather than 1 and a restart loop
+        return EXIT_CONFIG if getattr(exc, "reason", "") == "bad_key" else 1
     if echo:
         _print_summary(svc)
     return code
@@ -71,7 +74,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level, cfg.device_id)
-    return _run_service(cfg, Path(args.config), False, args.max_frames, args.duration)
+    code = _run_service(cfg, Path(args.config), False, args.max_frames, args.duration)
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+    if stuck:
+        # A thread still inside native code (an engine build or smoke test during an update) would
+        # abort the interpreter's teardown ("terminate called without an active exception", status
+        # -6). MQTT is drained and the store is written atomically by now: leave without teardown.
+        logging.getLogger(__name__).warning("exiting with threads still running: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def demo_config(mqtt: str | None, fast: bool, video: Path = DEMO_VIDEO) -> AgentConfig:

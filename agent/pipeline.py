@@ -188,10 +188,11 @@ class Pipeline:
         self._stop.set()
         self._frozen.clear()
         self.capture.stop(timeout)
-        self._infer_thread.join(timeout)
-        self._launch_thread.join(timeout)
-        self._post_thread.join(timeout)
-        if self._post_thread.is_alive() or self._infer_thread.is_alive() or self._launch_thread.is_alive():
+        threads = (self._infer_thread, self._launch_thread, self._post_thread)
+        for t in threads:
+            if t.ident is not None:  # a service failing at start stops pipelines never started
+                t.join(timeout)
+        if any(t.is_alive() for t in threads):
             log.warning("pipeline %s did not stop within %.1f s", self.camera_id, timeout)
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -171,3 +171,15 @@ def test_sighup_changes_threshold_live_and_rejects_bad_config(tmp_path: Path, br
     finally:
         assert agent.stop() == 0, agent.output()
         col.close()
+
+
+def test_unreadable_trusted_key_is_a_config_error(tmp_path: Path, broker: Broker, model: Path) -> None:
+    """Exit 2 (no systemd restart loop) with the real reason, not a crash while stopping."""
+    cfg = write_config(tmp_path / "a.yaml", broker.port, model, "synthetic:160x120@10",
+                       updates={"enabled": True, "trusted_keys": {"ops": str(tmp_path / "missing.pub")}})
+    agent = AgentProcess(cfg)
+    try:
+        assert agent.wait(60) == 2, agent.output()
+    finally:
+        agent.stop()
+    assert "trusted key 'ops'" in agent.output() and "Traceback" not in agent.output()

@@ -115,6 +115,9 @@ class HealthPolicy:
 
     max_error_ratio: float = 0.05
     min_fps_ratio: float = 0.5
+    # fps from fewer frames is noise (a paced source releasing a few frames at once after a stall
+    # doubles it): below this many frames on either side only errors and silence are judged
+    min_frames_for_fps: int = 5
 
     def judge(self, before: dict[str, Any], after: dict[str, Any]) -> str | None:
         frames, errors = int(after.get("frames", 0)), int(after.get("errors", 0))
@@ -123,7 +126,8 @@ class HealthPolicy:
         if frames == 0 and int(before.get("frames", 0)) > 0:
             return "no frame processed since the swap"
         fps0, fps1 = float(before.get("fps", 0.0) or 0.0), float(after.get("fps", 0.0) or 0.0)
-        if fps0 > 0 and fps1 < self.min_fps_ratio * fps0:
+        enough = min(frames, int(before.get("frames", 0))) >= self.min_frames_for_fps
+        if enough and fps0 > 0 and fps1 < self.min_fps_ratio * fps0:
             return f"fps fell from {fps0:.1f} to {fps1:.1f}"
         return None
 

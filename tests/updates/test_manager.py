@@ -352,3 +352,15 @@ def test_resent_manifest_for_a_queued_transfer_keeps_its_chunks(env: dict[str, A
     assert env["mgr"].wait_idle(15)
     assert env["host"].current == ("widgets", "3")
     assert env["store"].active().model_path.read_bytes() == data
+
+
+def test_health_judges_fps_only_on_enough_frames() -> None:
+    from agent.updates.manager import HealthPolicy
+
+    policy = HealthPolicy()
+    # 0.5 fps source: 5 frames before, 2 after in the window; a burst after a stall doubles "before"
+    assert policy.judge({"frames": 5, "fps": 0.5}, {"frames": 2, "errors": 0, "fps": 0.2}) is None
+    assert policy.judge({"frames": 300, "fps": 15.0}, {"frames": 100, "errors": 0, "fps": 5.0}) == \
+        "fps fell from 15.0 to 5.0"
+    assert policy.judge({"frames": 5, "fps": 0.5}, {"frames": 0, "errors": 0, "fps": 0.0}) == \
+        "no frame processed since the swap"
