@@ -109,11 +109,22 @@ def test_netns_partition_loss_and_heal() -> None:
             while chunk := conn.recv(1024):
                 got += chunk
             assert got.endswith(b"039")  # TCP delivered the rest after the heal
-            ns.loss(50)
-            time.sleep(0.5)  # a few packets each way: about half of them are dropped and counted
-            assert sum(ns.dropped().values()) > 0
-            ns.heal()
             assert client.wait(10) == 0
+            ns.loss(50)
+            # the TCP client is done: send datagrams both ways so the rules have packets to count
+            sender = ns.popen(["python3", "-c", (
+                "import socket,time\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                f"for i in range(40): s.sendto(b'x',('{ns.host_ip}',9)); time.sleep(0.01)\n")])
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for _ in range(40):
+                udp.sendto(b"x", (ns.ns_ip, 9))
+                time.sleep(0.01)
+            udp.close()
+            assert sender.wait(10) == 0
+            dropped = ns.dropped()
+            assert dropped["from_agent"] > 0 and dropped["to_agent"] > 0, dropped  # ~20 of 40 each way
+            ns.heal()
         finally:
             client.kill()
             srv.close()
