@@ -43,7 +43,7 @@ from agent.vision.types import Letterbox
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GpuFrontend"]
+__all__ = ["GpuFrontend", "Pending", "Staged"]
 
 _SOURCE = r"""
 typedef unsigned char u8;
