@@ -59,9 +59,9 @@ def _run_service(cfg: AgentConfig, config_path: Path | None, echo: bool, max_fra
     except AgentError as exc:
         log.error("%s", exc)
         svc.notifier.status(f"failed: {str(exc)[:200]}")
-        # a trusted key that cannot be read is a configuration error: exit 2, which the unit does not
-        # restart (RestartPreventExitStatus), rather than 1 and a restart loop
-        return EXIT_CONFIG if getattr(exc, "reason", "") == "bad_key" else 1
+        # a configuration error found only at run time (an unreadable trusted key) exits 2 like one
+        # found at load: the unit does not restart it (RestartPreventExitStatus), no restart loop
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
     if echo:
         _print_summary(svc)
     return code

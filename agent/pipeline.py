@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,28 +243,36 @@ class Pipeline:
         finally:
             self._launch_q.put(_STOP)
 
+    def _items(self, q: queue.Queue[object], progress: str) -> Iterator[_Item]:
+        """Items from `q` until _STOP; `progress` (an attribute name) is stamped on every wait, for the watchdog."""
+        while True:
+            try:
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                setattr(self, progress, time.monotonic())
+                continue
+            setattr(self, progress, time.monotonic())
+            if item is _STOP:
+                return
+            assert isinstance(item, _Item)
+            yield item
+
+    def _inference_failed(self, seq: int, exc: AgentError) -> None:
+        self.errors += 1
+        log.error("camera %s frame %d: %s", self.camera_id, seq, exc)
+        self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+
     def _launch_loop(self) -> None:
         """GPU frames: run the engine on each staged frame, in order (its call blocks while the GPU
         infers, so staging the next frame happens on the inference thread meanwhile). CPU frames
         arrive already inferred and pass straight on."""
         try:
-            while True:
-                try:
-                    item = self._launch_q.get(timeout=0.2)
-                except queue.Empty:
-                    self.launch_progress = time.monotonic()
-                    continue
-                self.launch_progress = time.monotonic()
-                if item is _STOP:
-                    break
-                assert isinstance(item, _Item)
+            for item in self._items(self._launch_q, "launch_progress"):
                 if item.runtime.frontend is not None and not isinstance(item.outputs, (list, Candidates)):
                     try:
                         item.outputs = item.runtime.frontend.launch(item.outputs)
                     except AgentError as exc:
-                        self.errors += 1
-                        log.error("camera %s frame %d: %s", self.camera_id, item.frame.seq, exc)
-                        self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+                        self._inference_failed(item.frame.seq, exc)
                         continue
                 self._handoff.put(item)
         finally:
@@ -284,9 +292,7 @@ class Pipeline:
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
-            self.errors += 1
-            log.error("camera %s frame %d: %s", self.camera_id, frame.seq, exc)
-            self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+            self._inference_failed(frame.seq, exc)
             return
         # on the GPU path "infer" is the host time to queue upload and letterbox; the GPU time shows in gpu_wait
         stage = {"wait": (t0 - frame.mono) * 1e3 if frame.mono else 0.0,
@@ -301,16 +307,7 @@ class Pipeline:
 
     def _post_loop(self) -> None:
         try:
-            while True:
-                try:
-                    item = self._handoff.get(timeout=0.2)
-                except queue.Empty:
-                    self.post_progress = time.monotonic()
-                    continue
-                self.post_progress = time.monotonic()
-                if item is _STOP:
-                    break
-                assert isinstance(item, _Item)
+            for item in self._items(self._handoff, "post_progress"):
                 self._post_one(item)
         finally:
             self.finished.set()

@@ -21,7 +21,7 @@ from agent import __version__
 from agent.capture.reader import CaptureThread
 from agent.config import AgentConfig, ModelConfig, load_config
 from agent.engines.base import Engine
-from agent.errors import AgentError, CacheError, ConfigError
+from agent.errors import AgentError, CacheError, ConfigError, UpdateError
 from agent.mqtt.client import MqttClient
 from agent.mqtt.topics import Topics
 from agent.pipeline import ModelRuntime, Pipeline, build_runtime
@@ -200,7 +200,12 @@ class Service:
             return
         from agent.updates.host import start_updates
 
-        self.updates, self.update_host = start_updates(self, self.store)
+        try:
+            self.updates, self.update_host = start_updates(self, self.store)
+        except UpdateError as exc:
+            if exc.reason == "bad_key":  # the operator's file, not a transient fault: no restart loop
+                raise ConfigError([f"updates.trusted_keys: {exc.detail}"]) from exc
+            raise
 
     def on_model_activated(self, rt: ModelRuntime) -> None:
         """After a swap: status, labels for the count topics, protected cache entries."""

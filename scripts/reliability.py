@@ -6,8 +6,9 @@
     python scripts/reliability.py --only broker_kill,camera_outage --out report/
 
 Writes `reliability.json` and `reliability.md` (scenario, cycles, what was lost, recovery p50 / p99 /
-max, goal met) to --out. Exit status 1 when a scenario crashed or a safety invariant (`hard`) broke;
-a missed timing goal is reported in the table, not hidden and not fatal.
+max, goal met) to --out. Exit status 1 when a scenario crashed or a safety invariant (`hard`) broke,
+and with --strict (CI) also when a scenario could not run for want of a tool or a permission; a
+missed timing goal is reported in the table, not hidden and not fatal.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep each scenario's work folder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="scenario parameter, e.g. --set soak_s=28800 (8 h soak) or --set cycles=10")
+    ap.add_argument("--strict", action="store_true",
+                    help="a scenario that could not run (a tool or permission missing) fails the run too")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args()
 
@@ -139,7 +142,7 @@ def main() -> int:
                                  note=f"scenario crashed: {type(exc).__name__}: {str(exc)[:300]}")
         res.wall_s = round(time.monotonic() - t0, 1)
         results.append(res)
-        if res.hard and res.met is False:
+        if (res.hard and res.met is False) or (args.strict and res.met is None):
             failed = True
         log(f"done in {res.wall_s} s: lost {res.lost}; met {res.met}")
         if not args.keep:

@@ -312,7 +312,7 @@ def _check_driver(drv: Any, result: Any, what: str) -> Any:
 class Kernel(_Owned):
     """CUDA C source compiled at run time by NVRTC for this GPU (a cubin, so the driver does no JIT).
 
-    `launch(name, grid, block, stream, args)` takes numpy scalars (np.int32(3), np.uint64(ptr), ...)
+    `prepare(name, grid, block, args)` takes numpy scalars (np.int32(3), np.uint64(ptr), ...)
     whose dtype is the kernel parameter's type. Launching needs the device's context current on the
     calling thread: call `use_device()` once per thread first.
     """
@@ -340,10 +340,6 @@ class Kernel(_Owned):
         self._module = _check_driver(self._drv, self._drv.cuModuleLoadData(cubin), "cuModuleLoadData")
         self._functions = {n: _check_driver(self._drv, self._drv.cuModuleGetFunction(self._module, n.encode()),
                                             f"cuModuleGetFunction({n})") for n in names}
-
-    def launch(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], stream: Stream,
-               args: list[np.generic]) -> None:
-        self.prepare(name, grid, block, args)(stream)
 
     def prepare(self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int],
                 args: list[np.generic]) -> Launch:

@@ -214,7 +214,6 @@ class GpuFrontend:
             self._lut = self._own(_upload(lut, stream))
             nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
             self.inputs = [self._own(cuda.DeviceBuffer(nbytes)) for _ in range(INPUTS)]
-            self.input = self.inputs[0]
             self.outputs = [self._own(cuda.DeviceBuffer(int(np.prod(o.shape)) * o.dtype.itemsize))
                             for o in engine.output_specs]
             self._bindings = [engine.bind_device(i.ptr, [o.ptr for o in self.outputs]) for i in self.inputs]
