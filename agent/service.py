@@ -25,9 +25,11 @@ from agent.errors import AgentError, CacheError, ConfigError, UpdateError
 from agent.mqtt.client import MqttClient
 from agent.mqtt.topics import Topics
 from agent.pipeline import ModelRuntime, Pipeline, build_runtime
+from agent.plc import PlcComponent, start_plc
 from agent.publish import ResultPublisher, dumps
 from agent.sdnotify import Notifier, Watchdog
 from agent.telemetry.system import SystemReader, check_thresholds
+from agent.vision.types import Result
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Service:
         self.exit_code = 0
         self._prometheus: Any = None
         self.store: Any = None
+        self._result_listeners: dict[str, list[Callable[[Result], None]]] = {c.id: [] for c in cfg.cameras}
+        self.plc: list[PlcComponent] = []
 
     # ---- events -----------------------------------------------------------------------------
     def emit(self, name: str, data: dict[str, object] | None = None) -> None:
@@ -88,12 +92,14 @@ class Service:
             capture = CaptureThread(cam, on_event=self.emit)
             publisher = ResultPublisher(self.mqtt, self.topics, cam.id, self.cfg.mqtt.detections_qos, echo=self.echo)
             publisher.labels = rt.labels
-            pipe = Pipeline(cam.id, capture, rt, publisher, on_event=self.emit, max_frames=self.max_frames)
+            pipe = Pipeline(cam.id, capture, rt, self._fanout(cam.id, publisher), on_event=self.emit,
+                            max_frames=self.max_frames)
             self.publishers.append(publisher)
             self.pipelines.append(pipe)
         # Handlers first, connection second: what the broker kept for us while we were down
         # (a manifest, update chunks) arrives right at connect and must find its handler.
         self._start_updates()
+        self.plc = start_plc(self)
         if self.mqtt is not None:
             self.mqtt.start()
         self._publish_status()
@@ -221,6 +227,32 @@ class Service:
             except AgentError as exc:
                 log.warning("could not protect engines %s: %s", keys, exc)
 
+    # ---- results to the PLC hand-off -----------------------------------------------------------
+    def add_result_listener(self, camera_id: str, sink: Callable[[Result], None]) -> None:
+        """`sink` gets every result of that camera on its post thread, after the detections are published."""
+        if camera_id not in self._result_listeners:
+            raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(self._result_listeners)})"])
+        self._result_listeners[camera_id].append(sink)
+
+    def camera_state(self, camera_id: str) -> str:
+        for p in self.pipelines:
+            if p.camera_id == camera_id:
+                return p.capture.state
+        return "unknown"
+
+    def _fanout(self, camera_id: str, publisher: ResultPublisher) -> Callable[[Result], None]:
+        listeners = self._result_listeners[camera_id]
+
+        def deliver(result: Result) -> None:
+            publisher(result)
+            for sink in listeners:
+                try:
+                    sink(result)
+                except Exception:  # a PLC component's fault never stops the detections
+                    log.exception("result listener %r failed on %s frame %d", sink, camera_id, result.frame_seq)
+
+        return deliver
+
     # ---- MQTT ---------------------------------------------------------------------------------
     def _on_mqtt_connect(self) -> None:
         # Retained status again after every reconnect: the will may have replaced it meanwhile.
@@ -258,6 +290,7 @@ class Service:
             if self.pipelines else {},
             "engine": self.engine_info,
             "updates": dict(self.updates.counters) if self.updates is not None else {"enabled": False},
+            **({"plc": {c.name: c.stats() for c in self.plc}} if self.plc else {}),
             "system": system,
         }
 
@@ -368,6 +401,11 @@ class Service:
             self._watchdog.stop()
         for p in self.pipelines:
             p.stop()
+        for component in self.plc:
+            try:
+                component.close()
+            except Exception:
+                log.exception("closing %s failed", component.name)
         if self._telemetry_thread is not None:
             self._telemetry_thread.join(2)
         if self.mqtt is not None:
