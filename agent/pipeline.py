@@ -4,11 +4,12 @@ The inference thread takes the newest frame (live) or every frame (files). On th
 letterboxes it into the engine's preallocated input and runs the engine; on the GPU path it only
 queues the upload and the letterbox kernel (agent.vision.gpu), and the launch thread runs the
 engine on the frame before (ONNX Runtime's call blocks while the GPU infers, so the two overlap).
-CPU frames pass the launch thread untouched. Decoding, NMS and publishing happen on the post
-thread, so a slow broker or a burst of detections never stalls inference. Every hand-off is a
-FIFO: frames keep their order. A model swap happens between two frames on the inference thread:
-the old runtime serves until the new one takes the next frame, and every result carries the
-runtime that produced it.
+CPU frames pass the launch thread untouched. Frames NVDEC left on the GPU (NV12) go to the GPU
+frontend as they are; on the CPU path they are fetched to the host first. Decoding, NMS and
+publishing happen on the post thread, so a slow broker or a burst of detections never stalls
+inference. Every hand-off is a FIFO: frames keep their order. A model swap happens between two
+frames on the inference thread: the old runtime serves until the new one takes the next frame,
+and every result carries the runtime that produced it.
 """
 
 from __future__ import annotations
@@ -281,13 +282,16 @@ class Pipeline:
     def _infer_one(self, frame: Frame) -> None:
         rt = self.runtime
         t0 = time.perf_counter()
+        image = frame.image
         try:
             if rt.frontend is None:
-                tensor, lb = rt.letterbox(frame.image)
+                if not isinstance(image, np.ndarray):  # an NV12 frame on the GPU, CPU preprocessing: fetch it
+                    image = image.to_bgr()
+                tensor, lb = rt.letterbox(image)
                 t1 = time.perf_counter()
                 outputs: list[np.ndarray] | Candidates | Any = rt.engine.infer(tensor)
             else:  # uploaded and letterboxed on the GPU; the launch thread runs the engine on it
-                staged = rt.frontend.stage(frame.image)
+                staged = rt.frontend.stage(image)
                 outputs, lb = staged, staged.lb
                 t1 = t0
             t2 = time.perf_counter()
@@ -297,7 +301,8 @@ class Pipeline:
         # on the GPU path "infer" is the host time to queue upload and letterbox; the GPU time shows in gpu_wait
         stage = {"wait": (t0 - frame.mono) * 1e3 if frame.mono else 0.0,
                  "preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
-        self.recent_frames.append(frame.image)
+        if isinstance(image, np.ndarray):  # host frames only: device frames would pin decoder buffers
+            self.recent_frames.append(image)
         self.submitted += 1
         self._launch_q.put(_Item(frame, outputs, lb, rt, stage))
         if self._new_ticket is not None:
@@ -374,6 +379,7 @@ class Pipeline:
             "fps": self.fps.rate(),
             "latency_ms": self.times.summary(),
             "camera_state": cap.get("state"),
+            "decode": cap.get("decode", "cpu"),
             "reconnects": cap.get("reconnects", 0),
             "model": {"name": self.runtime.name, "version": self.runtime.version},
         }

@@ -21,7 +21,7 @@ from agent import __version__
 from agent.capture.reader import CaptureThread
 from agent.config import AgentConfig, ModelConfig, load_config
 from agent.engines.base import Engine
-from agent.errors import AgentError, CacheError, ConfigError, UpdateError
+from agent.errors import AgentError, CacheError, ConfigError, EngineError, UpdateError
 from agent.mqtt.client import MqttClient
 from agent.mqtt.topics import Topics
 from agent.pipeline import ModelRuntime, Pipeline, build_runtime
@@ -55,6 +55,8 @@ class Service:
         self.engine_info: dict[str, object] = {}
         self.started_at = time.monotonic()
         self.ready = False
+        self._first_frame_seen: float | None = None
+        self._ready_logged = False
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._freeze = threading.Event()
@@ -68,7 +70,10 @@ class Service:
         self._prometheus: Any = None
         self.store: Any = None
         self._result_listeners: dict[str, list[Callable[[Result], None]]] = {c.id: [] for c in cfg.cameras}
+        self._result_steps: dict[str, list[Callable[[Result], None]]] = {c.id: [] for c in cfg.cameras}
         self.plc: list[PlcComponent] = []
+        self.model_loads = 0  # engines loaded since start (cameras on one model share one load)
+        self._engine_overrides: dict[str, object] = {}
 
     # ---- events -----------------------------------------------------------------------------
     def emit(self, name: str, data: dict[str, object] | None = None) -> None:
@@ -86,7 +91,14 @@ class Service:
                                    will_payload=self._status_payload("offline").encode(),
                                    on_connect=self._on_mqtt_connect)
         path, name, version, mcfg = self._initial_model()
-        runtimes = [self.load_runtime(path, name, version, mcfg) for _ in self.cfg.cameras]
+        if path == self.cfg.model.path:  # the configured model: a missing file or a misfit decoder is a
+            from agent.checks import model_errors  # config mistake (exit 2, no restart loop)
+
+            problems = model_errors(mcfg)
+            if problems:
+                raise ConfigError(problems)
+        self._graphs_for_cameras(len(self.cfg.cameras))
+        runtimes = self.load_runtimes(path, name, version, mcfg, len(self.cfg.cameras))
         self.engine_info = {**runtimes[0].engine.info.to_json(), "preprocess": runtimes[0].preprocess}
         for cam, rt in zip(self.cfg.cameras, runtimes, strict=True):
             capture = CaptureThread(cam, on_event=self.emit)
@@ -101,8 +113,7 @@ class Service:
         self._start_updates()
         self.plc = start_plc(self)
         if self.mqtt is not None:
-            self.mqtt.start()
-        self._publish_status()
+            self.mqtt.start()  # "online" is published by _on_mqtt_connect, once per connection
         if self.cfg.telemetry.prometheus_port is not None:
             from agent.telemetry.prometheus import PrometheusExporter
 
@@ -153,6 +164,62 @@ class Service:
         log.info("serving installed model %s", active.key)
         return active.model_path, active.name, active.version, mcfg
 
+    def _graphs_for_cameras(self, cameras: int) -> None:
+        """CUDA graphs stay on for one camera; with several sharing an ONNX Runtime session they go off.
+
+        ONNX Runtime keeps a captured graph per calling thread and captures on that thread's third
+        run in global capture mode: every camera's launch thread would capture on the shared stream
+        while the others run on it (measured on the H200: "operation not permitted when stream is
+        capturing", and a hung process).
+        """
+        eng = self.cfg.engine
+        first = eng.providers[0]
+        if cameras > 1 and eng.backend == "onnxruntime" and first.name != "CPUExecutionProvider" \
+                and "user_compute_stream" not in first.options:
+            # one user stream would put every camera's run on it in turn: ONNX Runtime's own
+            # streams per run let the cameras overlap (agent.engines.onnxruntime)
+            self._engine_overrides["providers"] = [
+                first.model_copy(update={"options": {**first.options, "has_user_compute_stream": "0"}}),
+                *eng.providers[1:]]
+        if cameras > 1 and eng.cuda_graph and eng.backend == "onnxruntime":
+            self._engine_overrides["cuda_graph"] = False
+            self.emit("cuda_graph_off", {"cameras": cameras, "reason": "several cameras share one ONNX Runtime "
+                                         "session; its CUDA graphs are captured per thread in global mode, so "
+                                         "captures from several camera threads would collide"})
+
+    def load_runtimes(self, path: Path | None, name: str | None, version: str | None,
+                      model_cfg: ModelConfig | None, count: int) -> list[ModelRuntime]:
+        """One runtime per camera, all on ONE loaded model where the backend can share it (own
+        buffers, bindings and letterbox per camera), else one load each. Warmed up one at a time."""
+        first = self.load_runtime(path, name, version, model_cfg)
+        runtimes = [first]
+        try:
+            for _ in range(count - 1):
+                try:
+                    engine = first.engine.share()
+                except EngineError as exc:
+                    if len(runtimes) == 1:
+                        self.emit("engine_not_shared", {"reason": str(exc)[:200]})
+                    runtimes.append(self.load_runtime(path, name, version, model_cfg))
+                    continue
+                runtimes.append(self._runtime_on(engine, path or self.cfg.model.path, name, version, model_cfg))
+        except AgentError:
+            for rt in runtimes:
+                rt.close()
+            raise
+        return runtimes
+
+    def _runtime_on(self, engine: Engine, path: Path, name: str | None, version: str | None,
+                    model_cfg: ModelConfig | None) -> ModelRuntime:
+        try:
+            rt = build_runtime(engine, model_cfg or self.cfg.model, path, name=name, version=version,
+                               preprocess=self.cfg.engine.preprocess)
+        except AgentError:
+            engine.close()
+            raise
+        rt.warmup(self.cfg.engine.warmup_runs)
+        return rt
+
     def load_runtime(self, path: Path | None = None, name: str | None = None, version: str | None = None,
                      model_cfg: ModelConfig | None = None) -> ModelRuntime:
         """Engine (through the cache) + letterbox + decoder for one pipeline, warmed up."""
@@ -168,6 +235,7 @@ class Service:
         rt.warmup(self.cfg.engine.warmup_runs)
         log.info("model %s %s loaded (%s, warm-up %.0f ms)", rt.name, rt.version,
                  ",".join(engine.info.providers), (time.perf_counter() - t0) * 1e3)
+        self.model_loads += 1
         return rt
 
     def _make_engine(self, path: Path) -> Engine:
@@ -180,7 +248,8 @@ class Service:
             self.notifier.extend_timeout(60.0)
             self.notifier.status(f"building engine {done:.0%} {note}".strip())
 
-        return create_engine(path, self.cfg.engine, cache, on_event=self.emit, progress=progress)
+        cfg = self.cfg.engine.model_copy(update=self._engine_overrides) if self._engine_overrides else self.cfg.engine
+        return create_engine(path, cfg, cache, on_event=self.emit, progress=progress)
 
     def _engine_cache(self) -> Any:
         if not self.use_cache:
@@ -234,16 +303,43 @@ class Service:
             raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(self._result_listeners)})"])
         self._result_listeners[camera_id].append(sink)
 
+    def add_result_step(self, camera_id: str, step: Callable[[Result], None]) -> None:
+        """`step` gets every result of that camera BEFORE the detections are published and may annotate
+        it (track ids); a step that raises is logged and the detections go out unannotated."""
+        if camera_id not in self._result_steps:
+            raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(self._result_steps)})"])
+        self._result_steps[camera_id].append(step)
+
+    def latest_image(self, camera_id: str) -> Any:
+        """The newest frame handed to that camera's detector (BGR numpy array), or None."""
+        for p in self.pipelines:
+            if p.camera_id == camera_id and p.recent_frames:
+                return p.recent_frames[-1]
+        return None
+
     def camera_state(self, camera_id: str) -> str:
         for p in self.pipelines:
             if p.camera_id == camera_id:
                 return p.capture.state
         return "unknown"
 
+    def model_labels(self, camera_id: str) -> list[str]:
+        """The labels of the model serving that camera now (empty when unknown)."""
+        for p in self.pipelines:
+            if p.camera_id == camera_id:
+                return list(p.runtime.labels)
+        return []
+
     def _fanout(self, camera_id: str, publisher: ResultPublisher) -> Callable[[Result], None]:
         listeners = self._result_listeners[camera_id]
+        steps = self._result_steps[camera_id]
 
         def deliver(result: Result) -> None:
+            for step in steps:
+                try:
+                    step(result)
+                except Exception:  # a PLC component's fault never stops the detections
+                    log.exception("result step %r failed on %s frame %d", step, camera_id, result.frame_seq)
             publisher(result)
             for sink in listeners:
                 try:
@@ -288,7 +384,8 @@ class Service:
             "mqtt": self.mqtt.stats() if self.mqtt is not None else {"enabled": False},
             "model": {"name": self.pipelines[0].runtime.name, "version": self.pipelines[0].runtime.version}
             if self.pipelines else {},
-            "engine": self.engine_info,
+            "engine": {**self.engine_info, "model_loads": self.model_loads,
+                       "cameras_on_engine": self.pipelines[0].runtime.engine.contexts if self.pipelines else 0},
             "updates": dict(self.updates.counters) if self.updates is not None else {"enabled": False},
             **({"plc": {c.name: c.stats() for c in self.plc}} if self.plc else {}),
             "system": system,
@@ -319,22 +416,34 @@ class Service:
             except Exception:  # telemetry must never take the service down
                 log.exception("telemetry failed")
 
-    def _status_line(self) -> str:
+    def _status_line(self, fps: bool = True) -> str:
         parts = []
         for p in self.pipelines:
             s = p.stats()
-            parts.append(f"{p.camera_id} {s['camera_state']} {s['fps']} fps")
+            parts.append(f"{p.camera_id} {s['camera_state']}" + (f" {s['fps']} fps" if fps else ""))
         rt = self.pipelines[0].runtime if self.pipelines else None
         model = f"{rt.name} v{rt.version}" if rt else "-"
         mq = "mqtt up" if self.mqtt is not None and self.mqtt.connected else "mqtt down"
         return f"{model}; {'; '.join(parts)}; {mq}"
 
     def _maybe_ready(self) -> None:
-        if self.ready or not any(p.processed > 0 for p in self.pipelines):
+        if self._ready_logged or not any(p.processed > 0 for p in self.pipelines):
             return
-        self.ready = True
-        self.notifier.ready(self._status_line())
-        log.info("ready: %s", self._status_line())
+        now = time.monotonic()
+        if not self.ready:  # READY as soon as the first frame went through; no fps to tell yet
+            self.ready = True
+            self._first_frame_seen = now
+            self.notifier.ready(self._status_line(fps=False))
+            return
+        # the log's ready line reports fps, measured over the first second of frames (two frames
+        # give 0 to 30 fps for a 15 fps video), or over what came in 5 s for a slow camera
+        first = self._first_frame_seen or now
+        if now - first < 1.0 or (now - first < 5.0 and not any(p.processed > 2 for p in self.pipelines)):
+            return
+        self._ready_logged = True
+        line = self._status_line()
+        self.notifier.status(line)
+        log.info("ready: %s", line)
 
     # ---- signals, reload, stop ------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -442,12 +551,15 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
         applied.append("telemetry")
     old_cams = {c.id: c for c in old.cameras}
     for pipe, cam in zip(svc.pipelines, new.cameras, strict=False):
-        if cam.id == pipe.camera_id and old_cams.get(cam.id) != cam:
+        was = old_cams.get(cam.id)
+        if was is not None and was.counting != cam.counting:  # the counting component holds its config
+            restart.append(f"cameras[{cam.id}].counting")
+        if cam.id == pipe.camera_id and was is not None and was.model_copy(update={"counting": cam.counting}) != cam:
             pipe.capture.set_source(cam)
             applied.append(f"cameras[{cam.id}]")
     if [c.id for c in old.cameras] != [c.id for c in new.cameras]:
         restart.append("cameras (added, removed or renamed)")
-    for section in ("engine", "cache", "updates", "service"):
+    for section in ("engine", "cache", "updates", "service", "sparkplug"):
         if getattr(old, section) != getattr(new, section):
             restart.append(section)
     if old.device_id != new.device_id:
@@ -460,7 +572,7 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
         restart.append("model (path, labels, decoder, name, version)")
     # Keep the new config for what was applied (and for the next reload's comparison).
     svc.cfg = new.model_copy(update={"device_id": old.device_id, "engine": old.engine, "cache": old.cache,
-                                     "updates": old.updates, "service": old.service})
+                                     "updates": old.updates, "service": old.service, "sparkplug": old.sparkplug})
     if restart:
         log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
     return applied, restart

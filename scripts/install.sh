@@ -7,7 +7,9 @@
 # - a venv in /opt/edge-agent/venv. On a Jetson it sees the system site-packages
 #   (--system-site-packages) so JetPack's OpenCV (with GStreamer), TensorRT and NVIDIA's
 #   onnxruntime-gpu wheel are used as installed, and the project is installed with the `jetson`
-#   extra (which pulls none of them); elsewhere with the `cpu` extra (pip's onnxruntime + OpenCV);
+#   extra (which pulls none of them, only cuda-python: JetPack has no CUDA Python bindings, and the
+#   TensorRT backend needs them), pinned to the device's CUDA minor (/usr/local/cuda/version.json:
+#   12.2 on JetPack 6.0, 12.6 on 6.1 / 6.2); elsewhere with the `cpu` extra (pip's onnxruntime + OpenCV);
 # - /etc/edge-agent/agent.yaml from config/agent.yaml, only if there is none yet;
 # - /etc/systemd/system/edge-agent.service, daemon-reload, enable, (re)start.
 # When systemd is not running (a chroot, an image build) the unit is enabled but not started.
@@ -93,8 +95,26 @@ run tar -C "$SRC" --exclude=.git --exclude=.venv --exclude='*.egg-info' --exclud
   -cf "$stage/src.tar" pyproject.toml README.md agent config systemd
 run mkdir -p "$stage/src"
 run tar -C "$stage/src" -xf "$stage/src.tar"
-run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$stage/src[$extra]"
+constraint=()
 if [ "$platform" = jetson ]; then
+  # cuda-python of the device's own CUDA minor (the jetson extra allows >=12.2,<13)
+  cuda_mm="$("$python" -c 'import json; v = json.load(open("/usr/local/cuda/version.json"))["cuda"]["version"]
+print(".".join(v.split(".")[:2]))' 2>/dev/null || true)"
+  if [ -n "$cuda_mm" ]; then
+    echo "cuda-python==$cuda_mm.*" > "$stage/constraints.txt"
+    constraint=(--constraint "$stage/constraints.txt")
+    echo "   system CUDA $cuda_mm: cuda-python==$cuda_mm.*"
+  else
+    echo "note: /usr/local/cuda/version.json unreadable: cuda-python is not pinned to this device's CUDA"
+  fi
+fi
+run "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${constraint[@]}" "$stage/src[$extra]"
+if [ "$platform" = jetson ]; then
+  "$VENV/bin/python" -c 'from agent.engines.tensorrt import tensorrt_available as t; import sys; sys.exit(t() is None)' \
+    2>/dev/null || echo "note: TensorRT's Python bindings are not importable: apt-get install python3-libnvinfer" \
+    "(JetPack's TensorRT; never a pip tensorrt wheel on a Jetson). engine.backend: tensorrt needs them."
+  "$VENV/bin/python" -c 'from agent.engines.cuda import cuda_runtime; cuda_runtime()' 2>/dev/null \
+    || echo "note: the CUDA Python bindings do not import in $VENV: pip install 'cuda-python>=12.2,<13'."
   "$VENV/bin/python" -c 'import onnxruntime' 2>/dev/null || echo "note: onnxruntime-gpu for Jetson is not on" \
     "the package index: install NVIDIA's wheel for JetPack 6 (https://pypi.jetson-ai-lab.dev, or the" \
     "Jetson Zoo) into $VENV, or use engine.backend: tensorrt, which needs only JetPack's TensorRT."

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from agent.fleet.push import build_manifest, connect, model_info, push_model  # noqa: E402
 from agent.updates.manifest import generate_keypair, load_private_key, sign_manifest  # noqa: E402
+from agent.updates.state import record_for  # noqa: E402
 from tests.support.agent_proc import AgentProcess, write_config  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.models import fixed_yolov8_model  # noqa: E402
@@ -130,7 +131,8 @@ class Session:
             client.loop_stop()
 
         def states() -> list[tuple[float, dict[str, Any]]]:
-            return [(t, s) for t, s in payloads(self.col.messages, "/model/state") if s.get("manifest_id") == mid]
+            recs = ((t, record_for(s, mid)) for t, s in payloads(self.col.messages, "/model/state"))
+            return [(t, r) for t, r in recs if r is not None]  # the attempt, beside what serves
 
         self.wait(lambda m: any(s["state"] in TERMINAL for _, s in states()), 120, f"v{version} to finish")
         final = states()[-1][1]

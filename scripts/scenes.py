@@ -422,3 +422,162 @@ def write_video(path: Path, seed: int, seconds: float = 6.0, fps: int = 15, widt
         writer.release()
     path.with_suffix(".json").write_text(json.dumps(truth, separators=(",", ":")))
     return truth
+
+
+# --------------------------------------------------------------------------------------------------
+# counting clips: a belt that may stop and reverse, plates crossing a vertical counting line
+
+
+@dataclass
+class CountingClip:
+    """How a counting clip moves. `moves`: (frames, px per frame) segments of belt motion, in order
+    (negative: the belt runs backwards; 0: it stands still). `pitch`: belt distance between plate
+    slots. `line_x`: the counting line (vertical, whole frame height). `start_phase`: where the slot
+    centres start, as belt px to the right of the line. `touching`: slots hold two plates touching
+    side by side (along the belt) or stacked across it, instead of one."""
+
+    name: str
+    moves: list[tuple[int, float]]
+    pitch: int = 200
+    line_x: int = 320
+    start_phase: float = 100.0
+    touching: bool = False
+    width: int = 640
+    height: int = 360
+    variant: str = "standard"
+
+    @property
+    def frames(self) -> int:
+        return sum(n for n, _ in self.moves)
+
+
+# The standard set: each moves whole pitches, so every plate ends where plates started (away from the
+# line), and turns only half way between two plates, so every crossing is a clear one.
+COUNTING_CLIPS: tuple[CountingClip, ...] = (
+    CountingClip("steady", [(4, 0.0), (100, 8.0), (4, 0.0)]),
+    CountingClip("touching", [(4, 0.0), (105, 8.0), (4, 0.0)], pitch=280, start_phase=140.0, touching=True),
+    CountingClip("reversal", [(4, 0.0), (50, 8.0), (3, 0.0), (25, -8.0), (3, 0.0), (25, 8.0), (4, 0.0)]),
+    # stops with a plate's centre on the line (100 px moved: a plate started 100 px left of it), stands
+    # 20 frames, goes on (one crossing); stops with the next plate on the line and goes back (none)
+    CountingClip("stop_on_line", [(4, 0.0), (25, 4.0), (20, 0.0), (50, 4.0), (20, 0.0), (25, -4.0), (4, 0.0)]),
+)
+
+
+def _clip_offsets(clip: CountingClip) -> list[float]:
+    offs, off = [], 0.0
+    for n, v in clip.moves:
+        for _ in range(n):
+            off += v
+            offs.append(off)
+    return offs
+
+
+def _clip_plates(clip: CountingClip, rng: np.random.Generator, lo: float, hi: float) -> list[Part]:
+    """Plates whose belt x covers [lo, hi]; p.u is the plate's centre in belt coordinates at offset 0."""
+    y0, y1 = _belt_rows(clip.height)
+    plates: list[Part] = []
+    first = math.floor((lo - clip.line_x - clip.start_phase) / clip.pitch) - 1
+    last = math.ceil((hi - clip.line_x - clip.start_phase) / clip.pitch) + 1
+    for k in range(first, last + 1):
+        cx = clip.line_x + clip.start_phase + k * clip.pitch
+        if not clip.touching:
+            p = random_part(rng)
+            p.u, p.y = cx, int(rng.integers(y0, max(y0 + 1, y1 - p.h)))
+            plates.append(p)
+            continue
+        a, b = random_part(rng), random_part(rng)
+        if k % 2 == 0:  # side by side along the belt, touching (0 or 1 px apart)
+            gap = int(rng.integers(0, 2))
+            a.u = cx - (a.w + gap + b.w) / 2 + a.w / 2
+            b.u = a.u + a.w / 2 + gap + b.w / 2
+            a.y = int(rng.integers(y0, max(y0 + 1, y1 - a.h)))
+            b.y = int(rng.integers(y0, max(y0 + 1, y1 - b.h)))
+        else:  # stacked across the belt, touching
+            a.u = b.u = cx
+            top = int(rng.integers(y0, max(y0 + 1, y1 - a.h - b.h - 1)))
+            a.y, b.y = top, top + a.h + int(rng.integers(0, 2))
+            if b.y + b.h > y1:
+                plates.append(a)
+                continue
+        plates.extend((a, b))
+    return plates
+
+
+def iter_counting_clip(clip: CountingClip, seed: int) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """Frames of `clip` and their objects; every object also carries `plate` (its index) and, for
+    plates, `cx` (the true centre x) so that `counting_truth` can follow them."""
+    rng = np.random.default_rng([seed, 15013])
+    style = random_style(rng, clip.variant)
+    W, H = clip.width, clip.height
+    offs = _clip_offsets(clip)
+    lo_off, hi_off = min([0.0, *offs]), max([0.0, *offs])
+    plates = _clip_plates(clip, rng, -hi_off - 200, W - lo_off + 200)
+    margin = 8
+    strip = _belt_strip(rng, style, int(hi_off - lo_off) + W + 2 * margin, H)
+    prev = 0.0
+    for t, off in enumerate(offs):
+        x0 = round(hi_off - off) + margin  # strip column shown at frame x = 0: the belt moves right
+        img = strip[:, x0:x0 + W].copy()
+        objects: list[dict[str, Any]] = []
+        for i, p in enumerate(plates):
+            x = round(p.u - p.w / 2 + off)
+            if x + p.w + 6 < 0 or x - 6 > W:
+                continue
+            _draw_part(img, p, x, p.y)
+            for o in _objects_of(p, x, p.y, W, H):
+                o["plate"] = i
+                if o["class_id"] == PART:
+                    o["cx"] = x + p.w / 2
+                objects.append(o)
+        vel = off - prev
+        prev = off
+        gain = style.gain * (1 + style.flicker * math.sin(2 * math.pi * t / 45.0))
+        blur = max(1, int(abs(vel) * EXPOSURE) | 1)
+        yield _finish(img, style, np.random.default_rng([seed, 15017, t]), gain, blur), objects
+
+
+def counting_truth(clip: CountingClip, seed: int, frames: list[list[dict[str, Any]]] | None = None) -> dict[str, int]:
+    """{"in", "out"}: crossings of the plates' true centres over the line (left to right is `in`); a
+    centre within 1 px of the line (plates are drawn at whole pixels, so a centre may sit half a pixel
+    off) is on neither side: stopping there and going on counts once, going back counts nothing."""
+    if frames is None:
+        frames = [objs for _, objs in iter_counting_clip(clip, seed)]
+    last: dict[int, int] = {}
+    n_in = n_out = 0
+    for objs in frames:
+        for o in objs:
+            if "cx" not in o:
+                continue
+            d = o["cx"] - clip.line_x
+            s = (d > 1) - (d < -1)
+            if s == 0:
+                continue
+            before = last.get(o["plate"])
+            if before is not None and before != s:
+                n_in += s > 0
+                n_out += s < 0
+            last[o["plate"]] = s
+    return {"in": n_in, "out": n_out}
+
+
+def write_counting_clip(path: Path, clip: CountingClip, seed: int, fps: int = 15) -> dict[str, Any]:
+    """An MJPG .avi (or mp4v .mp4) of `clip` and its truth JSON beside it: {"clip", "seed", "line",
+    "crossings": {"in", "out"}, "frames": [{"index", "objects"}]}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fourcc = cv2.VideoWriter.fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
+    writer = cv2.VideoWriter(str(path), fourcc, float(fps), (clip.width, clip.height))
+    if not writer.isOpened():
+        raise RuntimeError(f"cv2.VideoWriter cannot open {path}")
+    frames: list[list[dict[str, Any]]] = []
+    try:
+        for img, objs in iter_counting_clip(clip, seed):
+            writer.write(img)
+            frames.append(objs)
+    finally:
+        writer.release()
+    truth: dict[str, Any] = {"clip": clip.name, "seed": seed, "fps": fps, "width": clip.width,
+                             "height": clip.height, "line": [[clip.line_x, 0], [clip.line_x, clip.height]],
+                             "crossings": counting_truth(clip, seed, frames),
+                             "frames": [{"index": i, "objects": o} for i, o in enumerate(frames)]}
+    path.with_suffix(".json").write_text(json.dumps(truth, separators=(",", ":")))
+    return truth

@@ -108,7 +108,7 @@ def test_unreadable_model_is_a_clear_error(tmp_path: Path, broker: Broker) -> No
     cfg = write_config(tmp_path / "a.yaml", broker.port, bad, "synthetic:160x120@10")
     agent = AgentProcess(cfg)
     code = agent.wait(60)
-    assert code == 1
+    assert code == 2  # the configured model is a config mistake: exit 2, no restart loop under systemd
     assert "bad.onnx" in agent.output()
 
 

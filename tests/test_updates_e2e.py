@@ -32,6 +32,7 @@ from tests.support.agent_proc import AgentProcess, write_config
 from tests.support.broker import Broker
 from tests.support.models import fixed_yolov8_model
 from tests.support.mqtt import Collector, Msg
+from tests.support.update_rig import update_records
 
 LABELS = ["part", "dent"]
 FLOW = ["received", "downloading", "verifying", "building", "validating", "active"]
@@ -168,8 +169,12 @@ class Rig:
     def log(self) -> str:
         return self.agent.output() if self.agent is not None else ""
 
-    def states(self, manifest_id: str | None = None, since: int = 0) -> list[dict[str, Any]]:
-        out = payloads(self.col.messages[since:], "/model/state")
+    def states(self, manifest_id: str | None = None, since: int = 0,
+               version: str | None = None) -> list[dict[str, Any]]:
+        """The update records (attempts, refusals) on model/state, each once."""
+        msgs = list(self.col.messages)
+        out = update_records(payloads(msgs[since:], "/model/state"), version,
+                             before=payloads(msgs[:since], "/model/state"))
         return [s for s in out if manifest_id is None or s.get("manifest_id") == manifest_id]
 
     def wait_state(self, manifest_id: str, states: Iterable[str], timeout: float = 20) -> dict[str, Any]:
@@ -274,7 +279,7 @@ def test_push_v2_swaps_between_frames_and_survives_restart(tmp_path: Path, broke
             late.wait_for(lambda m: len(m) >= 2)
             assert payloads(late.messages, "/status")[-1]["model"] == {"name": "fixed", "version": "2"}
             st = payloads(late.messages, "/model/state")[-1]
-            assert (st["state"], st["version"], st["manifest_id"]) == ("active", "2", mid)
+            assert (st["state"], st["version"], st["last_attempt"]["manifest_id"]) == ("active", "2", mid)
         finally:
             late.close()
         assert store_state(rig.models_dir)["active"] == "fixed-2"
@@ -395,6 +400,54 @@ def test_slow_model_fails_its_health_window_and_rolls_back(tmp_path: Path, broke
         rig.close()
 
 
+def test_garbage_during_a_health_window_leaves_the_served_model_and_the_rollback_retained(
+        tmp_path: Path, broker: Broker, keys: Keys, v1: Path) -> None:
+    """Issue 16, point 10: `not json` on the update topic right after a slow model goes active.
+
+    The retained model/state must end saying what serves (v1 again, after the rollback), with the
+    rollback as the last attempt and the refusal beside it; `fleet status` shows the same."""
+    from agent.fleet.status import collect_status, format_table
+
+    slow = calibrated_slow_model(tmp_path / "slow.onnx", "2")  # ~250 ms per frame: ~4 fps against 20
+    rig = Rig(tmp_path, broker, keys, v1, latency_budget_ms=1000).start()
+    try:
+        rig.wait_ready()
+        rig.wait_dets(20)
+        res = push(broker, keys.ops, slow, "2", chunk_size=1024, wait_s=0)
+        mid = res.manifest["id"]
+        rig.wait_state(mid, ("active", "failed"), timeout=30)
+        c = connect(broker.host, broker.port)
+        try:
+            c.publish(update_topic("edge", device="dev1"), b"not json", qos=1).wait_for_publish(5)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+        st = rig.wait_state(mid, ("rolled_back", "failed"), timeout=30)
+        assert st["state"] == "rolled_back", st
+        n = len(rig.col.messages)
+        assert {d["model"]["version"] for d in rig.wait_dets(10, since=n)[2:]} == {"1"}
+        time.sleep(0.5)
+
+        late = Collector(broker.host, broker.port, ["edge/dev1/model/state"])
+        try:
+            late.wait_for(lambda m: len(m) >= 1)
+            final = payloads(late.messages, "/model/state")[-1]
+        finally:
+            late.close()
+        # what serves, never the refusal over it
+        assert (final["state"], final["name"], final["version"]) == ("rolled_back", "fixed", "1"), final
+        attempt = final["last_attempt"]
+        assert (attempt["state"], attempt["version"], attempt["manifest_id"], attempt["error"]) == \
+            ("rolled_back", "2", mid, "health"), final
+        assert final["last_refused"]["error"] == "malformed", final
+        rows = collect_status(broker.host, broker.port, "edge", timeout=3)
+        table = format_table(rows).splitlines()
+        assert "fixed:1" in table[1] and "rolled_back" in table[1] and "malformed" in table[1], table
+        assert "failed" not in table[1], table
+    finally:
+        rig.close()
+
+
 # ---- 5. crashes in the middle of an update ------------------------------------------------------
 
 def test_sigkill_at_each_step_of_an_update_leaves_a_complete_model(tmp_path: Path, broker: Broker, keys: Keys,
@@ -433,7 +486,7 @@ def test_sigkill_at_each_step_of_an_update_leaves_a_complete_model(tmp_path: Pat
             want = {"download-start": "downloading"}.get(point, point)
 
             def watch(m: list[Msg], want: str = want, mark: int = mark) -> bool:
-                return any(s.get("state") == want for s in payloads(m[mark:], "/model/state"))
+                return any(s.get("state") == want for s in update_records(payloads(m[mark:], "/model/state")))
 
             if point == "download-half":
                 push(broker, keys.ops, model, version, chunk_size=chunk, progress=on_progress, wait_s=0)
@@ -450,13 +503,13 @@ def test_sigkill_at_each_step_of_an_update_leaves_a_complete_model(tmp_path: Pat
             rig.start()
             rig.wait_ready()
             # not stuck: the last retained state is final (a resumed transfer without chunks fails)
-            def settled(m: list[Msg], mark: int = mark) -> bool:
-                sts = rig.states(since=mark)
+            def settled(m: list[Msg], mark: int = mark, version: str = version) -> bool:
+                sts = rig.states(since=mark, version=version)
                 return bool(sts) and sts[-1]["state"] in TERMINAL
 
             rig.wait(settled, timeout=20)
             time.sleep(0.3)
-            last = rig.states(since=mark)[-1]
+            last = rig.states(since=mark, version=version)[-1]
             assert last["state"] in TERMINAL, (point, last)
             # serving a complete model: v-old or v-new, and the store agrees with what serves
             n = len(rig.col.messages)

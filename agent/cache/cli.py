@@ -5,18 +5,23 @@
     add_cache_parser(sub)             # sets func=cmd_cache
 
 Exit codes: 0 ok; 1 a failure (build failed, corrupt entries found by verify); 2 bad arguments /
-config.
+config, or a cache folder that cannot be read (not a directory, no permission).
+
+`cache list` is cheap: it reads each entry's metadata and compares the engine's size with it, so it
+finds truncated, grown, half-written and mismatched entries, and shows the rest as `unverified`;
+`cache verify` also reads every engine and checks its sha256 (a flipped byte), and says `ok`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, CacheError, ConfigError, ModelError
 
 __all__ = ["add_build_engine_parser", "add_cache_parser", "add_parsers", "cmd_build_engine", "cmd_cache",
            "format_table"]
@@ -116,7 +121,9 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     except AgentError as exc:
         progress.done()
         print(f"build-engine failed: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        # the operator's input (not an ONNX model, a cache folder that cannot be written) is a usage
+        # error; a build that fails on a good model is a failure
+        return EXIT_USAGE if isinstance(exc, (ModelError, CacheError)) else EXIT_FAIL
     progress.done()
     info = engine.info
     built = any(name == "engine_built" for name, _ in events)
@@ -127,6 +134,19 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_dir_problem(cache_dir: Path) -> str | None:
+    """Why `cache_dir` cannot be read as a cache (None when it can, or does not exist yet)."""
+    try:
+        if not cache_dir.exists():
+            return None
+        if not cache_dir.is_dir():
+            return f"{cache_dir} is not a directory"
+        next(iter(os.scandir(cache_dir)), None)
+    except OSError as exc:
+        return f"cannot read {cache_dir}: {exc.strerror or exc}"
+    return None
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from agent.cache.store import EngineCache
 
@@ -135,8 +155,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    cache = EngineCache(cache_dir, max_bytes, check=False)
     action = getattr(args, "cache_action", None) or "list"
+    problem = _cache_dir_problem(cache_dir)
+    if problem is not None:
+        print(f"cache {action}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    cache = EngineCache(cache_dir, max_bytes, check=False)
     try:
         if action == "prune":
             removed = cache.prune(stale=True, corrupt=True)
@@ -147,13 +171,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     except AgentError as exc:
         print(f"cache {action} failed: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except OSError as exc:  # an entry folder unreadable while the cache folder itself is readable
+        print(f"cache {action}: cannot read {cache_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def state(i: Any) -> str:
+        # list reads metadata and sizes only: a flipped byte passes that, so nothing is called ok unread
+        shown = "unverified" if action == "list" and i.state == "ok" else i.state
+        return shown + (" (protected)" if i.protected else "")
+
     rows = [[i.key[:12], i.fields.get("model_sha256", "-")[:12], i.fields.get("backend", "-"),
-             i.fields.get("precision", "-"), _human(i.size), _when(i.last_use),
-             i.state + (" (protected)" if i.protected else ""), i.reason[:60]] for i in infos]
+             i.fields.get("precision", "-"), _human(i.size), _when(i.last_use), state(i), i.reason[:60]]
+            for i in infos]
     if rows:
         print(format_table(rows, ["KEY", "MODEL", "BACKEND", "PRECISION", "SIZE", "LAST USE", "STATE", "REASON"]))
     print(f"{len(infos)} entr{'y' if len(infos) == 1 else 'ies'}, {_human(sum(i.size for i in infos))} "
           f"of {_human(max_bytes)} in {cache_dir}")
+    if action == "list" and infos:
+        print("list checked each entry's metadata and engine size; `edge-agent cache verify` reads every engine "
+              "and checks its sha256")
     if action == "verify" and any(i.state == "corrupt" for i in infos):
         return EXIT_FAIL
     return 0

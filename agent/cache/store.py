@@ -16,25 +16,27 @@ any failure take the exclusive lock, look again (another process may have rebuil
 quarantine what is there, build into a temp file in the entry's directory, fsync, rename, fsync the
 directory, then write meta.json the same way. A process killed at any point leaves either no valid
 entry (temp files, or an engine without meta, both cleaned or quarantined later) or a complete one.
+
+Beside it: `files` (atomic writes, telling a full disk), `entries` (one entry's checks, quarantine,
+removal), `keys` (the key), `lock` (the file locks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.cache.entries import Entry, EntryInfo, quarantine_entry, remove_entry, verify_entry
+from agent.cache.files import ENGINE_FILE, META_FILE, TMP_MARK, dir_size, no_space, tmp_name, write_atomic
 from agent.cache.keys import cache_key as _cache_key
 from agent.cache.keys import file_sha256
 from agent.cache.lock import FileLock
@@ -42,6 +44,8 @@ from agent.engines.fingerprint import CACHE_FORMAT_VERSION, key_fingerprint
 from agent.errors import CacheError
 from agent.fsutil import fsync_dir
 
+# Entry, EntryInfo, ENGINE_FILE, META_FILE, write_atomic and fsync_dir are re-exported: callers import
+# them from here
 __all__ = ["ENGINE_FILE", "META_FILE", "EngineCache", "Entry", "EntryInfo", "EventSink", "fsync_dir",
            "write_atomic"]
 
@@ -50,98 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 EventSink = Callable[[str, dict[str, Any]], None]
 FingerprintFn = Callable[[str, list[str]], dict[str, str]]
-
-ENGINE_FILE = "engine.bin"
-META_FILE = "meta.json"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_TMP_MARK = ".tmp-"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-
-
-def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
-    """Write `data` to `path` atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    tmp = _tmp_name(path)
-    try:
-        # 0600 whatever the umask: the cache holds the device's engines (owner-only, like the model store)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
-
-
-@dataclass(slots=True)
-class Entry:
-    """A valid cache entry, as returned by `get_or_build` / `lookup`."""
-
-    key: str
-    dir: Path
-    meta: dict[str, Any]
-    built: bool = False  # built by this call (False: taken from the cache)
-
-    @property
-    def engine_path(self) -> Path:
-        return self.dir / ENGINE_FILE
-
-
-@dataclass(slots=True)
-class EntryInfo:
-    """One directory of the cache as `list_entries` / `verify` see it."""
-
-    key: str
-    state: str  # "ok" | "stale" | "corrupt" | "building"
-    reason: str = ""
-    fields: dict[str, str] = field(default_factory=dict)
-    size: int = 0
-    last_use: float = 0.0
-    built_at: float = 0.0
-    engine_sha256: str = ""
-    protected: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "state": self.state, "reason": self.reason, "fields": dict(self.fields),
-                "size": self.size, "last_use": self.last_use, "built_at": self.built_at,
-                "engine_sha256": self.engine_sha256, "protected": self.protected}
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    with contextlib.suppress(OSError):
-        for p in path.iterdir():
-            with contextlib.suppress(OSError):
-                if p.is_file():
-                    total += p.stat().st_size
-    return total
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "unknown"
-
-
-# Below this much space left for us, a failed write into the cache is blamed on a full disk.
-# ONNX Runtime reports a failed write of its optimised model as "Protobuf serialization failed",
-# without an errno, so the file system is asked instead (before the partial file is removed).
-FULL_BELOW_BYTES = 1 << 20
-
-
-def _no_space(exc: BaseException, where: Path) -> bool:
-    """Whether `exc` (raised while writing into `where`) means the disk or quota is full."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        st = os.statvfs(where)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
 
 
 class _CacheFull(Exception):
@@ -196,7 +109,7 @@ class EngineCache:
         """Create the layout and prove the directory is writable (CacheError saying what it means)."""
         if self._ready:
             return
-        probe = self.root / f".write-test{_TMP_MARK}{os.getpid()}"
+        probe = self.root / f".write-test{TMP_MARK}{os.getpid()}"
         try:
             for d in (self.root, self.quarantine_dir, self.locks_dir):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -250,50 +163,8 @@ class EngineCache:
                         on_wait=on_wait)
 
     # ---- verification --------------------------------------------------------------------------
-    def _read_meta(self, key: str) -> tuple[dict[str, Any] | None, str]:
-        """(meta, "") for a complete entry, (None, "missing") when there is none, (None, reason) when
-        what is there is not a valid entry. Checks everything but the engine's sha256."""
-        d = self.entry_dir(key)
-        meta_path, engine_path = d / META_FILE, d / ENGINE_FILE
-        has_meta, has_engine = meta_path.exists(), engine_path.exists()
-        if not has_meta and not has_engine:
-            return None, "missing"
-        if not has_meta:
-            return None, "engine without metadata (interrupted write)"
-        if not has_engine:
-            return None, "metadata without an engine"
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return None, f"metadata unreadable: {exc}"
-        if not isinstance(meta, dict):
-            return None, "metadata is not an object"
-        if meta.get("format") != CACHE_FORMAT_VERSION or meta.get("key") != key:
-            return None, "metadata does not belong to this key / format"
-        fields = meta.get("fields")
-        if not isinstance(fields, dict) or _cache_key({str(k): str(v) for k, v in fields.items()}) != key:
-            return None, "metadata fields do not hash to the key"
-        try:
-            size = engine_path.stat().st_size
-        except OSError as exc:
-            return None, f"engine unreadable: {exc.strerror or exc}"
-        if size != meta.get("size"):
-            return None, f"engine size {size} differs from the recorded {meta.get('size')}"
-        if not isinstance(meta.get("engine_sha256"), str):
-            return None, "metadata has no engine checksum"
-        return meta, ""
-
     def _verify(self, key: str, deep: bool = True) -> tuple[dict[str, Any] | None, str]:
-        meta, problem = self._read_meta(key)
-        if meta is None or not deep:
-            return meta, problem
-        try:
-            digest = file_sha256(self.entry_dir(key) / ENGINE_FILE)
-        except OSError as exc:
-            return None, f"engine unreadable: {exc.strerror or exc}"
-        if digest != meta["engine_sha256"]:
-            return None, "engine checksum mismatch"
-        return meta, ""
+        return verify_entry(self.entry_dir(key), key, deep)
 
     def _touch(self, key: str, meta: dict[str, Any]) -> None:
         meta = {**meta, "last_use": time.time()}
@@ -386,7 +257,7 @@ class EngineCache:
     def _clean_tmp(self, d: Path) -> None:
         with contextlib.suppress(OSError):
             for p in d.iterdir():
-                if _TMP_MARK in p.name:
+                if TMP_MARK in p.name:
                     with contextlib.suppress(OSError):
                         p.unlink()
 
@@ -395,7 +266,7 @@ class EngineCache:
         d = self.entry_dir(key)
         d.mkdir(exist_ok=True, mode=0o700)
         fsync_dir(self.root)
-        tmp = _tmp_name(d / ENGINE_FILE)
+        tmp = tmp_name(d / ENGINE_FILE)
         self._emit("engine_build_started", key=key, backend=fields.get("backend", ""))
         t0 = time.monotonic()
         try:
@@ -409,7 +280,7 @@ class EngineCache:
             os.replace(tmp, d / ENGINE_FILE)
             fsync_dir(d)
         except BaseException as exc:
-            full = isinstance(exc, Exception) and _no_space(exc, d)  # asked before the partial file goes
+            full = isinstance(exc, Exception) and no_space(exc, d)  # asked before the partial file goes
             with contextlib.suppress(OSError):
                 tmp.unlink()
             self._emit("engine_build_failed", key=key, error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -424,7 +295,7 @@ class EngineCache:
         try:
             write_atomic(d / META_FILE, json.dumps(meta, indent=1).encode())
         except OSError as exc:
-            if _no_space(exc, d):
+            if no_space(exc, d):
                 raise _CacheFull(f"writing the metadata: {exc.strerror or exc}") from exc
             raise
         self._emit("engine_built", key=key, size=size, build_s=round(build_s, 3),
@@ -437,33 +308,12 @@ class EngineCache:
         return obj, Entry(key, d, meta, built=True)
 
     def _quarantine(self, key: str, reason: str) -> None:
-        src = self.entry_dir(key)
-        dst = self.quarantine_dir / f"{key}.{int(time.time())}.{os.getpid()}.{_slug(reason)}"
-        try:
-            self.quarantine_dir.mkdir(exist_ok=True, mode=0o700)
-            os.replace(src, dst)
-            fsync_dir(self.root)
-            write_atomic(dst / "reason.txt", (reason + "\n").encode(), sync_dir=False)
-        except OSError as exc:  # could not move it: remove it, a bad engine must not stay valid
-            log.warning("cannot quarantine engine %s (%s); removing it", key[:12], exc)
-            self._remove_dir(src)
-        log.warning("engine %s quarantined: %s", key[:12], reason)
+        quarantine_entry(self.entry_dir(key), self.quarantine_dir, self.root, key, reason, self.keep_quarantined)
         self._emit("engine_quarantined", key=key, reason=reason)
-        self._trim_quarantine()
 
-    def _trim_quarantine(self) -> None:
-        try:
-            items = sorted(self.quarantine_dir.iterdir(), key=lambda p: p.stat().st_mtime)
-        except OSError:
-            return
-        for p in items[: max(0, len(items) - self.keep_quarantined)]:
-            shutil.rmtree(p, ignore_errors=True)
-
-    def _remove_dir(self, d: Path) -> None:
-        """Remove an entry: meta first (the entry stops being valid at once), then the rest."""
-        with contextlib.suppress(OSError):
-            (d / META_FILE).unlink()
-        shutil.rmtree(d, ignore_errors=True)
+    @staticmethod
+    def _remove_dir(d: Path) -> None:
+        remove_entry(d)
 
     # ---- timing cache ---------------------------------------------------------------------------
     def read_timing_cache(self) -> bytes | None:
@@ -514,7 +364,7 @@ class EngineCache:
         except CacheError:  # read-only cache directory: look without the lock
             got = True
         if not got:
-            return EntryInfo(key, "building", "locked by a build", size=_dir_size(d), protected=protected)
+            return EntryInfo(key, "building", "locked by a build", size=dir_size(d), protected=protected)
         try:
             meta, problem = self._verify(key, deep=deep)
         finally:
@@ -526,7 +376,7 @@ class EngineCache:
                 mtime, files = 0.0, []
             if problem == "missing":
                 problem = "incomplete build (temporary files only)" if files else "empty directory"
-            return EntryInfo(key, "corrupt", problem, size=_dir_size(d), last_use=mtime, protected=protected)
+            return EntryInfo(key, "corrupt", problem, size=dir_size(d), last_use=mtime, protected=protected)
         fields = {str(k): str(v) for k, v in meta["fields"].items()}
         stale = self._stale_reason(fields)
         return EntryInfo(key, "stale" if stale else "ok", stale, fields, int(meta["size"]),
@@ -553,7 +403,7 @@ class EngineCache:
         return True
 
     def total_bytes(self) -> int:
-        return sum(_dir_size(self.entry_dir(k)) for k in self._keys())
+        return sum(dir_size(self.entry_dir(k)) for k in self._keys())
 
     def evict(self, exclude: Iterable[str] = ()) -> list[str]:
         """Remove least recently used entries until the cache is under max_bytes. Protected keys,

@@ -128,6 +128,7 @@ class CaptureThread:
         self._thread: threading.Thread | None = None
         self._state = "connecting"
         self._describe = redact(cfg.source)
+        self._decode = "cpu"
         self._seq = 0
         self._frames_in = 0
         self._reconnects = 0
@@ -189,6 +190,7 @@ class CaptureThread:
         return {
             "camera": self._cfg.id,
             "source": self._describe,
+            "decode": self._decode,
             "state": self._state,
             "frames_in": self._frames_in,
             "frames_dropped": self._box.dropped,
@@ -256,6 +258,7 @@ class CaptureThread:
                     src = self._factory(self._cfg)
                     self._describe = src.describe()
                     src.open()
+                    self._decode = str(getattr(src, "decode_path", "cpu"))  # after open: a fallback is known
                 except Exception as e:  # SourceError, and anything a backend throws
                     self._close(src)
                     self._lost(str(e) or type(e).__name__)

@@ -2,6 +2,12 @@
 
 Lifecycle: construct (cheap) -> load() (allocates everything once) -> infer() per frame -> close().
 Nothing is allocated per inference by the base; backends are expected to do the same.
+
+Several cameras on one model: `share()` on a loaded engine returns another context on the same
+loaded model (weights loaded once) with its own input / output buffers, bindings and, where the
+backend allows, its own stream; each context serves one camera's threads and is closed on its
+own (the model goes with the last). A backend that cannot share raises EngineError, and the
+caller loads one engine per camera instead.
 """
 
 from __future__ import annotations
@@ -104,6 +110,15 @@ class Engine(abc.ABC):
     def run_device(self, binding: int = 0) -> None:
         """One inference on a binding's buffers, on device_stream (the caller synchronises)."""
         raise EngineError(f"{type(self).__name__} has no device IO")
+
+    def share(self) -> Engine:
+        """Another context on this loaded model, for another camera (see the module docstring)."""
+        raise EngineError(f"{type(self).__name__} cannot share one loaded model between cameras")
+
+    @property
+    def contexts(self) -> int:
+        """How many contexts (cameras) run on this loaded model."""
+        return 1
 
     def warmup(self, runs: int = 3) -> None:
         """Run a few inferences on a zero input so that the first real frame is not slow."""

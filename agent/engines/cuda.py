@@ -30,12 +30,16 @@ __all__ = [
     "Launch",
     "PinnedBuffer",
     "Stream",
+    "copy_2d_async",
     "copy_dtoh_async",
+    "copy_dtoh_ptr",
     "copy_htod_async",
     "cuda_runtime",
+    "current_context",
     "device_count",
     "is_pinned",
     "memcpy_async",
+    "memory_used",
     "memset_async",
     "set_sync_mode",
     "use_device",
@@ -259,6 +263,33 @@ def copy_dtoh_async(dst: PinnedBuffer | np.ndarray, src: DeviceBuffer, stream: S
           "cudaMemcpyAsync(DtoH)")
 
 
+def copy_dtoh_ptr(dst: np.ndarray, src: int) -> None:
+    """Synchronous copy of dst.nbytes from device address `src` into the contiguous host array `dst`."""
+    if not dst.flags.c_contiguous:
+        raise EngineError("copy_dtoh_ptr needs a contiguous host array")
+    rt = cuda_runtime()
+    check(rt.cudaMemcpy(dst.ctypes.data, src, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
+          f"cudaMemcpy(dtoh, {dst.nbytes})")
+
+
+def copy_2d_async(dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int, stream: Stream) -> None:
+    """Device-to-device copy of `rows` rows of `width` bytes between pitched buffers, on `stream`."""
+    rt = cuda_runtime()
+    check(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                               stream.raw), f"cudaMemcpy2DAsync({width}x{rows})")
+
+
+def current_context() -> int | None:
+    """The driver context current on this thread, as an integer handle (None without one or without bindings)."""
+    try:
+        drv = _import_first("cuda.bindings.driver", "cuda.cuda")
+        ctx = _check_driver(drv, drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        handle = int(ctx) if ctx is not None else 0
+    except Exception:
+        return None
+    return handle or None
+
+
 def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> None:
     """Raw-pointer copy of `nbytes` on `stream`; kind is "htod", "dtoh" or "dtod"."""
     rt = cuda_runtime()
@@ -270,6 +301,18 @@ def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> 
 def memset_async(dst: DeviceBuffer, value: int, stream: Stream) -> None:
     dst._alive()
     check(cuda_runtime().cudaMemsetAsync(dst.ptr, value, dst.nbytes, stream.raw), "cudaMemsetAsync")
+
+
+def memory_used(device: int = 0) -> int | None:
+    """Bytes in use on `device` (every process: cudaMemGetInfo), None without a GPU or bindings."""
+    if device_count() == 0:
+        return None
+    try:
+        use_device(device)
+        free, total = check(cuda_runtime().cudaMemGetInfo(), "cudaMemGetInfo")
+    except EngineError:
+        return None
+    return int(total) - int(free)
 
 
 def use_device(device: int = 0) -> None:

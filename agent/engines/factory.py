@@ -4,12 +4,13 @@
   (SessionOptions.optimized_model_filepath), saved right after the first session is built and
   loaded back as an ordinary ONNX model afterwards. An "all"-level optimised graph can hold
   CPU-specific layouts, which is why the CPU model and ISA are part of its key.
-- onnxruntime with the TensorRT EP: ONNX Runtime keeps its own engine files; they are pointed at
-  `<cache>/ort-trt/<key>/` (engines) and the shared timing cache folder, so they survive restarts
-  and a different runtime / device / model gets a different folder. Those files are ONNX
-  Runtime's: they are not checksummed or evicted by EngineCache.
-- tensorrt: a native TensorRT plan built from the ONNX model (agent.engines.tensorrt), cached,
-  verified and quarantined by EngineCache.
+- onnxruntime with the TensorRT EP: ONNX Runtime writes its own engine files; they are kept inside
+  the cache entry of the same key (`<cache>/<key>/ort-trt/`), with a checksummed manifest as the
+  entry's engine, verified before and after each load, quarantined and rebuilt when damaged, and
+  evicted with the entry (agent.engines.trt_ort). Its timing cache is per TensorRT version and GPU.
+- tensorrt: a native TensorRT plan built from the ONNX model (agent.engines.trt_build, run by
+  agent.engines.tensorrt), cached, verified and quarantined by EngineCache; built for, and loaded
+  onto, the configured DLA core.
 
 `create_engine` returns a LOADED engine (the cache's load step is what proves an entry good).
 """
@@ -20,11 +21,11 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from agent.cache.keys import canonical_json, model_digest
 from agent.cache.store import EngineCache
-from agent.config import EngineConfig, ProviderConfig
+from agent.config import EngineConfig
+from agent.engines import trt_ort
 from agent.engines.base import Engine
 from agent.engines.fingerprint import key_fingerprint
 from agent.errors import CacheError, EngineError
@@ -54,7 +55,7 @@ def effective_providers(cfg: EngineConfig) -> list[str]:
 
 
 def _input_shape(model_path: Path) -> str:
-    from agent.engines.tensorrt import onnx_io_specs
+    from agent.engines.trt_common import onnx_io_specs
 
     inputs, _ = onnx_io_specs(model_path)
     return ";".join(f"{s.name}:{'x'.join(str(d) for d in s.shape)}:{s.dtype}" for s in inputs)
@@ -62,7 +63,7 @@ def _input_shape(model_path: Path) -> str:
 
 def key_fields(model_path: Path, cfg: EngineConfig, fingerprint: dict[str, str] | None = None) -> dict[str, str]:
     """Every field of the cache key for this model and engine config (DESIGN.md's contract)."""
-    from agent.engines.tensorrt import BuildOptions
+    from agent.engines.trt_common import BuildOptions
 
     model_path = Path(model_path)
     providers = ["TensorRT"] if cfg.backend == "tensorrt" else effective_providers(cfg)
@@ -96,31 +97,6 @@ def _usable(cache: EngineCache | None, on_event: EventSink | None) -> EngineCach
     return cache
 
 
-def _ort_trt_options(cfg: EngineConfig, cache: EngineCache, key: str) -> EngineConfig:
-    """Point ONNX Runtime's TensorRT EP at the cache (options the user set explicitly win)."""
-    engine_dir = cache.root / "ort-trt" / key
-    timing_dir = cache.root / "ort-trt" / "timing"
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    timing_dir.mkdir(parents=True, exist_ok=True)
-    providers: list[ProviderConfig] = []
-    for given in cfg.providers:
-        p = given
-        if p.name == "TensorrtExecutionProvider":
-            defaults: dict[str, Any] = {
-                "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_dir),
-                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(timing_dir),
-                "trt_max_workspace_size": str(cfg.workspace_mb << 20),
-                "trt_builder_optimization_level": str(cfg.optimization_level),
-                "trt_fp16_enable": str(cfg.precision in ("fp16", "int8")),
-                "trt_int8_enable": str(cfg.precision == "int8"),
-            }
-            if cfg.dla_core is not None:
-                defaults.update({"trt_dla_enable": "True", "trt_dla_core": str(cfg.dla_core)})
-            p = ProviderConfig(name=p.name, options={**defaults, **p.options})
-        providers.append(p)
-    return cfg.model_copy(update={"providers": providers})
-
-
 def _create_onnxruntime(model_path: Path, cfg: EngineConfig, cache: EngineCache | None,
                         on_event: EventSink | None, progress: ProgressFn | None) -> Engine:
     from agent.engines.onnxruntime import OnnxRuntimeEngine
@@ -134,14 +110,18 @@ def _create_onnxruntime(model_path: Path, cfg: EngineConfig, cache: EngineCache 
         engine.load()
         return engine
     fields = key_fields(model_path, cfg)
-    key = cache.cache_key(fields)
-    if "TensorrtExecutionProvider" in fields["providers"].split(","):
+    if trt_ort.EP in fields["providers"].split(","):
+        def make(model: Path, ep_cfg: EngineConfig) -> Engine:
+            ort_engine = OnnxRuntimeEngine(model, ep_cfg, on_event=on_event)
+            ort_engine.load()
+            return ort_engine
+
         report(0.0, "building TensorRT engines (ONNX Runtime TensorRT EP)")
-        engine = OnnxRuntimeEngine(model_path, _ort_trt_options(cfg, cache, key), on_event=on_event)
-        engine.load()
-        engine.info.engine_key = key
+        ep_engine, cached = trt_ort.create(model_path, cfg, cache, fields, make)
+        ep_engine.info.engine_key = cache.cache_key(fields)
+        ep_engine.info.extra["engine_cached"] = cached
         report(1.0, "engine ready")
-        return engine
+        return ep_engine
 
     def build(out: Path) -> None:
         report(0.0, "optimizing graph (ONNX Runtime)")
@@ -165,36 +145,33 @@ def _create_onnxruntime(model_path: Path, cfg: EngineConfig, cache: EngineCache 
 
 def _create_tensorrt(model_path: Path, cfg: EngineConfig, cache: EngineCache | None,
                      progress: ProgressFn | None) -> Engine:
-    from agent.engines.tensorrt import (
-        NOT_INSTALLED,
-        BuildOptions,
-        TensorRTEngine,
-        build_engine_bytes,
-        tensorrt_available,
-    )
+    from agent.engines.tensorrt import TensorRTEngine
+    from agent.engines.trt_build import build_engine_bytes
+    from agent.engines.trt_common import BuildOptions, require_tensorrt
+    from agent.engines.trt_timing import timing_tag
 
-    if tensorrt_available() is None:
-        raise EngineError(NOT_INSTALLED)
+    require_tensorrt()
     options = BuildOptions.from_config(cfg)
     if cache is None:
         with tempfile.TemporaryDirectory(prefix="edge-agent-trt-") as tmp:
             path = Path(tmp) / "engine.bin"
             path.write_bytes(build_engine_bytes(model_path, options, None, progress))
-            engine = TensorRTEngine(path, model_path, cfg.precision)
+            engine = TensorRTEngine(path, model_path, cfg.precision, dla_core=cfg.dla_core)
             engine.load()  # the bytes are in memory after this; the file can go
         return engine
     fields = key_fields(model_path, cfg)
     key = cache.cache_key(fields)
 
     def build(out: Path) -> None:
-        out.write_bytes(build_engine_bytes(model_path, options, cache, progress))
+        out.write_bytes(build_engine_bytes(model_path, options, cache, progress, timing_tag(fields)))
 
     def load(path: Path) -> TensorRTEngine:
-        engine = TensorRTEngine(path, model_path, cfg.precision, engine_key=key)
+        engine = TensorRTEngine(path, model_path, cfg.precision, engine_key=key, dla_core=cfg.dla_core)
         engine.load()
         return engine
 
-    engine, _ = cache.get_or_build(fields, build, load)
+    engine, entry = cache.get_or_build(fields, build, load)
+    engine.info.extra["engine_cached"] = not entry.built
     return engine
 
 

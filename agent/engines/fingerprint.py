@@ -12,8 +12,14 @@ providers)` says whether every field that matters for that backend was really re
 `key_fingerprint` then pins an untrusted fingerprint to this one host (`portable=false` plus the
 host id), so such an engine is never taken by another device.
 
-Paths (/etc/nv_tegra_release, /proc/cpuinfo, /etc/machine-id) are read under `root`, so tests can
-fake them in a temporary directory.
+Telling Jetson modules apart: CUDA names every Orin "Orin", compute capability 8.7 (AGX, NX and
+Nano alike), so the key also holds the GPU's SM count and the board's name from
+/proc/device-tree/model. The CUDA version keyed for TensorRT is the system's
+(/usr/local/cuda/version.json, the CUDA libnvinfer links against on a Jetson), not what the CUDA
+Python bindings report (their own build's version).
+
+Paths (/etc/nv_tegra_release, /proc/cpuinfo, /proc/device-tree/model, /usr/local/cuda/version.json,
+/etc/machine-id) are read under `root`, so tests can fake them in a temporary directory.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ __all__ = [
     "tensorrt_version",
 ]
 
-CACHE_FORMAT_VERSION = "1"
+# 2: fp32 TensorRT engines without TF32; key gains gpu_sm_count, board and cuda_system (issue 14)
+CACHE_FORMAT_VERSION = "2"
 UNKNOWN = "unknown"
 NONE = "none"
 
@@ -176,6 +183,39 @@ def _cuda_runtime_module() -> Any | None:
     return None
 
 
+def _cuda_system(root: Path) -> str:
+    """The system CUDA toolkit's full version ('12.6.68') from /usr/local/cuda/version.json (CUDA
+    11.1+; version.txt before): what libnvinfer uses on a Jetson. "none" without /usr/local/cuda."""
+    base = root / "usr" / "local" / "cuda"
+    try:
+        data = json.loads((base / "version.json").read_text(encoding="utf-8"))
+        return str(data["cuda"]["version"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        return UNKNOWN
+    try:
+        text = (base / "version.txt").read_text(encoding="utf-8")  # "CUDA Version 10.2.300"
+    except FileNotFoundError:
+        return NONE
+    except OSError:
+        return UNKNOWN
+    m = re.search(r"(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else UNKNOWN
+
+
+def _board(root: Path, l4t: str) -> str:
+    """The board's name from the device tree ('NVIDIA Jetson Orin NX Engineering Reference Developer
+    Kit'): "none" where there is no device tree and the machine is not a Jetson."""
+    try:
+        model = (root / "proc" / "device-tree" / "model").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return NONE if l4t == NONE else UNKNOWN
+    except OSError:
+        return UNKNOWN
+    return model.replace("\x00", "").strip() or UNKNOWN
+
+
 def _cuda_toolkit_version(root: Path) -> str | None:
     """'12.6' from /usr/local/cuda/version.json (CUDA 11.1+), for machines without the bindings."""
     try:
@@ -187,27 +227,25 @@ def _cuda_toolkit_version(root: Path) -> str | None:
     return ".".join(parts[:2]) if len(parts) >= 2 else None
 
 
-_TEGRA_CC = {0x23: "8.7", 0x19: "7.2", 0x21: "5.3", 0x18: "6.2"}  # Orin, Xavier, Nano (TX1), TX2
+# chip id -> (the name CUDA gives the integrated GPU, compute capability): the same values
+# cudaGetDeviceProperties reports, so the key does not depend on whether the bindings are installed.
+_TEGRA_GPU = {0x23: ("Orin", "8.7"), 0x19: ("Xavier", "7.2")}
 
 
 def _tegra_gpu(root: Path) -> dict[str, str]:
-    """A Jetson's integrated GPU, read from the device tree and the fuse driver."""
+    """A Jetson's integrated GPU, read from the fuse driver (without the CUDA bindings)."""
     out: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        model = (root / "proc" / "device-tree" / "model").read_text(encoding="utf-8", errors="replace")
-        model = model.rstrip("\x00").strip()
-        if model:
-            out["gpu_name"] = model
     with contextlib.suppress(OSError, ValueError):
         chip = (root / "sys" / "module" / "tegra_fuse" / "parameters" / "tegra_chip_id").read_text().strip()
-        cc = _TEGRA_CC.get(int(chip, 0))
-        if cc:
-            out["gpu_cc"] = cc
+        known = _TEGRA_GPU.get(int(chip, 0))
+        if known:
+            out["gpu_name"], out["gpu_cc"] = known
     return out
 
 
 def _cuda_and_gpu(root: Path, l4t: str) -> dict[str, str]:
-    out = {"cuda_runtime": UNKNOWN, "cuda_driver": UNKNOWN, "gpu_name": UNKNOWN, "gpu_cc": UNKNOWN}
+    out = {"cuda_runtime": UNKNOWN, "cuda_driver": UNKNOWN, "gpu_name": UNKNOWN, "gpu_cc": UNKNOWN,
+           "gpu_sm_count": UNKNOWN}
     rt = _cuda_runtime_module()
     if rt is not None:
         ok = rt.cudaError_t.cudaSuccess
@@ -223,7 +261,7 @@ def _cuda_and_gpu(root: Path, l4t: str) -> dict[str, str]:
             err, n = rt.cudaGetDeviceCount()
             no_device = (rt.cudaError_t.cudaErrorNoDevice, rt.cudaError_t.cudaErrorInsufficientDriver)
             if (err == ok and n == 0) or err in no_device:
-                out["gpu_name"] = out["gpu_cc"] = NONE
+                out["gpu_name"] = out["gpu_cc"] = out["gpu_sm_count"] = NONE
             elif err == ok:
                 err, prop = rt.cudaGetDeviceProperties(0)
                 if err == ok:
@@ -231,6 +269,7 @@ def _cuda_and_gpu(root: Path, l4t: str) -> dict[str, str]:
                     name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
                     out["gpu_name"] = name.rstrip("\x00").strip() or UNKNOWN
                     out["gpu_cc"] = f"{prop.major}.{prop.minor}"
+                    out["gpu_sm_count"] = str(int(prop.multiProcessorCount))
     if UNKNOWN in (out["cuda_driver"], out["gpu_name"], out["gpu_cc"]):
         smi = _run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"])
         if smi:
@@ -288,6 +327,8 @@ def _device_fields(root: Path) -> tuple[tuple[str, str], ...]:
         "tensorrt": _tensorrt(root),
         "onnxruntime": ort_version,
         "onnxruntime_eps": ort_eps,
+        "board": _board(root, l4t),
+        "cuda_system": _cuda_system(root),
         **_cuda_and_gpu(root, l4t),
     }
     return tuple(sorted(fields.items()))
@@ -313,15 +354,16 @@ def relevant_fields(backend: str, providers: list[str]) -> tuple[str, ...]:
 
     The CUDA driver version is recorded but not keyed: engines depend on the runtime, and a driver
     update on a discrete GPU must not throw every engine away (on a Jetson the driver comes with
-    the L4T release, which is keyed).
+    the L4T release, which is keyed). TensorRT is keyed by the system CUDA it links against
+    (`cuda_system`), not by the CUDA Python bindings' own version (`cuda_runtime`, recorded).
     """
     common = ("cache_format", "cpu_arch", "l4t")
-    gpu = ("cuda_runtime", "gpu_name", "gpu_cc")
+    gpu = ("gpu_name", "gpu_cc", "gpu_sm_count", "board", "cuda_system")
     if backend == "tensorrt":
         return (*common, "tensorrt", *gpu)
     fields: tuple[str, ...] = (*common, "onnxruntime", "cpu_model", "cpu_isa")
     if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers):
-        fields = (*fields, *gpu)
+        fields = (*fields, "cuda_runtime", *gpu)
     if "TensorrtExecutionProvider" in providers:
         fields = (*fields, "tensorrt")
     return fields

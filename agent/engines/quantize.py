@@ -2,8 +2,11 @@
 
 Two variants (measured on YOLOv8n, DESIGN.md "Versions on the devices"):
 
-- "tensorrt": int8 activations AND weights, both symmetric, per-channel weights, QDQ format: the
-  explicit quantization TensorRT expects (build it with precision int8, no calibrator). On ONNX
+- "tensorrt": int8 activations AND weights, both symmetric, per-channel weights, QDQ format, biases
+  left in float (QuantizeBias False): the explicit quantization TensorRT expects (build it with
+  precision int8, no calibrator). A quantized bias would be an INT32 DequantizeLinear input, which
+  TensorRT's ONNX parser rejects (8.6 takes INT8 only, 10.x INT8 / FP8 / INT4: onnx-tensorrt#850,
+  onnxruntime#17738), so every int8 build would fail. On ONNX
   Runtime's CPU EP this form is SLOWER than fp32 (107 ms vs 68 ms there): check its accuracy on the
   CPU, do not time it there.
 - "cpu": uint8 (asymmetric) activations with symmetric int8 per-channel weights: the fast form for
@@ -61,7 +64,7 @@ def calibration_digest(frames: Iterable[np.ndarray]) -> str:
 
 
 def _model_input(model_path: Path) -> tuple[str, tuple[int, ...], np.dtype]:
-    from agent.engines.tensorrt import onnx_io_specs
+    from agent.engines.trt_common import onnx_io_specs
 
     inputs, _ = onnx_io_specs(model_path)
     if len(inputs) != 1:
@@ -120,7 +123,10 @@ def quantize_int8(model_path: Path, out_path: Path, calibration: Path | Sequence
             # of box pixels 0..640 with scores 0..1) stays float: one int8 scale across both
             # ranges rounds every score to zero (seen on the demo model: mAP 0).
             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            extra_options={"ActivationSymmetric": symmetric_act, "WeightSymmetric": True},
+            # TensorRT: biases stay float (an INT32 DequantizeLinear fails its parser); the CPU
+            # variant keeps ONNX Runtime's INT32 biases, which its QLinearConv fusion wants.
+            extra_options={"ActivationSymmetric": symmetric_act, "WeightSymmetric": True,
+                           "QuantizeBias": variant != "tensorrt"},
         )
     except Exception as exc:
         raise EngineError(f"quantization of {model_path.name} failed: {str(exc)[:300]}") from exc

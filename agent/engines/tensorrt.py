@@ -1,313 +1,114 @@
-"""Native TensorRT backend (no ONNX Runtime): ONNX -> serialized engine bytes -> TensorRTEngine.
+"""Native TensorRT backend (no ONNX Runtime): the runtime half, and the backend's public names.
 
-Written against the documented TensorRT 10 Python API, which TensorRT 8.6 (JetPack 6.0) also has
-in its name-based form (`num_io_tensors`, `get_tensor_name`, `set_tensor_address`,
-`execute_async_v3`). The code branches on the version only where the API differs: the
-EXPLICIT_BATCH network flag (required on 8.x, implied and deprecated on 10.x). Optional features
-(IProgressMonitor, builder optimisation level) are used where the module has them.
+Data flow: engine bytes (built by agent.engines.trt_build, kept by the engine cache) ->
+`TensorRTEngine.load()`: plugins registered, Runtime with its DLA core set BEFORE
+deserialize_cuda_engine (an engine built for DLA core 1 otherwise runs on core 0), IO tensors
+found by name, input shape fixed at batch 1 (checked), output shapes resolved (a data-dependent -1
+is refused), IO contract checked against the ONNX model, one stream plus a pinned host and a
+device buffer per tensor (agent.engines.cuda), each bound with set_tensor_address -> `infer()`:
+input copied into its pinned buffer, HtoD, execute_async_v3 on the agent's stream, DtoH,
+synchronise. Nothing is allocated per frame. It frees only what it owns, explicitly, in close().
+Another camera on the same model: `share()` -> another IExecutionContext on the SAME deserialized
+engine (one deserialize, weights on the device once), with its own stream, buffers and tensor
+addresses; the engine and runtime are dropped when the last context closes.
 
-INT8 follows explicit quantization: the ONNX model carries Q/DQ nodes (see agent.engines.quantize)
-and the builder only gets the INT8 flag, no calibrator (implicit calibrators are deprecated since
-10.1).
-
-`tensorrt` is imported lazily, so this module imports without it. `tensorrt-stubs` makes
-`import tensorrt` succeed with nothing inside: the real module is told apart by `__version__`.
-
-Steps, each small and testable: `network_from_onnx` -> `engine_bytes_from_network` (inside
-`build_engine_bytes`), `TensorRTEngine(engine_path)` loads bytes, checks the IO contract against
-the ONNX model, allocates pinned host + device buffers and one stream once, and runs
-`execute_async_v3` with no per-frame allocation. It frees only what it owns, explicitly, in close().
+Written against the TensorRT Python bindings of 8.6 (JetPack 6.0) and 10.3 (JetPack 6.1 / 6.2):
+both have the name-based API used here (`num_io_tensors`, `get_tensor_name`, `set_input_shape`,
+`set_tensor_address`, `execute_async_v3`); what differs is handled in agent.engines.trt_common
+and trt_build. The whole control flow runs in CI against a recording fake of the bindings
+(tests/support/fake_tensorrt.py); on a real Orin `scripts/jetson_acceptance.py` checks it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineInfo, TensorSpec
-from agent.engines.fingerprint import tensorrt_version
+from agent.engines.trt_build import ProgressFn, build_engine_bytes, network_from_onnx, progress_monitor
+from agent.engines.trt_common import (
+    NOT_INSTALLED,
+    BuildOptions,
+    check_io_contract,
+    context_memory_bytes,
+    dims_tuple,
+    init_plugins,
+    logger,
+    network_flags,
+    numpy_dtype,
+    onnx_io_specs,
+    parse_version,
+    require_tensorrt,
+    tensorrt_available,
+)
 from agent.errors import EngineError, ModelError
 
 if TYPE_CHECKING:
-    from agent.cache.store import EngineCache
+    import tensorrt as trt
+
     from agent.engines.cuda import DeviceBuffer, PinnedBuffer, Stream
 
 __all__ = [
+    "NOT_INSTALLED",
     "BuildOptions",
+    "ProgressFn",
     "TensorRTEngine",
     "build_engine_bytes",
     "check_io_contract",
     "network_flags",
+    "network_from_onnx",
     "numpy_dtype",
     "onnx_io_specs",
     "parse_version",
+    "progress_monitor",
     "tensorrt_available",
 ]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]  # (fraction done 0..1, what is happening)
-
-NOT_INSTALLED = (
-    "TensorRT not installed (no real `tensorrt` Python module with a __version__; the tensorrt-stubs "
-    "package holds type hints only). On a Jetson it comes with JetPack (`python3-libnvinfer`); "
-    "elsewhere use engine.backend: onnxruntime"
-)
-
-# TensorRT DataType names -> numpy. BF16 / FP8 / INT4 have no numpy dtype: unsupported as IO.
-_TRT_TO_NUMPY: dict[str, np.dtype] = {
-    "FLOAT": np.dtype(np.float32),
-    "HALF": np.dtype(np.float16),
-    "INT8": np.dtype(np.int8),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-}
-_ONNX_TO_NUMPY: dict[int, np.dtype] = {1: np.dtype(np.float32), 10: np.dtype(np.float16), 3: np.dtype(np.int8),
-                                        6: np.dtype(np.int32), 7: np.dtype(np.int64), 9: np.dtype(np.bool_),
-                                        2: np.dtype(np.uint8)}
-
-
-# ---- pure helpers (no TensorRT needed) ---------------------------------------------------------
-def tensorrt_available() -> str | None:
-    """The real TensorRT's version string, or None when it is not installed (stubs do not count)."""
-    return tensorrt_version()
-
-
-def parse_version(version: str) -> tuple[int, int, int]:
-    """'10.3.0.30' -> (10, 3, 0); '8.6.2.3' -> (8, 6, 2)."""
-    nums = [int(x) for x in re.findall(r"\d+", version)[:3]]
-    if not nums:
-        raise EngineError(f"cannot parse TensorRT version {version!r}")
-    while len(nums) < 3:
-        nums.append(0)
-    return nums[0], nums[1], nums[2]
-
-
-def network_flags(version: str, explicit_batch_bit: int) -> int:
-    """Network creation flags: EXPLICIT_BATCH on 8.x (where it must be asked for); 0 on 10.x, where
-    every network is explicit-batch and the flag is deprecated."""
-    major = parse_version(version)[0]
-    if major < 8 or (major == 8 and parse_version(version)[1] < 6):
-        raise EngineError(f"TensorRT {version} is too old: 8.6 (JetPack 6.0) or newer is needed")
-    return 1 << explicit_batch_bit if major < 10 else 0
-
-
-def numpy_dtype(trt_dtype: object) -> np.dtype:
-    """numpy dtype of a TensorRT DataType (given as the enum or its name)."""
-    name = getattr(trt_dtype, "name", None) or str(trt_dtype).rsplit(".", 1)[-1]
-    dtype = _TRT_TO_NUMPY.get(str(name).upper())
-    if dtype is None:
-        raise EngineError(f"TensorRT tensor type {name} has no numpy equivalent; export IO as float32/float16")
-    return dtype
-
-
-def onnx_io_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(inputs, outputs) of an ONNX model at batch 1: a dynamic first axis becomes 1."""
-    import onnx
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"cannot read ONNX model {model_path}: {str(exc)[:300]}") from exc
-    init = {i.name for i in model.graph.initializer}
-
-    def spec(vi: Any) -> TensorSpec:
-        tt = vi.type.tensor_type
-        dims: list[int] = []
-        for axis, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(int(d.dim_value))
-            elif axis == 0:
-                dims.append(1)
-            else:
-                dims.append(-1)
-        dtype = _ONNX_TO_NUMPY.get(tt.elem_type)
-        if dtype is None:
-            raise ModelError(f"tensor {vi.name!r} has ONNX element type {tt.elem_type}, not supported as IO")
-        return TensorSpec(vi.name, tuple(dims), dtype)
-
-    inputs = [spec(v) for v in model.graph.input if v.name not in init]
-    outputs = [spec(v) for v in model.graph.output]
-    return inputs, outputs
-
-
-def check_io_contract(expected_in: list[TensorSpec], expected_out: list[TensorSpec],
-                      engine_in: list[TensorSpec], engine_out: list[TensorSpec]) -> list[str]:
-    """Differences between the ONNX model's IO and the engine's ("" when they agree). Dimensions
-    that are -1 in the ONNX model match anything."""
-    problems: list[str] = []
-    for kind, want, got in (("input", expected_in, engine_in), ("output", expected_out, engine_out)):
-        want_by, got_by = {s.name: s for s in want}, {s.name: s for s in got}
-        for name in sorted(set(want_by) - set(got_by)):
-            problems.append(f"{kind} {name!r} of the model is missing from the engine")
-        for name in sorted(set(got_by) - set(want_by)):
-            problems.append(f"engine has an extra {kind} {name!r}")
-        for name in sorted(set(want_by) & set(got_by)):
-            w, g = want_by[name], got_by[name]
-            if len(w.shape) != len(g.shape) or any(a not in (-1, b) for a, b in zip(w.shape, g.shape, strict=False)):
-                problems.append(f"{kind} {name!r}: shape {g.shape} in the engine, {w.shape} in the model")
-            if w.dtype != g.dtype:
-                problems.append(f"{kind} {name!r}: dtype {g.dtype} in the engine, {w.dtype} in the model")
-    return problems
-
-
-@dataclass(frozen=True, slots=True)
-class BuildOptions:
-    """Every builder option that changes the engine (each one is part of the cache key)."""
-
-    precision: str = "fp32"  # fp32 | fp16 | int8 (int8 = explicit Q/DQ model, no calibrator)
-    workspace_mb: int = 1024
-    optimization_level: int = 3
-    dla_core: int | None = None
-
-    @classmethod
-    def from_config(cls, cfg: EngineConfig) -> BuildOptions:
-        return cls(cfg.precision, cfg.workspace_mb, cfg.optimization_level, cfg.dla_core)
-
-    def key_fields(self) -> dict[str, str]:
-        return {"precision": self.precision, "workspace_mb": str(self.workspace_mb),
-                "optimization_level": str(self.optimization_level),
-                "dla_core": "none" if self.dla_core is None else str(self.dla_core),
-                "int8_calibration": "explicit-qdq-in-model" if self.precision == "int8" else "none",
-                "hardware_compat": "none", "version_compat": "false"}
-
-
-# ---- TensorRT access -----------------------------------------------------------------------
-def _trt() -> Any:
-    if tensorrt_available() is None:
-        raise EngineError(NOT_INSTALLED)
-    return importlib.import_module("tensorrt")
-
-
-_LOGGER: Any = None
-
-
-def _logger(trt: Any) -> Any:
-    """One process-wide TensorRT logger (TensorRT requires it to outlive builders and runtimes)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
-
-
-def _progress_monitor(trt: Any, progress: ProgressFn) -> Any | None:
-    """An IProgressMonitor reporting the top-level phase's fraction, where the module has one.
-    Called from TensorRT's threads: `progress` must be thread-safe (sd_notify is)."""
-    base = getattr(trt, "IProgressMonitor", None)
-    if base is None:
-        return None
-
-    class _Monitor(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self.steps: dict[str, int] = {}
-            self.top = ""
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            self.steps[phase_name] = max(1, int(num_steps))
-            if not parent_phase:
-                self.top = phase_name
-                progress(0.0, phase_name)
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            if phase_name == self.top:
-                progress(min(1.0, (step + 1) / self.steps.get(phase_name, 1)), phase_name)
-            return True
-
-        def phase_finish(self, phase_name: str) -> None:
-            if phase_name == self.top:
-                progress(1.0, phase_name)
-
-    return _Monitor()
-
-
-def network_from_onnx(trt: Any, builder: Any, model_path: Path) -> tuple[Any, Any]:
-    """(network, parser) from an ONNX file; external data is found beside the model."""
-    flags = network_flags(trt.__version__, int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, _logger(trt))
-    if not parser.parse_from_file(str(model_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ModelError(f"TensorRT cannot parse {model_path.name}: " + "; ".join(errors[:5]))
-    return network, parser
-
-
-def build_engine_bytes(model_path: Path, options: BuildOptions, cache: EngineCache | None = None,
-                       progress: ProgressFn | None = None) -> bytes:
-    """Build a serialized engine from an ONNX model. The cache's timing cache, when given, is read
-    before the build and merged back after it under its lock."""
-    trt = _trt()
-    builder = trt.Builder(_logger(trt))
-    network, parser = network_from_onnx(trt, builder, Path(model_path))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    if hasattr(config, "builder_optimization_level"):
-        config.builder_optimization_level = options.optimization_level
-    if options.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif options.precision == "int8":
-        # Explicit quantization: the scales come from the model's Q/DQ nodes. FP16 lets the
-        # layers TensorRT leaves unquantised run in half precision.
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
-    if options.dla_core is not None:
-        if options.precision == "fp32":
-            raise EngineError("a DLA core needs precision fp16 or int8 (DLA has no fp32)")
-        if options.dla_core >= builder.num_DLA_cores:
-            raise EngineError(f"DLA core {options.dla_core} requested, this device has {builder.num_DLA_cores}")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = options.dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    # batch 1: a dynamic first axis gets a profile fixed at 1; other dynamic axes are refused
-    profile = None
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape[1:]):
-            raise ModelError(f"input {tensor.name!r} has dynamic dimensions {shape}; export with a fixed size")
-        if shape and shape[0] < 0:
-            profile = profile or builder.create_optimization_profile()
-            fixed = (1, *shape[1:])
-            profile.set_shape(tensor.name, fixed, fixed, fixed)
-    if profile is not None:
-        config.add_optimization_profile(profile)
-    timing = None
-    if cache is not None:
-        timing = config.create_timing_cache(cache.read_timing_cache() or b"")
-        config.set_timing_cache(timing, False)
-    monitor = _progress_monitor(trt, progress) if progress is not None else None
-    if monitor is not None and hasattr(config, "progress_monitor"):
-        config.progress_monitor = monitor
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineError(f"TensorRT could not build an engine from {Path(model_path).name} (see its log above)")
-    data = bytes(serialized)
-    if cache is not None and timing is not None:
-        ours = config.get_timing_cache()
-
-        def merge(current: bytes | None) -> bytes:
-            if current:
-                disk = config.create_timing_cache(current)
-                disk.combine(ours, True)
-                return bytes(disk.serialize())
-            return bytes(ours.serialize())
-
-        cache.merge_timing_cache(merge)
-    del parser, network  # the parser must outlive the network's use above
-    return data
-
 
 # ---- the engine ------------------------------------------------------------------------------
+class _SharedEngine:
+    """One deserialized engine and its runtime, held by every context made on it.
+
+    Ownership is explicit: each open TensorRTEngine (camera) counts once in `open`; the one whose
+    close() brings it to 0 drops the engine, then the runtime (TensorRT frees a Python-held object
+    when its last reference goes). `lock` serialises context creation and release: TensorRT runs
+    different execution contexts concurrently, but nothing else on one object.
+    """
+
+    def __init__(self, runtime: trt.Runtime, engine: trt.ICudaEngine, context_bytes: int, plan_bytes: int) -> None:
+        self.runtime: trt.Runtime | None = runtime
+        self.engine: trt.ICudaEngine | None = engine
+        self.context_bytes = context_bytes
+        self.plan_bytes = plan_bytes
+        self.open = 0
+        self.lock = threading.Lock()
+
+    def create_context(self) -> trt.IExecutionContext:
+        with self.lock:
+            if self.engine is None:
+                raise EngineError("the TensorRT engine was freed with its last context")
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise EngineError(
+                    "TensorRT could not create an execution context (each one allocates "
+                    f"{self.context_bytes} bytes of device memory: out of device memory?)")
+            self.open += 1
+            return context
+
+    def release(self) -> None:
+        with self.lock:
+            self.open -= 1
+            if self.open <= 0:
+                self.engine = None  # engine before runtime
+                self.runtime = None
+
+
 class TensorRTEngine(Engine):
     """A deserialized TensorRT engine at batch 1, run on its own stream.
 
@@ -316,20 +117,28 @@ class TensorRTEngine(Engine):
     pinned buffer, runs HtoD -> execute_async_v3 -> DtoH on the stream and synchronises. Outputs
     are returned as copies (`copy_outputs=False` returns the pinned buffers themselves, valid until
     the next infer()).
+
+    Several cameras on one engine: share() makes another TensorRTEngine on the SAME deserialized
+    engine (weights on the device once) with its own IExecutionContext (create_execution_context
+    can be called many times on one engine; each context gets its own activation memory), stream,
+    buffers and tensor addresses, so the cameras run concurrently without touching each other's
+    state. Each is closed on its own; the engine and runtime go with the last. `info.extra` says
+    what one more camera costs on the device: `context_memory_bytes` (TensorRT's per-context
+    memory) + `io_bytes` (its IO buffers) = `memory_per_extra_camera_bytes`.
     """
 
     def __init__(self, engine_path: Path, model_path: Path | None = None, precision: str = "fp32",
-                 copy_outputs: bool = True, engine_key: str = "") -> None:
+                 copy_outputs: bool = True, engine_key: str = "", dla_core: int | None = None) -> None:
         super().__init__()
         self.engine_path = Path(engine_path)
         self.model_path = model_path
         self.precision = precision
         self.copy_outputs = copy_outputs
         self.engine_key = engine_key
-        self._trt: Any = _trt()  # fail at construction with a clear message when TensorRT is absent
-        self._runtime: Any = None
-        self._engine: Any = None
-        self._context: Any = None
+        self.dla_core = dla_core
+        self._version = require_tensorrt()  # fail at construction with a clear message when absent
+        self._shared: _SharedEngine | None = None
+        self._context: trt.IExecutionContext | None = None
         self._stream: Stream | None = None
         self._host: dict[str, PinnedBuffer] = {}
         self._device: dict[str, DeviceBuffer] = {}
@@ -339,70 +148,133 @@ class TensorRTEngine(Engine):
         self._device_bindings: list[list[int]] = []  # [input, *outputs] device addresses per binding
         self._active_binding = -1
 
-    def _io_specs(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        trt, engine = self._trt, self._engine
+    def _io_specs(self, engine: trt.ICudaEngine) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        import tensorrt as trt
+
         inputs: list[TensorSpec] = []
         outputs: list[TensorSpec] = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+            shape = dims_tuple(engine.get_tensor_shape(name))
             spec = TensorSpec(name, shape, numpy_dtype(engine.get_tensor_dtype(name)))
             (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
         return inputs, outputs
 
-    def _load_impl(self) -> None:
-        from agent.engines import cuda
+    def _deserialize(self, data: bytes) -> _SharedEngine:
+        import tensorrt as trt
 
-        trt = self._trt
+        init_plugins()  # an engine with TensorRT plugin layers needs them registered first
+        runtime = trt.Runtime(logger())
+        if self.dla_core is not None:
+            if self.dla_core >= runtime.num_DLA_cores:
+                raise EngineError(f"engine built for DLA core {self.dla_core}; this device has "
+                                  f"{runtime.num_DLA_cores} DLA cores")
+            runtime.DLA_core = self.dla_core  # before deserialize: the core is chosen there
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise EngineError(
+                f"TensorRT {trt.__version__} cannot deserialize {self.engine_path.name}: built by another "
+                "TensorRT version or for another GPU, or damaged"
+            )
+        return _SharedEngine(runtime, engine, context_memory_bytes(engine, self._version), len(data))
+
+    def _load_impl(self) -> None:
         try:
             data = self.engine_path.read_bytes()
         except OSError as exc:
             raise EngineError(f"cannot read engine {self.engine_path}: {exc.strerror or exc}") from exc
         try:
-            self._runtime = trt.Runtime(_logger(trt))
-            self._engine = self._runtime.deserialize_cuda_engine(data)
-            if self._engine is None:
-                raise EngineError(
-                    f"TensorRT {trt.__version__} cannot deserialize {self.engine_path.name}: built by another "
-                    "TensorRT version or for another GPU, or damaged"
-                )
-            inputs, outputs = self._io_specs()
-            if len(inputs) != 1:
-                raise ModelError(f"expected one input tensor, the engine has {len(inputs)}")
-            ctx = self._context_or_create()
-            for s in inputs:
-                if s.shape and s.shape[0] < 0:  # dynamic batch: the build profile fixed it at 1
-                    ctx.set_input_shape(s.name, (1, *s.shape[1:]))
-            inputs = [TensorSpec(s.name, tuple(int(d) for d in ctx.get_tensor_shape(s.name)), s.dtype)
-                      for s in inputs]
-            outputs = [TensorSpec(s.name, tuple(int(d) for d in ctx.get_tensor_shape(s.name)), s.dtype)
-                       for s in outputs]
+            self._attach(self._deserialize(data))
             if self.model_path is not None:
                 want_in, want_out = onnx_io_specs(Path(self.model_path))
-                problems = check_io_contract(want_in, want_out, inputs, outputs)
+                problems = check_io_contract(want_in, want_out, self._inputs, self._outputs)
                 if problems:
                     raise ModelError(f"engine {self.engine_path.name} does not match {Path(self.model_path).name}: "
                                      + "; ".join(problems))
-            self._stream = cuda.Stream()
-            for s in (*inputs, *outputs):
-                self._host[s.name] = cuda.PinnedBuffer(s.shape, s.dtype)
-                self._device[s.name] = cuda.DeviceBuffer(self._host[s.name].nbytes)
-                if not ctx.set_tensor_address(s.name, self._device[s.name].ptr):
-                    raise EngineError(f"set_tensor_address({s.name!r}) failed")
+            self._allocate()
         except BaseException:
             self._close_impl()
             raise
-        self._inputs, self._outputs = inputs, outputs
-        self._info = EngineInfo(backend="tensorrt", providers=["TensorRT"], precision=self.precision,
-                                device="cuda", engine_key=self.engine_key,
-                                extra={"tensorrt": str(trt.__version__)})
+        extra: dict[str, object] = {"tensorrt": self._version}
+        if self.dla_core is not None:
+            extra["dla_core"] = self.dla_core
+        self._info = self._with_memory(EngineInfo(backend="tensorrt", providers=["TensorRT"], precision=self.precision,
+                                                  device="cuda", engine_key=self.engine_key, extra=extra))
 
-    def _context_or_create(self) -> Any:
-        if self._context is None:
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
-                raise EngineError("TensorRT could not create an execution context (out of device memory?)")
-        return self._context
+    def _attach(self, shared: _SharedEngine) -> None:
+        """This camera's execution context on `shared`'s engine, its input fixed at batch 1, and the
+        IO specs resolved through it (a data-dependent -1 is refused)."""
+        ctx = self._context = shared.create_context()
+        self._shared = shared  # counted in shared.open from here: close() releases it
+        assert shared.engine is not None  # create_context() raised otherwise
+        inputs, outputs = self._io_specs(shared.engine)
+        if len(inputs) != 1:
+            raise ModelError(f"expected one input tensor, the engine has {len(inputs)}")
+        for s in inputs:
+            if s.shape and s.shape[0] < 0:  # dynamic batch: the build profile fixed it at 1
+                fixed = (1, *s.shape[1:])
+                if not ctx.set_input_shape(s.name, fixed):
+                    more = "" if shared.open == 1 else (
+                        f" on context {shared.open} of this engine (TensorRT may give each optimization profile "
+                        "to one context only: export the model with a fixed batch of 1 to share the engine)")
+                    raise EngineError(f"TensorRT refused input shape {fixed} for {s.name!r}{more}")
+        inputs = [TensorSpec(s.name, dims_tuple(ctx.get_tensor_shape(s.name)), s.dtype) for s in inputs]
+        outputs = [TensorSpec(s.name, dims_tuple(ctx.get_tensor_shape(s.name)), s.dtype) for s in outputs]
+        for s in (*inputs, *outputs):
+            if any(d < 0 for d in s.shape):  # data-dependent: the size is known only after a run
+                raise ModelError(f"tensor {s.name!r} has a data-dependent shape {s.shape}: not supported "
+                                 "(export the model with fixed output shapes)")
+        self._inputs, self._outputs = inputs, outputs
+
+    def _allocate(self) -> None:
+        """One stream, and a pinned host and a device buffer per IO tensor, bound to this context."""
+        from agent.engines import cuda
+
+        assert self._context is not None
+        self._stream = cuda.Stream()
+        for s in (*self._inputs, *self._outputs):
+            self._host[s.name] = cuda.PinnedBuffer(s.shape, s.dtype)
+            self._device[s.name] = cuda.DeviceBuffer(self._host[s.name].nbytes)
+            if not self._context.set_tensor_address(s.name, self._device[s.name].ptr):
+                raise EngineError(f"set_tensor_address({s.name!r}) failed")
+
+    def _with_memory(self, info: EngineInfo) -> EngineInfo:
+        """`info` with what this context holds on the device (telemetry: GPU memory per camera)."""
+        assert self._shared is not None
+        io = sum(b.nbytes for b in self._host.values())  # each device buffer is its pinned twin's size
+        info.extra.update({"plan_bytes": self._shared.plan_bytes,
+                           "context_memory_bytes": self._shared.context_bytes, "io_bytes": io,
+                           "memory_per_extra_camera_bytes": self._shared.context_bytes + io})
+        return info
+
+    # ---- one loaded engine, several cameras -----------------------------------------------------
+    def share(self) -> TensorRTEngine:
+        """Another camera's context on this engine (see the class docstring); EngineError, with the
+        reason, when TensorRT cannot make one (the caller then loads an engine of its own)."""
+        self._require_loaded()
+        assert self._shared is not None and self._info is not None
+        other = TensorRTEngine(self.engine_path, self.model_path, self.precision, self.copy_outputs,
+                               self.engine_key, self.dla_core)
+        try:
+            other._attach(self._shared)
+            other._allocate()
+        except BaseException as exc:
+            other._close_impl()
+            if isinstance(exc, (EngineError, ModelError)):
+                raise EngineError(f"cannot run another camera on TensorRT engine {self.engine_path.name}: {exc}") \
+                    from exc
+            raise
+        base = self._info
+        other._info = other._with_memory(EngineInfo(backend=base.backend, providers=list(base.providers),
+                                                    precision=base.precision, device=base.device,
+                                                    engine_key=base.engine_key, extra=dict(base.extra)))
+        other._loaded = True
+        return other
+
+    @property
+    def contexts(self) -> int:
+        """Open contexts (cameras) on this loaded engine, this one included; 0 once closed."""
+        return self._shared.open if self._shared is not None else 0
 
     def _input_spec_impl(self) -> TensorSpec:
         return self._inputs[0]
@@ -423,6 +295,7 @@ class TensorRTEngine(Engine):
         inp = self._inputs[0]
         np.copyto(self._host[inp.name].array, tensor)
         cuda.copy_htod_async(self._device[inp.name], self._host[inp.name], self._stream)
+        assert self._context is not None
         if not self._context.execute_async_v3(self._stream.handle):
             raise EngineError("TensorRT execute_async_v3 failed")
         for s in self._outputs:
@@ -444,10 +317,12 @@ class TensorRTEngine(Engine):
         return len(self._device_bindings) - 1
 
     def run_device(self, binding: int = 0) -> None:
+        self._require_loaded()
         assert self._stream is not None
         if not 0 <= binding < len(self._device_bindings):
             raise EngineError("bind_device() first")
         # addresses are per execution context, not per call: set them when the binding changes
+        assert self._context is not None
         if binding != self._active_binding:
             names = [self._inputs[0].name, *(s.name for s in self._outputs)]
             for name, ptr in zip(names, self._device_bindings[binding], strict=True):
@@ -458,8 +333,14 @@ class TensorRTEngine(Engine):
             raise EngineError("TensorRT execute_async_v3 failed")
 
     def _close_impl(self) -> None:
-        """Free what this object allocated, in reverse order; the engine and runtime are owned too."""
+        """Free what this camera allocated, in reverse order, after its stream has drained; then
+        give up its share of the engine (the last one out frees engine and runtime)."""
         errors: list[str] = []
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()  # nothing queued may still use the buffers freed below
+            except EngineError as exc:
+                errors.append(str(exc))
         for buf in (*self._device.values(), *self._host.values()):
             try:
                 buf.free()
@@ -473,8 +354,10 @@ class TensorRTEngine(Engine):
             except EngineError as exc:
                 errors.append(str(exc))
             self._stream = None
-        self._context = None  # context before engine before runtime
-        self._engine = None
-        self._runtime = None
+        self._device_bindings, self._active_binding = [], -1
+        self._context = None  # this camera's context before the engine it runs on
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.release()
         if errors:
             log.warning("TensorRT engine close: %s", "; ".join(errors))

@@ -1,4 +1,10 @@
-"""`edge-agent fleet keygen | push-model | status` (operator side, plain paho-mqtt)."""
+"""`edge-agent fleet keygen | push-model | status` (operator side, plain paho-mqtt).
+
+Flags -> the operator's files (model, key, labels, TLS certificates) read and the manifest built,
+signed and checked against the device's own schema -> the broker. Exit codes: 0 done; 1 the broker
+or the devices failed (unreachable, not every target active); 2 bad input (a flag, a file, a
+manifest the device would refuse), said in one line, before anything is sent.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +18,54 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.errors import UpdateError
 
 __all__ = ["add_parser", "cmd_keygen", "cmd_push_model", "cmd_status", "main"]
+
+
+EXIT_USAGE = 2
 
 
 def _print_err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _count(low: int, high: int | None = None) -> Any:
+    """argparse type: a whole number within [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {n}" if high is not None
+                                             else f"must be at least {low}, got {n}")
+        return n
+    return parse
+
+
+def _seconds(allow_zero: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not (x >= 0 if allow_zero else x > 0) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if allow_zero else '> 0'}, got {text!r}")
+        return x
+    return parse
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from agent.fleet.keys import keygen
 
-    kp = keygen(Path(args.out) if args.out else None, args.key_id)
+    try:
+        kp = keygen(Path(args.out) if args.out else None, args.key_id)
+    except OSError as exc:
+        _print_err(f"keygen: cannot write the key pair to {args.out or 'the default folder'}: {exc.strerror or exc}")
+        return EXIT_USAGE
     print(f"private key: {kp.private_path} (mode 0600; keep it off the devices)")
     print(f"public key:  {kp.public_path}")
     print("device config (updates.trusted_keys):")
@@ -54,21 +95,37 @@ def cmd_push_model(args: argparse.Namespace) -> int:
     if args.via == "url" and not args.url:
         _print_err("push-model: --via url needs --url URL (http(s):// or file://)")
         return 2
-    info = model_info(model)
-    if args.input_size:
-        info.width, info.height = args.input_size
-    if args.labels:
-        info.labels = [ln.strip() for ln in Path(args.labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if args.decoder:
-        info.decoder = args.decoder
-    key_path = Path(args.key)
-    key = load_private_key(key_path)
-    key_id = args.key_id or key_path.stem
-    unsigned = build_manifest(info, name=args.name or model.stem, version=args.version, devices=args.device or [],
-                              groups=args.group or [], url=args.url if args.via == "url" else None,
-                              chunk_size=args.chunk_size, expires_in=args.expires_in, rollback=args.rollback)
-    signed = sign_manifest(unsigned, key, key_id)
-    Manifest.model_validate(signed)  # the device would refuse a malformed one: say so here
+    try:
+        info = model_info(model)
+        if args.input_size:
+            info.width, info.height = args.input_size
+        if args.labels:
+            text = Path(args.labels).read_text(encoding="utf-8")
+            info.labels = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if args.decoder:
+            info.decoder = args.decoder
+        key_path = Path(args.key)
+        key = load_private_key(key_path)
+        key_id = args.key_id or key_path.stem
+        unsigned = build_manifest(info, name=args.name or model.stem, version=args.version,
+                                  devices=args.device or [], groups=args.group or [],
+                                  url=args.url if args.via == "url" else None, chunk_size=args.chunk_size,
+                                  expires_in=args.expires_in, rollback=args.rollback)
+        signed = sign_manifest(unsigned, key, key_id)
+        Manifest.model_validate(signed)  # the device would refuse a malformed one: say so here
+        tls = _tls(args)
+    except (OSError, UnicodeDecodeError) as exc:
+        _print_err(f"push-model: cannot read {getattr(exc, 'filename', None) or args.labels}: "
+                   f"{getattr(exc, 'strerror', None) or exc}")
+        return EXIT_USAGE
+    except UpdateError as exc:
+        _print_err(f"push-model: {exc}")
+        return EXIT_USAGE
+    except ValidationError as exc:
+        from agent.config import format_errors
+
+        _print_err("push-model: the device would refuse this manifest:\n  " + "\n  ".join(format_errors(exc)))
+        return EXIT_USAGE
     if args.print_manifest:
         print(json.dumps(signed, indent=2, sort_keys=True))
     print(f"manifest {signed['id']}: {signed['model']['name']} {args.version} ({info.size} bytes, "
@@ -89,7 +146,7 @@ def cmd_push_model(args: argparse.Namespace) -> int:
         err = f" error={st.get('error')} {st.get('detail') or ''}" if st.get("error") else ""
         print(f"  {device}: {st.get('state')}{extra}{err}", flush=True)
 
-    client = connect(args.host, args.port, tls=_tls(args))
+    client = connect(args.host, args.port, tls=tls)
     try:
         res = push_model(client, signed, model if args.via == "mqtt" else None, prefix=args.prefix,
                          retain=args.retain, ready_timeout=args.ready_timeout, wait_s=args.wait,
@@ -111,7 +168,12 @@ def cmd_push_model(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.fleet.status import collect_status, format_table
 
-    rows = collect_status(args.host, args.port, args.prefix, timeout=args.timeout, tls=_tls(args))
+    try:
+        tls = _tls(args)
+    except UpdateError as exc:
+        _print_err(f"status: {exc}")
+        return EXIT_USAGE
+    rows = collect_status(args.host, args.port, args.prefix, timeout=args.timeout, tls=tls)
     if args.json:
         print(json.dumps({d: {"status": r.status, "model_state": r.model_state} for d, r in rows.items()}, indent=2))
     else:
@@ -121,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="broker host")
-    p.add_argument("--port", type=int, default=1883, help="broker port (a TLS listener is usually 8883)")
+    p.add_argument("--port", type=_count(1, 65535), default=1883, help="broker port (a TLS listener is usually 8883)")
     p.add_argument("--prefix", default="edge", help="topic prefix")
     p.add_argument("--cafile", default=None, help="TLS: CA bundle that signed the broker's certificate")
     p.add_argument("--certfile", default=None, help="TLS: this operator's client certificate (mutual TLS)")
@@ -134,9 +196,13 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if bool(args.certfile) != bool(args.keyfile):
         raise UpdateError("bad_key", "--certfile and --keyfile go together")
-    ctx = ssl.create_default_context(cafile=args.cafile)
-    if args.certfile:
-        ctx.load_cert_chain(args.certfile, args.keyfile)
+    try:
+        ctx = ssl.create_default_context(cafile=args.cafile)
+        if args.certfile:
+            ctx.load_cert_chain(args.certfile, args.keyfile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; FileNotFoundError names no file
+        names = " / ".join(f for f in (args.cafile, args.certfile, args.keyfile) if f)
+        raise UpdateError("bad_tls", f"cannot load {names}: {getattr(exc, 'strerror', None) or exc}") from None
     return ctx
 
 
@@ -161,12 +227,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     pm.add_argument("--key", required=True, help="private key file (PEM) from `fleet keygen`")
     pm.add_argument("--key-id", default=None, help="key id (default: the key file name without extension)")
     _broker_args(pm)
-    pm.add_argument("--chunk-size", type=int, default=256 * 1024, help="bytes per chunk (MQTT transfer)")
-    pm.add_argument("--expires-in", type=int, default=3600, help="manifest lifetime in seconds")
+    pm.add_argument("--chunk-size", type=_count(256, 8 * 1024 * 1024), default=256 * 1024,
+                    help="bytes per chunk (MQTT transfer)")
+    pm.add_argument("--expires-in", type=_count(1), default=3600, help="manifest lifetime in seconds")
     pm.add_argument("--rollback", action="store_true", help="allow a version not newer than the device's")
     pm.add_argument("--retain", action="store_true", help="retain a group manifest (devices joining later get it)")
-    pm.add_argument("--wait", type=float, default=0.0, metavar="S", help="watch the targets' model/state this long")
-    pm.add_argument("--ready-timeout", type=float, default=10.0, help="wait for devices to accept before chunks")
+    pm.add_argument("--wait", type=_seconds(True), default=0.0, metavar="S",
+                    help="watch the targets' model/state this long")
+    pm.add_argument("--ready-timeout", type=_seconds(False), default=10.0,
+                    help="wait for devices to accept before chunks")
     pm.add_argument("--labels", default=None, help="labels file, one per line (default: the model's metadata)")
     pm.add_argument("--decoder", choices=["yolov8", "yolov5", "end2end"], default=None, help="output layout")
     pm.add_argument("--input-size", type=_input_size, default=None, help="WxH (default: the model's input)")
@@ -175,7 +244,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="table of devices: model, update state, last seen")
     _broker_args(st)
-    st.add_argument("--timeout", type=float, default=3.0, help="seconds to collect retained messages")
+    st.add_argument("--timeout", type=_seconds(False), default=3.0, help="seconds to collect retained messages")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.set_defaults(func=cmd_status)
     return p

@@ -28,6 +28,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.errors import UpdateError
+from agent.updates.state import record_for
 
 __all__ = [
     "ModelInfo",
@@ -184,7 +185,9 @@ class StateWatcher:
             payload = json.loads(msg.payload)
         except ValueError:
             return
-        if not isinstance(payload, dict) or payload.get("manifest_id") != self.manifest_id:
+        # the record of this manifest: `last_attempt` / `last_refused` beside what serves (after 0.2.0)
+        payload = record_for(payload, self.manifest_id) if isinstance(payload, dict) else None
+        if payload is None:
             return
         device = msg.topic[len(self.prefix) + 1:].split("/", 1)[0]
         with self._cond:

@@ -1,4 +1,12 @@
-"""Operator view of the fleet, from the retained `<prefix>/<device>/status` and `.../model/state`."""
+"""Operator view of the fleet, from the retained `<prefix>/<device>/status` and `.../model/state`.
+
+    broker (retained) -> collect_status -> DeviceRow per device -> format_table
+
+A row shows what the device serves (model/state's `state` / `name` / `version`, the status topic's
+model when model/state is absent) and, beside it, its last update attempt (UPDATE, PROGRESS, ERROR)
+and the last manifest it refused (REFUSED). Payloads of agents up to 0.2.0 (where model/state
+was the attempt itself) are read as an attempt.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +35,33 @@ class DeviceRow:
         return str(self.status.get("state", "?"))
 
     @property
+    def new_form(self) -> bool:
+        """model/state says what serves, with the attempt beside it (agents after 0.2.0)."""
+        return "last_attempt" in self.model_state or "last_refused" in self.model_state
+
+    @property
     def model(self) -> str:
+        ms = self.model_state
+        if self.new_form and ms.get("version") is not None:
+            served = f"{ms.get('name') or '?'}:{ms['version']}"
+            return f"{served} (rolled back)" if ms.get("state") == "rolled_back" else served
         m = self.status.get("model")
         if isinstance(m, dict) and m.get("name"):
             return f"{m.get('name')}:{m.get('version', '?')}"
         return "-"
+
+    @property
+    def attempt(self) -> dict[str, Any]:
+        """The last update attempt (empty when none was reported)."""
+        if not self.new_form:
+            return self.model_state
+        a = self.model_state.get("last_attempt")
+        return a if isinstance(a, dict) else {}
+
+    @property
+    def refused(self) -> dict[str, Any]:
+        r = self.model_state.get("last_refused") if self.new_form else None
+        return r if isinstance(r, dict) else {}
 
     @property
     def last_seen(self) -> float | None:
@@ -100,19 +130,24 @@ def _age(ts: float | None, now: float) -> str:
     return f"{d / 86400:.0f}d ago"
 
 
+def _ts(x: object) -> float | None:
+    return float(x) if isinstance(x, int | float) else None
+
+
 def format_table(rows: dict[str, DeviceRow], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ("DEVICE", "STATUS", "MODEL", "UPDATE", "PROGRESS", "ERROR", "LAST SEEN")
+    header = ("DEVICE", "STATUS", "MODEL", "UPDATE", "PROGRESS", "ERROR", "REFUSED", "LAST SEEN")
     lines: list[tuple[str, ...]] = [header]
     for row in rows.values():
-        ms = row.model_state
-        upd = str(ms.get("state", "-"))
-        if ms.get("version"):
-            upd += f" ({ms.get('name') or ''}:{ms['version']})"
-        prog = ms.get("progress")
+        at, ref = row.attempt, row.refused
+        upd = str(at.get("state", "-"))
+        if at.get("version"):
+            upd += f" ({at.get('name') or ''}:{at['version']})"
+        prog = at.get("progress")
+        refused = f"{ref.get('error')} ({_age(_ts(ref.get('ts')), now)})" if ref else "-"
         lines.append((row.device, row.online, row.model, upd,
                       f"{float(prog) * 100:.0f}%" if isinstance(prog, int | float) else "-",
-                      str(ms.get("error") or "-"), _age(row.last_seen, now)))
+                      str(at.get("error") or "-"), refused, _age(row.last_seen, now)))
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines]
     if not rows:

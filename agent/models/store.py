@@ -18,97 +18,42 @@ Install: a staged directory (under `staging/`, same filesystem) has every file f
 checked against its manifest's sha256, then is renamed into `versions/` in one os.rename and the
 directory fsynced. A crash leaves either no version directory or a complete one; a stale staging
 directory is deleted at the next start.
+
+The names, the version record and the atomic write are in `agent.models.layout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateError
 from agent.fsutil import fsync_path
+from agent.models.layout import (
+    HISTORY_MAX,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SAFE,
+    STATE_FILE,
+    ModelVersion,
+    safe_name,
+    sha256_file,
+    write_atomic,
+)
 
+# ModelVersion and sha256_file are re-exported: the updates code and the tests import them from here
 __all__ = ["ModelStore", "ModelVersion", "sha256_file"]
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-LABELS_FILE = "labels.txt"
-STATE_FILE = "state.json"
-SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-HISTORY_MAX = 32
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _safe(part: str, what: str) -> str:
-    if not isinstance(part, str) or not SAFE.match(part) or ".." in part:
-        raise UpdateError("unsafe_name", f"{what} {str(part)[:80]!r} is not a safe name")
-    return part
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        # a full disk fails the write itself: leave no temp file behind at every attempt
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_path(path.parent, directory=True)
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    name: str
-    version: str
-    path: Path  # the version's directory
-    manifest: dict[str, Any] = field(compare=False, hash=False, repr=False)
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}-{self.version}"
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest.get("model", {}).get("sha256", ""))
-
-    @property
-    def labels(self) -> list[str]:
-        labels = self.manifest.get("model", {}).get("labels", [])
-        return [str(x) for x in labels] if isinstance(labels, list) else []
-
 
 class ModelStore:
     """Installed versions, active / previous pointers, desired / last-good memory. Thread-safe."""
@@ -141,7 +86,7 @@ class ModelStore:
         return data if isinstance(data, dict) else {}
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        _write_atomic(self.state_path, json.dumps(state, sort_keys=True, indent=1).encode())
+        write_atomic(self.state_path, json.dumps(state, sort_keys=True, indent=1).encode())
 
     # ---- versions -----------------------------------------------------------------------------
     def _load_version(self, key: str | None) -> ModelVersion | None:
@@ -185,7 +130,7 @@ class ModelStore:
 
     # ---- staging / install -----------------------------------------------------------------
     def new_staging_dir(self, name: str, version: str) -> Path:
-        d = self.staging_dir / f"{_safe(name, 'name')}-{_safe(version, 'version')}.{uuid.uuid4().hex[:8]}"
+        d = self.staging_dir / f"{safe_name(name, 'name')}-{safe_name(version, 'version')}.{uuid.uuid4().hex[:8]}"
         d.mkdir(mode=0o700)
         return d
 
@@ -210,7 +155,7 @@ class ModelStore:
             files = {MANIFEST_FILE: raw, LABELS_FILE: ("\n".join(model.get("labels", [])) + "\n").encode()}
             files.update(extra or {})
             for fname, data in files.items():
-                fd = os.open(d / _safe(fname, "file name"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(d / safe_name(fname, "file name"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     view = memoryview(data)
                     while view:  # os.write may write less than asked (and a full disk raises)
@@ -231,7 +176,8 @@ class ModelStore:
                 raise UpdateError("install_failed", f"{staged} is not under {self.staging_dir}")
             try:
                 manifest = json.loads((staged / MANIFEST_FILE).read_text(encoding="utf-8"))
-                name, version = _safe(manifest["model"]["name"], "name"), _safe(manifest["model"]["version"], "version")
+                model = manifest["model"]
+                name, version = safe_name(model["name"], "name"), safe_name(model["version"], "version")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UpdateError("install_failed", f"staged manifest unreadable: {exc}") from None
             mv = ModelVersion(name, version, staged, manifest)

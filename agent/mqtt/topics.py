@@ -8,6 +8,15 @@ Prefix `edge` (configurable), device id `D`, camera id `C`:
     edge/D/telemetry                            out  0
     edge/D/events                               out  1
     edge/D/model/state                          out  1, retained
+    edge/D/C/inspect                            in   1 (MQTT 5 request: Response Topic + Correlation Data)
+    edge/D/C/inspect/trigger                    in   1 (MQTT 3.1.1: decimal ASCII id 1-65535)
+    edge/D/C/inspect/ack                        out  1 (the id, echoed at once)
+    edge/D/C/inspect/result                     out  1 (result JSON; MQTT 5 answers go to the Response Topic)
+    edge/D/C/inspect/last/<field>               out  1, retained (optional: id, code, pass, ms, count/<label>)
+    edge/D/C/line/<name>/in | out               out  1, retained (uint32 counter, decimal; also .../in/<label>)
+    edge/D/C/line/<name>/event                  out  1 (one JSON per crossing, with a seq)
+    edge/D/C/line/<name>/reset                  in   1 (reset that line's counters; reply on .../reset/reply)
+    edge/D/C/zone/<name>/count                  out  1, retained (objects inside now; also .../count/<label>)
     edge/D/model/update                         in   1
     edge/group/G/model/update                   in   1 (may be retained)
     edge/D/model/chunks/<transfer>/<index>      in   1
@@ -78,6 +87,52 @@ class Topics:
     @property
     def model_state(self) -> str:
         return f"{self.base}/model/state"
+
+    # -- inspection handshake (agent/plc/inspection.py) ------------------------------------------
+    def inspect(self, camera: str) -> str:
+        """In: MQTT 5 requests (Response Topic + Correlation Data)."""
+        return f"{self.base}/{_check_level('camera id', camera)}/inspect"
+
+    def inspect_trigger(self, camera: str) -> str:
+        """In: MQTT 3.1.1 triggers, the inspection id in decimal ASCII."""
+        return f"{self.inspect(camera)}/trigger"
+
+    def inspect_ack(self, camera: str) -> str:
+        return f"{self.inspect(camera)}/ack"
+
+    def inspect_result(self, camera: str) -> str:
+        return f"{self.inspect(camera)}/result"
+
+    def inspect_last(self, camera: str, field: str) -> str:
+        """Retained single values: `id`, `code`, `pass`, `ms`, or `count/<label>` (label sanitised)."""
+        if field.startswith("count/"):
+            return f"{self.inspect(camera)}/last/count/{sanitize_level(field[len('count/'):])}"
+        return f"{self.inspect(camera)}/last/{_check_level('field', field)}"
+
+    # -- zones and counting lines (agent/plc/counting.py) ---------------------------------------
+    def line(self, camera: str, name: str) -> str:
+        return f"{self.base}/{_check_level('camera id', camera)}/line/{_check_level('line name', name)}"
+
+    def line_count(self, camera: str, name: str, direction: str, label: str | None = None) -> str:
+        """Retained counter: `direction` is `in` or `out`; a label adds one level (sanitised)."""
+        if direction not in ("in", "out"):
+            raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
+        tail = "" if label is None else f"/{sanitize_level(label)}"
+        return f"{self.line(camera, name)}/{direction}{tail}"
+
+    def line_event(self, camera: str, name: str) -> str:
+        return f"{self.line(camera, name)}/event"
+
+    def line_reset_filter(self, camera: str) -> str:
+        """In: a request on .../line/<name>/reset resets that line's counters."""
+        return f"{self.base}/{_check_level('camera id', camera)}/line/+/reset"
+
+    def line_reset_reply(self, camera: str, name: str) -> str:
+        return f"{self.line(camera, name)}/reset/reply"
+
+    def zone_count(self, camera: str, name: str, label: str | None = None) -> str:
+        tail = "" if label is None else f"/{sanitize_level(label)}"
+        return f"{self.base}/{_check_level('camera id', camera)}/zone/{_check_level('zone name', name)}/count{tail}"
 
     # -- incoming -------------------------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ PLC component registered for that camera (inspection handshake, zones and counti
 Sparkplug B node). Components never reach into the pipeline's threads: they read results, publish
 through the agent's MQTT client (Sparkplug through its own session), keep their own small state,
 and report it for telemetry. A listener that raises is logged and skipped: it never stops the
-detections of that frame or the next.
+detections of that frame or the next. A step (`Service.add_result_step`) runs before the publisher
+and may annotate the result: the counting tracker writes track ids there.
 
 `start_plc` is the one place that decides which components run, from the config.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -36,6 +39,12 @@ class PlcHost(Protocol):
 
     def camera_state(self, camera_id: str) -> str: ...
 
+    def add_result_step(self, camera_id: str, step: Callable[[Result], None]) -> None: ...
+
+    def latest_image(self, camera_id: str) -> Any: ...
+
+    def model_labels(self, camera_id: str) -> list[str]: ...
+
 
 class PlcComponent(Protocol):
     name: str
@@ -45,10 +54,43 @@ class PlcComponent(Protocol):
     def close(self) -> None: ...
 
 
+class MetricSource(Protocol):
+    """Optional, for a PLC component whose values the Sparkplug node publishes (agent/plc/sparkplug.py).
+
+    `metrics()` returns {camera id: {metric name: value}}, values bool / int / float / str (born as
+    Boolean / Int64 / Double / String); names are Sparkplug paths ("Inspection/Last ID"). It is called
+    from the node's thread every `sparkplug.period_s`: return a copy, quickly, under the component's own
+    lock. Keep the set of names stable from the start (give counters their 0): a new name re-births
+    that camera's Sparkplug device. A component may also offer `add_change_listener(callback)`; the node
+    passes a callback that makes it publish within ~50 ms instead of at the next period. (The counting
+    component's `counters()` + `camera_id` are read as they are.)
+    """
+
+    def metrics(self) -> dict[str, dict[str, bool | int | float | str]]: ...
+
+
 def start_plc(host: PlcHost) -> list[PlcComponent]:
     """Start the PLC components the config turns on; each registers its own result listeners."""
     components: list[PlcComponent] = []
+    if any(c.inspection is not None and c.inspection.enabled for c in host.cfg.cameras):
+        from agent.plc.inspection import Inspection
+
+        components.append(Inspection(host))
+    if any(c.counting is not None and c.counting.enabled for c in host.cfg.cameras):
+        from agent.plc.counting_service import start_counting  # imports the tracker: only when counting
+
+        components.extend(start_counting(host))
+    if host.cfg.commissioning.http_port is not None:
+        from agent.plc.snapshot import CommissioningServer
+
+        components.append(CommissioningServer(host, components))
+    if host.cfg.sparkplug.enabled:  # last: it reads the metrics of the components started above
+        try:
+            from agent.plc.sparkplug import SparkplugNode
+        except ImportError as exc:
+            raise ConfigError([f"sparkplug.enabled: {exc}"]) from None
+        components.append(SparkplugNode(host, sources=list(components)))
     return components
 
 
-__all__ = ["PlcComponent", "PlcHost", "start_plc"]
+__all__ = ["MetricSource", "PlcComponent", "PlcHost", "start_plc"]

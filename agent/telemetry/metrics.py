@@ -81,5 +81,9 @@ class RateMeter:
         recent = v[v >= now - self.window_s]
         if recent.size < 2:
             return 0.0
-        span = max(now - float(recent.min()), 1e-6)
-        return round(float(recent.size / span), 2)
+        # n stamps are n - 1 intervals (n / span read 30 fps off two frames of a 15 fps video); the
+        # span ends at the newest stamp while frames keep coming, and runs on to `now` when they stop
+        first, last = float(recent.min()), float(recent.max())
+        period = (last - first) / (recent.size - 1)
+        span = max(max(last, now - period) - first, 1e-6)
+        return round(float((recent.size - 1) / span), 2)

@@ -1,4 +1,11 @@
-"""The service side of model updates: the real UpdateHost over the running pipelines."""
+"""The service side of model updates: the real UpdateHost over the running pipelines.
+
+    service ──start_updates──▶ ServiceHost(UpdateService) ──▶ UpdateManager (its worker thread)
+    manager ──prepare_engine / smoke / activate──▶ host ──load_runtimes / request_swap──▶ service, pipelines
+
+The host sees the service only through `agent.updates.ports.UpdateService`, so this package never
+imports agent.service (the service imports it).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -17,10 +24,8 @@ from agent.models.store import ModelStore, ModelVersion
 from agent.pipeline import ModelRuntime
 from agent.updates.manager import UpdateManager
 from agent.updates.manifest import Manifest
+from agent.updates.ports import UpdateService
 from agent.updates.validate import smoke_test
-
-if TYPE_CHECKING:
-    from agent.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class Bundle:
 class ServiceHost:
     """UpdateHost for the real service: builds engines through the cache, swaps between frames."""
 
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: UpdateService) -> None:
         self.svc = svc
         # (wall time, frames processed, errors) every ~0.5 s, an hour deep: health windows look back
         self._history: deque[tuple[float, int, int]] = deque(maxlen=7200)
@@ -75,13 +80,9 @@ class ServiceHost:
         else:
             path, name, version = model_path, manifest.model.name, manifest.model.version
             mcfg = cfg.model_copy(update={"labels": list(manifest.model.labels), "decoder": manifest.model.decoder})
-        runtimes: list[ModelRuntime] = []
-        try:
-            for _ in self.svc.pipelines:
-                runtimes.append(self.svc.load_runtime(path, name, version, mcfg))
+        try:  # one loaded model shared by every camera (load_runtimes closes what it made on failure)
+            runtimes = self.svc.load_runtimes(path, name, version, mcfg, len(self.svc.pipelines))
         except AgentError as exc:
-            for rt in runtimes:
-                rt.close()
             raise UpdateError("engine_failed", str(exc)[:300]) from None
         return Bundle(name, version, runtimes, runtimes[0].engine.info.engine_key)
 
@@ -132,9 +133,10 @@ class ServiceHost:
                 "span_s": round(span, 2)}
 
 
-def start_updates(svc: Service, store: ModelStore) -> tuple[UpdateManager, ServiceHost]:
+def start_updates(svc: UpdateService, store: ModelStore) -> tuple[UpdateManager, ServiceHost]:
     host = ServiceHost(svc)
-    assert svc.mqtt is not None
+    if svc.mqtt is None:
+        raise UpdateError("no_mqtt", "updates need the MQTT connection")
     mgr = UpdateManager(svc.cfg.updates, svc.cfg.device_id, svc.topics, svc.mqtt, store, host)
     mgr.start()
     return mgr, host

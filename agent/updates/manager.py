@@ -15,6 +15,7 @@ Order of one update (each step reported on `model/state`, retained):
 then a health window of `health_window_s`; a bad window -> `rolled_back` to the previous version
 (or the bundled default), a good one -> `last_good`. A restart during the window rolls back too
 (ModelStore.recover), so a model that kills the process cannot crash-loop the device.
+Beside it: `ports` (host, MQTT), `chunks` (MQTT transfers), `health` (the verdict), `state`.
 """
 
 from __future__ import annotations
@@ -27,109 +28,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from agent.config import UpdatesConfig
 from agent.errors import UpdateError
 from agent.models.store import ModelStore, ModelVersion
+from agent.updates.chunks import ChunkTransfers
+from agent.updates.health import HealthPolicy
 from agent.updates.manifest import DEFAULT_CLOCK_SKEW_S, Manifest, load_trusted_keys, verify_manifest
+from agent.updates.ports import MqttLike, TopicsLike, UpdateHost
+from agent.updates.state import TERMINAL as TERMINAL_STATES
 from agent.updates.state import UpdateStateReporter
-from agent.updates.transfer import ChunkAssembler, clean_stale_transfers, download_url
 from agent.updates.transfer import _io_error as io_update_error
+from agent.updates.transfer import clean_stale_transfers, download_url
 from agent.updates.validate import validate_model
 
+# HealthPolicy and the Protocols are re-exported: the tests and the host import them from here
 __all__ = ["HealthPolicy", "MqttLike", "TopicsLike", "UpdateHost", "UpdateManager"]
 
 log = logging.getLogger(__name__)
 
 SEEN_MAX = 256
 TRANSIENT = frozenset({"download_failed", "download_timeout"})
-
-
-class UpdateHost(Protocol):
-    """What the manager needs from the running service."""
-
-    def recent_frames(self) -> list[np.ndarray]:
-        """A few recent camera frames (BGR, HxWx3 uint8) for the smoke test; may be empty."""
-        ...
-
-    def current_model(self) -> tuple[str, str]:
-        """(name, version) of the model serving now."""
-        ...
-
-    def prepare_engine(self, model_path: Path | None, manifest: Manifest | None) -> object:
-        """Build / load an engine (through the engine cache) while the old one keeps serving.
-
-        `model_path` None means the bundled default model. Returns an opaque ready bundle.
-        """
-        ...
-
-    def smoke(self, bundle: object, frames: list[np.ndarray]) -> dict[str, Any]:
-        """Run the bundle on `frames` (validate.smoke_test); raise UpdateError when it fails."""
-        ...
-
-    def activate(self, bundle: object, version: ModelVersion | None) -> None:
-        """Swap to `bundle` at a frame boundary; return once it serves (None: the bundled default)."""
-        ...
-
-    def release(self, bundle: object) -> None:
-        """Free a bundle that will never serve (failed smoke test, failed swap)."""
-        ...
-
-    def health_since(self, t0: float) -> dict[str, Any]:
-        """{"frames", "errors", "fps"} counted since the wall-clock time `t0`."""
-        ...
-
-
-class MqttLike(Protocol):
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool: ...
-
-    def subscribe(self, topic_filter: str, callback: Callable[[str, bytes], None], qos: int = 1) -> None: ...
-
-
-class TopicsLike(Protocol):
-    @property
-    def model_state(self) -> str: ...
-
-    @property
-    def model_update(self) -> str: ...
-
-    @property
-    def events(self) -> str: ...
-
-    def group_model_update(self, group: str) -> str: ...
-
-    def chunk_filter(self) -> str: ...
-
-    def group_chunk_filter(self, group: str) -> str: ...
-
-    def parse_chunk_topic(self, topic: str) -> tuple[str, int] | None: ...
-
-
-@dataclass(frozen=True)
-class HealthPolicy:
-    """A window is bad when errors exceed `max_error_ratio` of frames, no frame was processed while
-    the old model did process some, or fps fell under `min_fps_ratio` of the old model's fps."""
-
-    max_error_ratio: float = 0.05
-    min_fps_ratio: float = 0.5
-    # fps from fewer frames is noise (a paced source releasing a few frames at once after a stall
-    # doubles it): below this many frames on either side only errors and silence are judged
-    min_frames_for_fps: int = 5
-
-    def judge(self, before: dict[str, Any], after: dict[str, Any]) -> str | None:
-        frames, errors = int(after.get("frames", 0)), int(after.get("errors", 0))
-        if errors and errors > self.max_error_ratio * max(frames + errors, 1):
-            return f"{errors} errors in {frames + errors} frames"
-        if frames == 0 and int(before.get("frames", 0)) > 0:
-            return "no frame processed since the swap"
-        fps0, fps1 = float(before.get("fps", 0.0) or 0.0), float(after.get("fps", 0.0) or 0.0)
-        enough = min(frames, int(before.get("frames", 0))) >= self.min_frames_for_fps
-        if enough and fps0 > 0 and fps1 < self.min_fps_ratio * fps0:
-            return f"fps fell from {fps0:.1f} to {fps1:.1f}"
-        return None
 
 
 @dataclass
@@ -157,14 +77,15 @@ class UpdateManager:
         self.download_dir = Path(cfg.models_dir) / "downloads"
         # A restart during a health window rolled the trial back (ModelStore.recover): say so on
         # model/state, or the retained state would still claim the abandoned version is active.
+        last = store.recall("last_attempt")
+        self._persisted: dict[str, Any] | None = last if isinstance(last, dict) else None
         self.reporter = UpdateStateReporter(self._publish_state, clock=clock,
-                                            initial="active" if store.recovered_from_trial else "idle")
+                                            initial="active" if store.recovered_from_trial else "idle",
+                                            served=host.current_model, last_attempt=self._persisted)
         self._cv = threading.Condition()
         self._queued: _Job | None = None
         self._current: _Job | None = None
-        self._assemblers: dict[str, ChunkAssembler] = {}
-        self._chunk_error: UpdateError | None = None
-        self._last_chunk_at = 0.0
+        self._chunks = ChunkTransfers(self._cv, self.download_dir, self.max_bytes, self._chunk_progress)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         seen = store.recall("seen_ids", [])
@@ -190,6 +111,9 @@ class UpdateManager:
                 if isinstance(pending, str) and \
                         Manifest.parse_unverified(pending).label == self.store.recovered_from_trial:
                     self.store.forget("pending", only_if=pending)
+        else:
+            # what serves now: the retained state of the last process may name an update it never finished
+            self.reporter.publish()
         pending = self.store.recall("pending")
         if isinstance(pending, str) and pending:
             self._resume_pending(pending.encode("utf-8"))
@@ -208,9 +132,7 @@ class UpdateManager:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cv:
-            for asm in self._assemblers.values():
-                asm.close()  # persists the bitmap: chunks held survive the restart
-            self._assemblers.clear()
+            self._chunks.close_all()  # persists the bitmaps: chunks held survive the restart
 
     @property
     def busy(self) -> bool:
@@ -227,7 +149,16 @@ class UpdateManager:
 
     # ---- reporting ----------------------------------------------------------------------------
     def _publish_state(self, payload: dict[str, Any]) -> None:
-        self.mqtt.publish(self.topics.model_state, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
+        self.mqtt.publish(self.topics.model_state, json.dumps(payload, separators=(",", ":"), default=str),
+                          qos=1, retain=True)
+        attempt = payload.get("last_attempt")
+        if isinstance(attempt, dict) and attempt.get("state") in TERMINAL_STATES and attempt != self._persisted:
+            # the end of an attempt outlives a restart: the next start reports it beside what serves
+            try:
+                self.store.remember("last_attempt", attempt)
+                self._persisted = attempt
+            except (OSError, TypeError, ValueError) as exc:
+                log.warning("could not persist the last update attempt: %s", exc)
 
     def _event(self, event: str, **fields: Any) -> None:
         body = {"event": event, "ts": round(self.clock(), 3), **fields}
@@ -273,20 +204,16 @@ class UpdateManager:
         self._event("update_rejected", reason=exc.reason, detail=exc.detail, manifest_id=mid)
         if exc.reason == "replayed":
             return  # a re-delivery (retained group manifest after a reconnect): not news
-        if not self.reporter.busy:
-            # unauthenticated input may only say "refused", never overwrite a running update's state
-            with contextlib.suppress(UpdateError):
-                self.reporter.transition("received", manifest_id=mid)
-                self.reporter.fail(exc.reason, exc.detail)
+        # beside what serves and the running attempt, never over them: unauthenticated input must
+        # not move the update machine (a rollback in a health window would be lost)
+        self.reporter.refuse(exc.reason, exc.detail, manifest_id=mid)
 
     def _enqueue(self, job: _Job) -> None:
         mq = job.manifest.source.mqtt
         with self._cv:
-            if mq is not None and mq.transfer_id not in self._assemblers:
+            if mq is not None:
                 try:
-                    self._assemblers[mq.transfer_id] = ChunkAssembler(
-                        self.download_dir, mq.transfer_id, mq.chunk_size, mq.chunks, job.manifest.model.size,
-                        self.max_bytes, progress=self._chunk_progress)
+                    self._chunks.open(mq, job.manifest.model.size)
                 except UpdateError as exc:
                     self._clear_pending(job.raw)
                     self._rejected(job.raw, exc)
@@ -299,47 +226,21 @@ class UpdateManager:
             self._cv.notify_all()
 
     def _drop_assembler(self, job: _Job) -> None:
+        """Close `job`'s transfer unless the running or another queued job needs it (condition held)."""
         mq = job.manifest.source.mqtt
         if mq is None:
             return
-        if self._current is not None and self._current.manifest.source.mqtt is not None \
-                and self._current.manifest.source.mqtt.transfer_id == mq.transfer_id:
-            return
-        if self._queued is not None and self._queued is not job and self._queued.manifest.source.mqtt is not None \
-                and self._queued.manifest.source.mqtt.transfer_id == mq.transfer_id:
-            return
-        asm = self._assemblers.pop(mq.transfer_id, None)
-        if asm is not None:
-            asm.close()  # the state stays on disk: a later push of the same model resumes
+        others = [j for j in (self._current, self._queued) if j is not None and j is not job]
+        self._chunks.release(mq.transfer_id, [j.manifest.source.mqtt.transfer_id for j in others
+                                              if j.manifest.source.mqtt is not None])
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         parsed = self.topics.parse_chunk_topic(topic)
         if parsed is None:
             return
-        tid, idx = parsed
-        with self._cv:
-            asm = self._assemblers.get(tid)
-        if asm is None:
-            self.counters["chunks_dropped"] += 1
-            return
-        try:
-            if asm.add(idx, payload):
-                self.counters["chunks"] += 1
-        except UpdateError as exc:
-            self.counters["chunks_bad"] += 1
-            if exc.reason in ("disk_full", "io_error", "bad_transfer"):
-                with self._cv:
-                    # the first error is the cause: chunks still arriving at the closed assembler
-                    # would otherwise replace "disk_full" by "bad_transfer: assembler closed"
-                    if self._chunk_error is None:
-                        self._chunk_error = exc
-                    self._cv.notify_all()
-            else:
-                log.debug("chunk %s/%d refused: %s", tid, idx, exc)
-            return
-        with self._cv:
-            self._last_chunk_at = time.monotonic()
-            self._cv.notify_all()
+        got = self._chunks.add(parsed[0], parsed[1], payload)
+        if got != "duplicate":
+            self.counters[{"added": "chunks", "dropped": "chunks_dropped", "bad": "chunks_bad"}[got]] += 1
 
     def _url_progress(self, done: int, total: int) -> None:
         self.reporter.report_progress(done, total)
@@ -390,7 +291,7 @@ class UpdateManager:
                     return
                 job, self._queued = self._queued, None
                 self._current = job
-                self._chunk_error = None
+                self._chunks.error = None
             assert job is not None
             try:
                 self._process(job)
@@ -427,9 +328,7 @@ class UpdateManager:
             queued = self._queued.manifest.source.mqtt if self._queued is not None else None
             if queued is not None and queued.transfer_id == mq.transfer_id:
                 return  # the next update needs the same bytes: keep what was received
-            asm = self._assemblers.pop(mq.transfer_id, None)
-        if asm is not None:
-            asm.discard()
+        self._chunks.discard(mq.transfer_id)
 
     def _process(self, job: _Job) -> None:
         m = job.manifest
@@ -508,27 +407,10 @@ class UpdateManager:
                     log.warning("download attempt %d failed (%s); resuming", attempt, exc)
             raise AssertionError("unreachable")
         mq = m.source.mqtt
-        assert mq is not None
-        with self._cv:
-            asm = self._assemblers.get(mq.transfer_id)
-        if asm is None:
-            raise UpdateError("bad_transfer", "no assembler for the transfer")
-        self.reporter.report_progress(asm.received_bytes, m.model.size)
-        with self._cv:
-            self._last_chunk_at = time.monotonic()
-            while not asm.complete:
-                if self._stop.is_set():
-                    raise UpdateError("stopped", "the agent is stopping")
-                if self._chunk_error is not None:
-                    err, self._chunk_error = self._chunk_error, None
-                    raise err
-                if time.monotonic() - self._last_chunk_at > self.cfg.download_timeout_s:
-                    missing = len(asm.missing())
-                    raise UpdateError("transfer_stalled", f"{missing} of {mq.chunks} chunks missing after "
-                                                          f"{self.cfg.download_timeout_s:g} s without a chunk; "
-                                                          "push again to resume")
-                self._cv.wait(0.2)
-        return asm.finalize(self.download_dir / f"{m.model.sha256[:32]}.onnx")
+        if mq is None:  # the manifest schema requires exactly one source
+            raise UpdateError("bad_transfer", "the manifest names no source")
+        return self._chunks.wait_complete(mq, m.model.size, self.cfg.download_timeout_s, self._stop,
+                                          self.download_dir / f"{m.model.sha256[:32]}.onnx")
 
     def _health_window(self, m: Manifest, mv: ModelVersion, t0: float, before: dict[str, Any]) -> None:
         if self._stop.wait(self.cfg.health_window_s):
@@ -545,11 +427,7 @@ class UpdateManager:
         log.error("model %s failed its health window: %s; rolling back", mv.key, bad)
         self.counters["rolled_back"] += 1
         prev = self.store.rollback(bad)
-        with contextlib.suppress(UpdateError):
-            self.reporter.transition("rolled_back", error="health", detail=bad,
-                                     restored=None if prev is None else {"name": prev.name, "version": prev.version})
-        self._event("model_rolled_back", name=m.model.name, version=m.model.version, reason=bad,
-                    to=None if prev is None else prev.key)
+        detail = bad
         try:
             prev_manifest = None
             if prev is not None:
@@ -559,4 +437,13 @@ class UpdateManager:
             self.host.activate(bundle, prev)
         except Exception as exc:
             log.exception("rollback engine could not be activated")
+            detail = f"{bad}; the rollback failed: {type(exc).__name__}: {str(exc)[:120]}"
             self._event("rollback_failed", detail=f"{type(exc).__name__}: {str(exc)[:160]}")
+        # reported once the previous model serves, so the retained state names what serves
+        try:
+            self.reporter.transition("rolled_back", error="health", detail=detail,
+                                     restored=None if prev is None else {"name": prev.name, "version": prev.version})
+        except UpdateError as exc:  # cannot happen while the worker owns the machine; say so if it does
+            log.error("the rollback of %s could not be reported: %s", mv.key, exc)
+        self._event("model_rolled_back", name=m.model.name, version=m.model.version, reason=bad,
+                    to=None if prev is None else prev.key)

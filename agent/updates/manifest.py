@@ -45,24 +45,22 @@ Decisions (documented in the README changelog by the lead):
   ``not_yet_valid`` with that said in the detail, rather than trusting a bogus clock.
 * Replay: a manifest id already processed is ``replayed``; one aimed at another device or group is
   ``not_for_this_device``.
+
+Here: the schema, version order, signing and `verify_manifest`. Beside it: `strict_json` (parsing
+untrusted bytes, the canonical form) and `signing` (key pairs, trusted keys).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import (
     AfterValidator,
@@ -78,7 +76,20 @@ from pydantic import (
 
 from agent.errors import UpdateError
 
+# Strict JSON and the keys live in their own modules; their public names are re-exported here,
+# where the fleet tools, the tests and the agent import them from.
+from agent.updates.signing import (
+    KEY_ID_RE,
+    KeyPair,
+    generate_keypair,
+    load_private_key,
+    load_trusted_keys,
+    public_key_b64,
+)
+from agent.updates.strict_json import MAX_MANIFEST_BYTES, canonical_json, parse_strict_json
+
 __all__ = [
+    "KEY_ID_RE",
     "MAX_MANIFEST_BYTES",
     "SCHEMA_VERSION",
     "KeyPair",
@@ -90,13 +101,12 @@ __all__ = [
     "load_trusted_keys",
     "parse_strict_json",
     "parse_version",
+    "public_key_b64",
     "sign_manifest",
     "verify_manifest",
 ]
 
 SCHEMA_VERSION = 1
-MAX_MANIFEST_BYTES = 64 * 1024
-MAX_DEPTH = 6  # the schema needs 4 (object > source > mqtt > value); a little slack
 DEFAULT_CLOCK_SKEW_S = 300
 CLOCK_UNSET_BEFORE = 1704067200  # 2024-01-01T00:00:00Z
 MAX_CHUNKS = 1_000_000
@@ -105,7 +115,6 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no '/', no NUL, no leading dot
 VERSION_RE = r"^(?:0|[1-9][0-9]{0,8})(?:\.(?:0|[1-9][0-9]{0,8})){0,3}$"
 ID_RE = r"^[A-Za-z0-9_-]{8,64}$"
 DEVICE_RE = r"^[A-Za-z0-9_-]{1,64}$"
-KEY_ID_RE = r"^[A-Za-z0-9_.-]{1,64}$"
 TRANSFER_RE = r"^[A-Za-z0-9_-]{1,64}$"
 SHA256_RE = r"^[0-9a-f]{64}$"
 URL_RE = r"^(?:https?://[^\s/?#]+|file://)[^\s\x00-\x1f\x7f]*$"
@@ -223,89 +232,6 @@ class Manifest(_Strict):
             raise UpdateError("malformed", _short_errors(exc)) from None
 
 
-# ---- strict JSON ------------------------------------------------------------------------------
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise UpdateError("malformed", f"duplicate key {k!r:.40}")
-        out[k] = v
-    return out
-
-
-def _reject_float(s: str) -> Any:
-    raise UpdateError("malformed", f"non-integer number {s[:20]!r} (the manifest holds integers only)")
-
-
-def _reject_constant(s: str) -> Any:
-    raise UpdateError("malformed", f"{s} is not JSON")
-
-
-def _parse_int(s: str) -> int:
-    if len(s.lstrip("-")) > 18:
-        raise UpdateError("malformed", f"integer too long ({len(s)} digits)")
-    return int(s)
-
-
-def _check_depth(text: str, limit: int) -> None:
-    depth = 0
-    in_str = False
-    esc = False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                raise UpdateError("malformed", f"nesting deeper than {limit}")
-        elif ch in "]}":
-            depth -= 1
-
-
-def parse_strict_json(raw: bytes | bytearray | str, max_bytes: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
-    """Parse a JSON object strictly: size cap, UTF-8, depth cap, no duplicate keys, integers only."""
-    if len(raw) > max_bytes:
-        raise UpdateError("too_large", f"manifest of {len(raw)} bytes exceeds {max_bytes}")
-    if isinstance(raw, bytes | bytearray | memoryview):
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UpdateError("malformed", f"not UTF-8: {exc.reason}") from None
-    else:
-        text = raw
-    if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise UpdateError("too_large", f"manifest exceeds {max_bytes} bytes")
-    _check_depth(text, MAX_DEPTH)
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_reject_float,
-                          parse_constant=_reject_constant, parse_int=_parse_int)
-    except UpdateError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise UpdateError("malformed", f"not JSON: {str(exc)[:120]}") from None
-    if not isinstance(data, dict):
-        raise UpdateError("malformed", f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def canonical_json(obj: Mapping[str, Any]) -> bytes:
-    """Sorted keys, no whitespace, UTF-8 (not \\u escapes); `signature` left out."""
-    body = {k: v for k, v in obj.items() if k != "signature"}
-    try:
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
-        raise UpdateError("malformed", f"cannot canonicalise: {str(exc)[:120]}") from None
-
-
 def _short_errors(exc: ValidationError, limit: int = 3) -> str:
     parts = []
     for err in exc.errors()[:limit]:
@@ -336,97 +262,6 @@ def compare_versions(a: str, b: str) -> int | None:
     if pa is None or pb is None:
         return None
     return (pa > pb) - (pa < pb)
-
-
-# ---- keys -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class KeyPair:
-    key_id: str
-    private_path: Path
-    public_path: Path
-    public_b64: str  # for `updates.trusted_keys` in the device config
-
-
-def public_key_b64(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def generate_keypair(directory: Path | str, key_id: str) -> KeyPair:
-    """Write `<key_id>.key` (PKCS#8 PEM, mode 0600) and `<key_id>.pub` (PEM); never overwrites."""
-    if not re.match(KEY_ID_RE, key_id) or key_id.startswith("."):
-        raise UpdateError("bad_key", f"unsafe key id {key_id!r}")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    priv_path, pub_path = d / f"{key_id}.key", d / f"{key_id}.pub"
-    for p in (priv_path, pub_path):
-        if p.exists():
-            raise UpdateError("bad_key", f"{p} exists; refusing to overwrite a key")
-    key = Ed25519PrivateKey.generate()
-    _write_private(priv_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    pub = key.public_key()
-    # owner-only like everything the tools write (its base64 form is printed for the devices' config)
-    _write_private(pub_path, pub.public_bytes(serialization.Encoding.PEM,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo))
-    return KeyPair(key_id, priv_path, pub_path, public_key_b64(pub))
-
-
-def load_private_key(path: Path | str) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UpdateError("bad_key", f"cannot load private key {path}: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UpdateError("bad_key", f"{path} is not an Ed25519 private key")
-    return key
-
-
-def _load_public(value: str) -> Ed25519PublicKey:
-    text = value.strip()
-    # base64 of 32 bytes is exactly 44 characters ending in '='; anything else is taken as a path
-    # ('/' is a base64 character, so it cannot tell the two apart on its own)
-    if len(text) == 44 and text.endswith("=") and not Path(text).exists():
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) == 32:
-            return Ed25519PublicKey.from_public_bytes(raw)
-        raise UpdateError("bad_key", "expected base64 of a raw 32-byte Ed25519 public key or a PEM file path")
-    try:
-        data = Path(text).read_bytes()
-    except OSError as exc:
-        raise UpdateError("bad_key", f"cannot read {text}: {exc.strerror or exc}") from None
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise UpdateError("bad_key", f"{text}: not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise UpdateError("bad_key", f"{text}: not an Ed25519 public key")
-    return key
-
-
-def load_trusted_keys(keys: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
-    """`updates.trusted_keys` -> {key_id: public key}; a bad entry raises UpdateError("bad_key")."""
-    out: dict[str, Ed25519PublicKey] = {}
-    for key_id, value in keys.items():
-        try:
-            out[key_id] = _load_public(value)
-        except UpdateError as exc:
-            raise UpdateError("bad_key", f"trusted key {key_id!r}: {exc.detail}") from None
-    return out
 
 
 # ---- sign / verify ----------------------------------------------------------------------------

@@ -17,6 +17,14 @@ blocks its caller until the inference ends: preparing the next frame must happen
      those rows come back to the host. Other layouts copy their (small) outputs back whole.
 NMS runs on the host on those few candidates, in the post thread, exactly as on the CPU path.
 
+Frames decoded by NVDEC (agent.capture.sources.nvdec) arrive as `Nv12Frame`s already on the
+device: step 1 is skipped and the NV12 letterbox kernel reads the Y plane and the interleaved UV
+plane itself, converting each tap to BGR with OpenCV's fixed-point YUV -> BGR arithmetic (the
+stream's matrix, BT.601 or BT.709, and range, limited or full) before the same resize; with
+BT.601 limited range (what cv2.COLOR_YUV2BGR_NV12 assumes) the result equals OpenCV's NV12 ->
+BGR followed by the CPU letterbox. `nv12_to_bgr` / `nv12_letterbox_reference` are that
+arithmetic in numpy, for the tests and the CPU fallback.
+
 Up to SLOTS frames are in flight; each slot owns its staging, device frame and result buffers, so
 nothing is reused before its result was read. The two input buffers alternate; events order the
 streams on the device (a buffer is letterboxed again only after the inference that read it).
@@ -43,7 +51,92 @@ from agent.vision.types import Letterbox
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GpuFrontend", "Pending", "Staged"]
+__all__ = ["GpuFrontend", "Nv12Frame", "Pending", "Staged", "nv12_coefficients", "nv12_letterbox_reference",
+           "nv12_to_bgr"]
+
+# YUV -> RGB coefficients (cy, cvr, cug, cvg, cub) as OpenCV rounds them for BT.601, and the same
+# three-decimal rounding for BT.709; full range has no luma offset or scale.
+_YUV_COEF = {("bt601", False): (1.164, 1.596, -0.391, -0.813, 2.018),
+             ("bt709", False): (1.164, 1.793, -0.213, -0.533, 2.112),
+             ("bt601", True): (1.0, 1.402, -0.344, -0.714, 1.772),
+             ("bt709", True): (1.0, 1.575, -0.187, -0.468, 1.856)}
+
+
+def nv12_coefficients(matrix: str, full_range: bool) -> tuple[int, int, int, int, int, int]:
+    """(cy, cvr, cug, cvg, cub) in 20-bit fixed point and the luma offset, for `matrix` and range."""
+    try:
+        coef = _YUV_COEF[(matrix, bool(full_range))]
+    except KeyError:
+        raise SourceError(f"unsupported colour matrix {matrix!r} (bt601, bt709)") from None
+    cy, cvr, cug, cvg, cub = (round(c * (1 << 20)) for c in coef)
+    return cy, cvr, cug, cvg, cub, 0 if full_range else 16
+
+
+def nv12_to_bgr(y: np.ndarray, uv: np.ndarray, matrix: str = "bt601", full_range: bool = False) -> np.ndarray:
+    """NV12 planes (Y: HxW, UV: H/2 x W/2 x 2) -> BGR uint8, the kernel's (and OpenCV's) arithmetic."""
+    cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(matrix, full_range)
+    h, w = y.shape
+    chroma = np.repeat(np.repeat(uv.astype(np.int64), 2, axis=0), 2, axis=1)[:h, :w]
+    u, v = chroma[..., 0] - 128, chroma[..., 1] - 128
+    luma = np.maximum(y.astype(np.int64) - yoff, 0) * cy + (1 << 19)
+    bgr = np.stack([(luma + cub * u) >> 20, (luma + cvg * v + cug * u) >> 20, (luma + cvr * v) >> 20], axis=-1)
+    return np.clip(bgr, 0, 255).astype(np.uint8)
+
+
+def nv12_letterbox_reference(y: np.ndarray, uv: np.ndarray, width: int, height: int, matrix: str = "bt601",
+                             full_range: bool = False, pad: int = 114) -> np.ndarray:
+    """The NV12 letterbox kernel in numpy: HxWx3 BGR uint8 letterboxed to width x height (before the LUT)."""
+    src = nv12_to_bgr(y, uv, matrix, full_range).astype(np.int64)
+    src_h, src_w = y.shape
+    new_w, new_h, left, top, _ = letterbox_geometry(src_w, src_h, width, height)
+    x0, x1, a0, a1 = (t.astype(np.int64) for t in linear_taps(src_w, new_w))
+    y0, y1, b0, b1 = (t.astype(np.int64) for t in linear_taps(src_h, new_h))
+    h0 = src[y0][:, x0] * a0[None, :, None] + src[y0][:, x1] * a1[None, :, None]
+    h1 = src[y1][:, x0] * a0[None, :, None] + src[y1][:, x1] * a1[None, :, None]
+    v = (((b0[:, None, None] * (h0 >> 4)) >> 16) + ((b1[:, None, None] * (h1 >> 4)) >> 16) + 2) >> 2
+    out = np.full((height, width, 3), pad, np.uint8)
+    out[top:top + new_h, left:left + new_w] = v.astype(np.uint8)
+    return out
+
+
+class Nv12Frame:
+    """A decoded frame on the GPU in NV12: Y plane (pitch bytes a row), then the interleaved UV plane.
+
+    Stands in for the BGR array of a Frame (`shape` is (H, W, 3)); the GPU frontend letterboxes it
+    where it lies. `owner` keeps its device memory alive (a decoder's pool buffer returns to its
+    pool when the last reference goes). `to_bgr()` copies it to the host for the CPU path.
+    """
+
+    __slots__ = ("full_range", "height", "matrix", "owner", "pitch", "uv_ptr", "width", "y_ptr")
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, y_ptr: int, uv_ptr: int, pitch: int, width: int, height: int, matrix: str = "bt601",
+                 full_range: bool = False, owner: object = None) -> None:
+        self.y_ptr, self.uv_ptr, self.pitch = int(y_ptr), int(uv_ptr), int(pitch)
+        self.width, self.height, self.matrix, self.full_range = int(width), int(height), matrix, bool(full_range)
+        self.owner = owner
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width * 3
+
+    def planes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Y, UV) copied to the host."""
+        y = np.empty((self.height, self.pitch), np.uint8)
+        uv = np.empty((self.height // 2, self.pitch), np.uint8)
+        cuda.copy_dtoh_ptr(y, self.y_ptr)
+        cuda.copy_dtoh_ptr(uv, self.uv_ptr)
+        return (y[:, : self.width],
+                uv[:, : self.width].reshape(self.height // 2, self.width // 2, 2))
+
+    def to_bgr(self) -> np.ndarray:
+        return nv12_to_bgr(*self.planes(), self.matrix, self.full_range)
+
 
 _SOURCE = r"""
 typedef unsigned char u8;
@@ -79,6 +172,52 @@ LETTERBOX(letterbox_f32, float)
 LETTERBOX(letterbox_u16, u16)
 LETTERBOX(letterbox_u8, u8)
 
+// NV12 (Y plane, then interleaved U, V at half resolution) -> B, G, R of one pixel, in OpenCV's
+// fixed point (color_yuv: 20-bit coefficients, chroma of the 2x2 block, rounding, saturation).
+// k: cy, cvr, cug, cvg, cub (x 2^20), yoff (16 limited range, 0 full range).
+__device__ __forceinline__ int sat8(int v) { return v < 0 ? 0 : (v > 255 ? 255 : v); }
+__device__ __forceinline__ void nv12_bgr(const u8* __restrict__ ys, const u8* __restrict__ uvs, int py, int puv,
+                                         int x, int y, const int* k, int* b, int* g, int* r) {
+    int Y = ys[(long)y * py + x];
+    const u8* c = uvs + (long)(y >> 1) * puv + (x & ~1);
+    int U = c[0] - 128, V = c[1] - 128;
+    int l = max(Y - k[5], 0) * k[0] + (1 << 19);
+    *r = sat8((l + k[1] * V) >> 20);
+    *g = sat8((l + k[3] * V + k[2] * U) >> 20);
+    *b = sat8((l + k[4] * U) >> 20);
+}
+
+#define LETTERBOX_NV12(NAME, T)                                                                       \
+extern "C" __global__ void NAME(const u8* __restrict__ ys, const u8* __restrict__ uvs, int py, int puv,  \
+        const int4* __restrict__ xt, const int4* __restrict__ yt, int new_w, int new_h, int left, int top,  \
+        int out_w, int out_h, int pad, const T* __restrict__ lut, int cy, int cvr, int cug, int cvg,       \
+        int cub, int yoff, T* __restrict__ dst) {                                                      \
+    int x = blockIdx.x * blockDim.x + threadIdx.x;                                                    \
+    int y = blockIdx.y * blockDim.y + threadIdx.y;                                                    \
+    if (x >= out_w || y >= out_h) return;                                                             \
+    int plane = out_w * out_h, o = y * out_w + x, dx = x - left, dy = y - top;                        \
+    if (dx < 0 || dx >= new_w || dy < 0 || dy >= new_h) {                                             \
+        T v = lut[pad];                                                                               \
+        dst[o] = v; dst[plane + o] = v; dst[2 * plane + o] = v;                                       \
+        return;                                                                                       \
+    }                                                                                                 \
+    int4 tx = xt[dx], ty = yt[dy];                                                                    \
+    int p[4][3], k[6] = {cy, cvr, cug, cvg, cub, yoff};                                              \
+    nv12_bgr(ys, uvs, py, puv, tx.x, ty.x, k, &p[0][0], &p[0][1], &p[0][2]);                      \
+    nv12_bgr(ys, uvs, py, puv, tx.y, ty.x, k, &p[1][0], &p[1][1], &p[1][2]);                      \
+    nv12_bgr(ys, uvs, py, puv, tx.x, ty.y, k, &p[2][0], &p[2][1], &p[2][2]);                      \
+    nv12_bgr(ys, uvs, py, puv, tx.y, ty.y, k, &p[3][0], &p[3][1], &p[3][2]);                      \
+    for (int c = 0; c < 3; ++c) {                                                                     \
+        int h0 = p[0][c] * tx.z + p[1][c] * tx.w;                                                     \
+        int h1 = p[2][c] * tx.z + p[3][c] * tx.w;                                                     \
+        int v = (((ty.z * (h0 >> 4)) >> 16) + ((ty.w * (h1 >> 4)) >> 16) + 2) >> 2;                  \
+        dst[(2 - c) * plane + o] = lut[v];  /* B, G, R taps; RGB planes out */                        \
+    }                                                                                                 \
+}
+LETTERBOX_NV12(letterbox_nv12_f32, float)
+LETTERBOX_NV12(letterbox_nv12_u16, u16)
+LETTERBOX_NV12(letterbox_nv12_u8, u8)
+
 __device__ __forceinline__ float load_f32(const float* p, int i) { return p[i]; }
 __device__ __forceinline__ float load_f16(const u16* p, int i) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i])); return f;
@@ -109,7 +248,8 @@ CANDIDATES(candidates_f32, float, load_f32)
 CANDIDATES(candidates_f16, u16, load_f16)
 """
 
-_KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "candidates_f32", "candidates_f16"]
+_KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "letterbox_nv12_f32", "letterbox_nv12_u16",
+            "letterbox_nv12_u8", "candidates_f32", "candidates_f16"]
 SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepares and collects
 INPUTS = 2  # input buffers used in turn: one is letterboxed while the other is inferred
 _TINY = float(np.finfo(np.float32).tiny)
@@ -143,6 +283,7 @@ class _Slot:
     done: cuda.Event  # on the engine stream: results are in the host buffers
     host_out: list[cuda.PinnedBuffer]  # candidates: [count, rows]; other layouts: every output
     free: threading.Event
+    keep: object = None  # an Nv12Frame read by this slot's letterbox: its memory stays until the result
 
 
 @dataclass
@@ -166,7 +307,22 @@ class Pending:
             slot.done.synchronize()
             return self._frontend._collect(slot), self.lb
         finally:
+            slot.keep = None
             slot.free.set()
+
+
+_compiled: dict[int, cuda.Kernel] = {}
+_compiled_lock = threading.Lock()
+
+
+def _kernels(device: int) -> cuda.Kernel:
+    """The kernels compiled once per device and process: every camera's frontend shares the module
+    (NVRTC takes a few hundred ms; with dozens of cameras that was the start-up)."""
+    with _compiled_lock:
+        k = _compiled.get(device)
+        if k is None or k.closed:
+            k = _compiled[device] = cuda.Kernel(_SOURCE, _KERNELS, device)
+        return k
 
 
 def _upload(host: np.ndarray, stream: cuda.Stream) -> cuda.DeviceBuffer:
@@ -195,12 +351,12 @@ class GpuFrontend:
         self.height, self.width = int(spec.shape[2]), int(spec.shape[3])
         self.pad_value = int(pad_value)
         self._owned: list[cuda._Owned] = []
-        self._size_state: tuple[tuple[int, int], _SourceSize] | None = None
+        self._size_state: tuple[tuple[int, int, bool], _SourceSize] | None = None
         self._threads: set[int] = set()
         self._slots: list[_Slot] = []
         self._next = 0
         try:
-            self.kernels = self._own(cuda.Kernel(_SOURCE, _KERNELS, device))
+            self.kernels = _kernels(device)
             self.copy_stream = self._own(cuda.Stream())
             levels = np.arange(256, dtype=np.float32) / np.float32(255.0)  # the CPU path's table
             if spec.dtype == np.dtype(np.float32):
@@ -211,6 +367,7 @@ class GpuFrontend:
                 lut, self._letterbox = np.arange(256, dtype=np.uint8), "letterbox_u8"
             else:
                 raise EngineError(f"GPU preprocessing does not support input dtype {spec.dtype}")
+            self._letterbox_nv12 = self._letterbox.replace("letterbox_", "letterbox_nv12_")
             self._lut = self._own(_upload(lut, stream))
             nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
             self.inputs = [self._own(cuda.DeviceBuffer(nbytes)) for _ in range(INPUTS)]
@@ -259,8 +416,9 @@ class GpuFrontend:
         """Wait until every slot's result was collected (before buffers they use are freed)."""
         return all(slot.free.wait(timeout) for slot in self._slots)
 
-    def _size(self, src_w: int, src_h: int) -> _SourceSize:
-        if self._size_state is not None and self._size_state[0] == (src_w, src_h):
+    def _size(self, src_w: int, src_h: int, staging: bool = True) -> _SourceSize:
+        """Taps for a source size and, for host frames (`staging`), pinned and device frame buffers."""
+        if self._size_state is not None and self._size_state[0] == (src_w, src_h, staging):
             return self._size_state[1]
         if self._size_state is not None:  # a camera changed resolution: retire the old buffers
             if not self._drain():
@@ -270,8 +428,9 @@ class GpuFrontend:
         new_w, new_h, left, top, r = letterbox_geometry(src_w, src_h, self.width, self.height)
         xt = np.stack(linear_taps(src_w, new_w), axis=1).astype(np.int32)  # int4 per column
         yt = np.stack(linear_taps(src_h, new_h), axis=1).astype(np.int32)
-        s = _SourceSize(pinned=[cuda.PinnedBuffer((src_h, src_w, 3), np.uint8) for _ in range(SLOTS)],
-                        frames=[cuda.DeviceBuffer(src_h * src_w * 3) for _ in range(SLOTS)], letterbox=[],
+        n = SLOTS if staging else 0  # NV12 frames are read where the decoder left them
+        s = _SourceSize(pinned=[cuda.PinnedBuffer((src_h, src_w, 3), np.uint8) for _ in range(n)],
+                        frames=[cuda.DeviceBuffer(src_h * src_w * 3) for _ in range(n)], letterbox=[],
                         xtaps=_upload(xt, self.stream), ytaps=_upload(yt, self.stream), new_w=new_w, new_h=new_h,
                         left=left, top=top,
                         lb=Letterbox(scale=r, pad_x=float(left), pad_y=float(top), src_w=src_w, src_h=src_h))
@@ -283,7 +442,7 @@ class GpuFrontend:
                  np.int32(new_w), np.int32(new_h), np.int32(left), np.int32(top), np.int32(self.width),
                  np.int32(self.height), np.int32(self.pad_value), np.uint64(self._lut.ptr),
                  np.uint64(inp.ptr)]) for inp in self.inputs])
-        self._size_state = ((src_w, src_h), s)
+        self._size_state = ((src_w, src_h, staging), s)
         return s
 
     def _candidates_launch(self) -> cuda.Launch:
@@ -309,9 +468,11 @@ class GpuFrontend:
             cuda.use_device(self.device)
             self._threads.add(ident)
 
-    def stage(self, image: np.ndarray) -> Staged:
+    def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
         slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
+        if isinstance(image, Nv12Frame):
+            return self._stage_nv12(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
         self._on_thread()
@@ -340,6 +501,42 @@ class GpuFrontend:
             raise
         self._staged += 1
         return Staged(slot, k, s.lb)
+
+    def _stage_nv12(self, frame: Nv12Frame) -> Staged:
+        """Letterbox an NV12 frame already on the device (no upload): the kernel converts colour itself."""
+        self._on_thread()
+        if frame.width < 2 or frame.height < 2 or frame.width % 2 or frame.height % 2:
+            raise SourceError(f"NV12 frame needs an even size, got {frame.width}x{frame.height}")
+        s, prep = self._size_taps(frame.width, frame.height), self.copy_stream
+        slot = self._slots[self._next]
+        if not slot.free.wait(10.0):
+            raise EngineError("no free GPU slot in 10 s: results are not being collected")
+        slot.free.clear()
+        self._next = (self._next + 1) % SLOTS
+        k = self._staged % INPUTS
+        try:
+            cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
+            grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
+            launch = self.kernels.prepare(
+                self._letterbox_nv12, grid, (32, 8, 1),
+                [np.uint64(frame.y_ptr), np.uint64(frame.uv_ptr), np.int32(frame.pitch), np.int32(frame.pitch),
+                 np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr), np.int32(s.new_w), np.int32(s.new_h),
+                 np.int32(s.left), np.int32(s.top), np.int32(self.width), np.int32(self.height),
+                 np.int32(self.pad_value), np.uint64(self._lut.ptr),
+                 np.int32(cy), np.int32(cvr), np.int32(cug), np.int32(cvg), np.int32(cub), np.int32(yoff),
+                 np.uint64(self.inputs[k].ptr)])
+            prep.wait(self._input_free[k])
+            launch(prep)
+            slot.uploaded.record(prep)
+            slot.keep = frame  # its device memory is read by the kernel just queued
+        except BaseException:
+            slot.free.set()
+            raise
+        self._staged += 1
+        return Staged(slot, k, s.lb)
+
+    def _size_taps(self, src_w: int, src_h: int) -> _SourceSize:
+        return self._size(src_w, src_h, staging=False)
 
     def launch(self, staged: Staged) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream."""

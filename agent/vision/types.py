@@ -42,14 +42,18 @@ class Detection:
     label: str
     score: float
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in source-frame pixels
+    track_id: int | None = None  # set by the counting tracker when the payload asks for track ids
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "class_id": self.class_id,
             "label": self.label,
             "score": round(float(self.score), 4),
             "box": [round(float(v), 1) for v in self.box],
         }
+        if self.track_id is not None:  # only then: the contract payload is unchanged by default
+            out["track_id"] = self.track_id
+        return out
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ import pytest
 
 from agent.cache.keys import cache_key
 from agent.cache.store import ENGINE_FILE, META_FILE, EngineCache
+from agent.engines.fingerprint import CACHE_FORMAT_VERSION
 from agent.errors import CacheError
 
 WORKER = Path(__file__).with_name("_worker.py")
@@ -86,8 +87,8 @@ def test_key_is_canonical_and_covers_every_field() -> None:
     b = dict(reversed(list(a.items())))
     assert cache_key(a) == cache_key(b)
     assert cache_key(a) != cache_key({**a, "precision": "fp32"})
-    assert cache_key(a) == cache_key({**a, "cache_format": "1"})
-    assert cache_key(a) != cache_key({**a, "cache_format": "2"})
+    assert cache_key(a) == cache_key({**a, "cache_format": CACHE_FORMAT_VERSION})
+    assert cache_key(a) != cache_key({**a, "cache_format": CACHE_FORMAT_VERSION + "-next"})
     with pytest.raises(TypeError):
         cache_key({"workspace_mb": 1024})  # type: ignore[dict-item]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.cache.keys import model_digest
 from agent.cache.store import ENGINE_FILE, EngineCache
-from agent.config import EngineConfig, ProviderConfig
-from agent.engines.factory import _ort_trt_options, create_engine, key_fields
+from agent.config import EngineConfig
+from agent.engines.factory import create_engine, key_fields
 from agent.engines.quantize import quantize_int8
 
 pytest.importorskip("onnxruntime")
@@ -113,21 +114,6 @@ def test_model_digest_covers_external_data(tmp_path: Path) -> None:
     assert model_digest(path) != before  # the .onnx file itself did not change
 
 
-def test_ort_tensorrt_ep_options_point_at_the_cache(tmp_path: Path) -> None:
-    cache = EngineCache(tmp_path / "cache", 1 << 20)
-    cfg = EngineConfig(precision="fp16", providers=[
-        ProviderConfig(name="TensorrtExecutionProvider", options={"trt_max_workspace_size": "123"}),
-        ProviderConfig(name="CPUExecutionProvider")])
-    out = _ort_trt_options(cfg, cache, "k" * 64)
-    opts = out.providers[0].options
-    assert opts["trt_engine_cache_enable"] == "True"
-    assert opts["trt_engine_cache_path"] == str(cache.root / "ort-trt" / ("k" * 64))
-    assert opts["trt_timing_cache_enable"] == "True" and Path(opts["trt_timing_cache_path"]).is_dir()
-    assert opts["trt_fp16_enable"] == "True"
-    assert opts["trt_max_workspace_size"] == "123"  # the user's explicit option wins
-    assert out.providers[1].name == "CPUExecutionProvider"
-
-
 @pytest.mark.parametrize("variant", ["tensorrt", "cpu"])
 def test_quantized_qdq_model_runs_close_to_fp32(tmp_path: Path, model: Path, variant: str) -> None:
     rng = np.random.default_rng(3)
@@ -148,3 +134,65 @@ def test_quantized_qdq_model_runs_close_to_fp32(tmp_path: Path, model: Path, var
     # Symmetric int8 activations (the TensorRT variant) run through ONNX Runtime's CPU S8S8 kernels
     # here: 0.107 on 1.32 (0.05 held on 1.31); asymmetric uint8 stays well inside 0.05.
     assert np.abs(int8 - fp32).max() < (0.15 if variant == "tensorrt" else 0.05)
+
+
+# ---- the native TensorRT backend through the cache, on the fake bindings (tests/support/fake_tensorrt.py)
+def test_tensorrt_engine_is_built_once_then_taken_from_the_cache(fake_trt: types.ModuleType, tmp_path: Path,
+                                                                 model: Path) -> None:
+    events: list[str] = []
+    cache = EngineCache(tmp_path / "cache", 1 << 24, on_event=lambda n, d: events.append(n))
+    cfg = EngineConfig(backend="tensorrt", precision="fp16")
+    first = create_engine(model, cfg, cache)
+    assert first.info.extra["engine_cached"] is False
+    key = first.info.engine_key
+    first.close()
+    second = create_engine(model, cfg, cache)
+    assert second.info.extra["engine_cached"] is True and second.info.engine_key == key
+    assert events.count("engine_built") == 1 and "engine_cache_hit" in events
+    assert np.isfinite(second.infer(frame())[0]).all()
+    second.close()
+    timing = list((cache.root / "timing").glob(f"trt{fake_trt.__version__}-*.cache"))
+    assert len(timing) == 1  # keyed by TensorRT version + GPU (point 5)
+
+
+def test_engine_damaged_past_the_size_check_is_refused_by_tensorrt_and_rebuilt(
+        fake_trt: types.ModuleType, tmp_path: Path, model: Path) -> None:
+    """Point 9: same length, corrupted bytes, checksum rewritten: only deserialize can catch it."""
+    from agent.cache.keys import file_sha256
+
+    events: list[tuple[str, dict[str, object]]] = []
+    cache = EngineCache(tmp_path / "cache", 1 << 24, on_event=lambda n, d: events.append((n, d)))
+    cfg = EngineConfig(backend="tensorrt")
+    engine = create_engine(model, cfg, cache)
+    key = engine.info.engine_key
+    engine.close()
+    path = cache.root / key / ENGINE_FILE
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    meta_path = cache.root / key / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["engine_sha256"] = file_sha256(path)
+    meta_path.write_text(json.dumps(meta))
+    fake_trt._state.calls.clear()
+    again = create_engine(model, cfg, cache)
+    assert again.info.extra["engine_cached"] is False
+    reasons = [str(d["reason"]) for n, d in events if n == "engine_quarantined"]
+    assert len(reasons) == 1 and "cannot deserialize" in reasons[0]
+    assert fake_trt._state.names().count("Runtime.deserialize_cuda_engine") == 2  # refused, then the rebuilt one
+    again.close()
+
+
+def test_dla_core_reaches_the_runtime_through_the_factory(make_fake: object, tmp_path: Path, model: Path) -> None:
+    """Point 3: factory.py passes dla_core on, for a fresh build and for a cache hit."""
+    trt = make_fake("10.3.0.26", dla_cores=2)  # type: ignore[operator]
+    cache = EngineCache(tmp_path / "cache", 1 << 24)
+    cfg = EngineConfig(backend="tensorrt", precision="fp16", dla_core=1)
+    for _ in range(2):
+        trt._state.calls.clear()
+        engine = create_engine(model, cfg, cache)
+        st = trt._state
+        assert st.index("Runtime.DLA_core=") < st.index("Runtime.deserialize_cuda_engine")
+        assert ("Runtime.DLA_core=", (1,)) in st.calls
+        engine.close()
+    assert key_fields(model, cfg)["dla_core"] == "1"

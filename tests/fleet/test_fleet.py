@@ -215,5 +215,5 @@ def test_push_model_cli_errors(tmp_path: Path, keys: tuple[Path, dict[str, str]]
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(random.randbytes(100))
     assert main(["fleet", "push-model", str(junk), "--version", "2", "--device", "d", "--key", str(keys[0]),
-                 "--port", "1"]) == 1  # labels / size unknown: refused before any connection
+                 "--port", "1"]) == 2  # labels / size unknown: bad input, refused before any connection
     assert "unknown" in capsys.readouterr().err

@@ -396,3 +396,63 @@ def test_paho_resends_unacked_qos1_after_broker_sigkill(tmp_path: Path) -> None:
     finally:
         p.loop_stop()
         b.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_publish_and_receive_mqtt5_properties(broker: Broker, clients: list[MqttClient], protocol: str) -> None:
+    """Request / response over the agent's client: a real MQTT 5 paho peer sends Response Topic +
+    Correlation Data + Message Expiry; the agent's callback sees them (None under 3.1.1, where the
+    broker strips them) and answers with the Correlation Data, which the peer gets back under MQTT 5."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    seen: list[tuple[bytes, object]] = []
+    c = new_client(clients, mk_cfg(broker.port, protocol=protocol))
+
+    def on_request(topic: str, payload: bytes, props: Properties | None) -> None:
+        seen.append((payload, props))
+        reply = Properties(PacketTypes.PUBLISH)
+        reply.CorrelationData = getattr(props, "CorrelationData", b"none")
+        c.publish(getattr(props, "ResponseTopic", None) or "peer/none", b"answer", qos=1, properties=reply)
+
+    c.subscribe_with_properties("edge/D/cam0/inspect", on_request)
+    c.start()
+    wait_until(lambda: c.connected)
+    got: list[tuple[str, bytes, bytes | None]] = []
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="peer5", protocol=mqtt.MQTTv5)
+    peer.on_message = lambda cl, u, m: got.append((m.topic, bytes(m.payload),
+                                                   getattr(m.properties, "CorrelationData", None)))
+    try:
+        peer.connect(broker.host, broker.port)
+        peer.loop_start()
+        wait_until(peer.is_connected)
+        peer.subscribe([("peer/reply", 1), ("peer/none", 1)])
+        time.sleep(0.2)  # SUBACK
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "peer/reply"
+        props.CorrelationData = b"\x00\x01corr"
+        props.MessageExpiryInterval = 30
+        peer.publish("edge/D/cam0/inspect", b"17", qos=1, properties=props)
+        wait_until(lambda: len(got) == 1, what="the answer")
+    finally:
+        peer.loop_stop()
+        peer.disconnect()
+    (payload, rx) = seen[0]
+    assert payload == b"17"
+    if protocol == "5":
+        assert rx is not None and rx.ResponseTopic == "peer/reply" and rx.CorrelationData == b"\x00\x01corr"
+        assert 0 < rx.MessageExpiryInterval <= 30
+        assert got == [("peer/reply", b"answer", b"\x00\x01corr")]
+    else:  # no properties reach a 3.1.1 session, none leave it
+        assert rx is None and got == [("peer/none", b"answer", None)]
+
+
+def test_socket_has_tcp_nodelay(broker: Broker, clients: list[MqttClient]) -> None:
+    """Small request / answer messages must not wait for the peer's delayed ACK (Nagle)."""
+    import socket
+
+    c = new_client(clients, mk_cfg(broker.port))
+    c.start()
+    wait_until(lambda: c.connected)
+    sock = c._client.socket()
+    assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.errors import UpdateError
 from agent.fleet.push import build_manifest, connect, model_info, push_model
 from agent.updates.manifest import generate_keypair, load_private_key, load_trusted_keys, sign_manifest, verify_manifest
+from agent.updates.state import attempt_records, record_for
 from tests.support.agent_proc import AgentProcess, write_config
 from tests.support.broker import Broker
 from tests.support.models import fixed_yolov8_model
@@ -351,7 +352,7 @@ def throw_at_agent(publish: Callable[[str, bytes], None], collector: Collector, 
 
         def verdict(msgs: list[Msg], mark: int = mark) -> bool:
             return any((m.topic == events_topic and rejection_events([_json(m.payload)]))
-                       or (m.topic == state_topic and _json(m.payload).get("state") == "downloading")
+                       or (m.topic == state_topic and _downloading(m.payload))
                        for m in msgs[mark:])
 
         try:
@@ -360,11 +361,16 @@ def throw_at_agent(publish: Callable[[str, bytes], None], collector: Collector, 
             pass
         new = collector.messages[mark:]
         evs = rejection_events([_json(m.payload) for m in new if m.topic == events_topic])
-        downloading = any(_json(m.payload).get("state") == "downloading" for m in new if m.topic == state_topic)
+        downloading = any(_downloading(m.payload) for m in new if m.topic == state_topic)
         accepted = downloading or agent_log().count("accepted (manifest") > accepted_before
         out.append(Outcome(a.name, a.expect, str(evs[0].get("reason")) if evs else None, accepted,
                            round(time.monotonic() - t0, 3)))
     return out
+
+
+def _downloading(payload: bytes) -> bool:
+    """A model/state payload whose update attempt (beside what serves, after 0.2.0) is downloading."""
+    return any(r.get("state") == "downloading" for r in attempt_records(_json(payload)))
 
 
 def _json(payload: bytes) -> dict[str, Any]:
@@ -528,10 +534,12 @@ def run_campaign(work: Path, rounds: int = 1, log: Callable[[str], None] = lambd
         genuine = sign_manifest(build_manifest(info, name="fixed", version="2", devices=[spec.device], chunk_size=256),
                         spec.key, "ops")
         push_model(pub, genuine, v2, ready_timeout=5)
-        wait(lambda: any(s.get("manifest_id") == genuine["id"] and s.get("state") in ("active", "failed")
-                         for s in payloads("/model/state", mark)), 30, "the genuine update")
-        res.control_state = next(s["state"] for s in payloads("/model/state", mark)
-                                 if s.get("manifest_id") == genuine["id"] and s.get("state") in ("active", "failed"))
+        def genuine_end() -> list[str]:
+            recs = (record_for(s, genuine["id"]) for s in payloads("/model/state", mark))
+            return [str(r["state"]) for r in recs if r is not None and r.get("state") in ("active", "failed")]
+
+        wait(lambda: bool(genuine_end()), 30, "the genuine update")
+        res.control_state = genuine_end()[0]
         raw = json.dumps(genuine).encode()
         replays = [Attack("replay_device_topic", "replay", raw, frozenset({"replayed"})),
                    Attack("replay_group_topic", "replay", raw, frozenset({"replayed"}), topic="group")]

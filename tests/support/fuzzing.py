@@ -1,6 +1,6 @@
 """Fuzzing of every handler of external input: generators, mutators and in-process harnesses.
 
-Shared by the reliability scenario `fuzz` (scripts/chaos/fuzz.py), the coverage-guided long runs
+Shared by the reliability scenario `fuzz` (reliability/fuzz.py), the coverage-guided long runs
 (scripts/fuzz_atheris.py) and the hypothesis tests (tests/updates/test_fuzz_handlers.py,
 tests/test_fuzz_config.py). Handlers, and what a clean rejection is for each:
 
@@ -506,10 +506,10 @@ class UpdateHarness:
                  if p.is_file()}
         with m._cv:
             asms = {tid: (a.received, hashlib.blake2b(bytes(a._bits), digest_size=8).hexdigest(), a._fd is None)
-                    for tid, a in m._assemblers.items()}
+                    for tid, a in m._chunks.assemblers.items()}
             mem = {"queued": None if m._queued is None else m._queued.manifest.id,
                    "current": None if m._current is None else m._current.manifest.id,
-                   "assemblers": asms, "seen": tuple(m._seen), "chunk_error": repr(m._chunk_error)}
+                   "assemblers": asms, "seen": tuple(m._seen), "chunk_error": repr(m._chunks.error)}
         r = m.reporter
         mem["reporter"] = (r.state, r.version, r.name, r.manifest_id, r.error, r.progress)
         return {"files": files, "memory": mem}
@@ -571,7 +571,7 @@ class UpdateHarness:
         if verdict != "accepted":
             out.changed = self.diff(before, self.snapshot())
         with self.mgr._cv:
-            busy = self.mgr._assemblers.get(self.busy_tid)
+            busy = self.mgr._chunks.assemblers.get(self.busy_tid)
         if busy is None or busy.complete or self.mgr._current is None:
             self.reset()  # a fuzzed chunk finished the in-flight transfer: start again from a known state
         return out
@@ -617,7 +617,7 @@ class UpdateHarness:
         """(topic, payload, kind) of one fuzzed chunk message."""
         r = mut.rng
         with self.mgr._cv:
-            tids = list(self.mgr._assemblers)
+            tids = list(self.mgr._chunks.assemblers)
         tid = r.choices([self.busy_tid, r.choice(tids) if tids else self.busy_tid, mut.text(20), "t" * 64, "t" * 65],
                         weights=[60, 10, 15, 3, 2])[0]
         held = r.randrange(0, BUSY_CHUNKS, 2)

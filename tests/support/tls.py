@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 
 from agent.fleet.push import build_manifest, model_info, push_model
 from agent.updates.manifest import generate_keypair, load_private_key, sign_manifest
+from agent.updates.state import record_for
 from scripts.make_certs import Issued, make_ca, make_client, make_server
 from tests.support.agent_proc import AgentProcess, write_config
 from tests.support.broker import Broker
@@ -377,8 +378,9 @@ def run_tls_acl(work: Path, rounds: int = 1, log: Callable[[str], None] = lambda
             for m in mon.on("edge/dev1/model/state"):
                 with contextlib.suppress(ValueError):
                     doc = json.loads(m.payload)
-                    if isinstance(doc, dict) and doc.get("manifest_id") == mid:
-                        out.append(str(doc.get("state")))
+                    rec = record_for(doc, mid) if isinstance(doc, dict) else None  # beside what serves
+                    if rec is not None:
+                        out.append(str(rec.get("state")))
             return out
 
         m4 = manifest("line4")

@@ -20,6 +20,7 @@ from typing import Any
 
 from agent.fleet.push import PushResult, build_manifest, connect, model_info, push_model
 from agent.updates.manifest import generate_keypair, load_private_key, sign_manifest
+from agent.updates.state import attempt_records
 from tests.support.agent_proc import ROOT, AgentProcess, write_config
 from tests.support.broker import Broker
 from tests.support.mqtt import Collector, Msg
@@ -59,6 +60,22 @@ def payloads(msgs: Iterable[Msg], suffix: str) -> list[dict[str, Any]]:
                 out.append(json.loads(m.payload))
             except ValueError:
                 pass
+    return out
+
+
+def update_records(states: Iterable[dict[str, Any]], version: str | None = None,
+                   before: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The attempt and refusal records carried by model/state payloads, in order, each once (every
+    payload repeats the records that did not change); records already carried by `before` (payloads
+    published earlier) are not new, and left out."""
+    out: list[dict[str, Any]] = []
+    seen = {json.dumps(rec, sort_keys=True, default=str) for p in before for rec in attempt_records(p)}
+    for p in states:
+        for rec in attempt_records(p):
+            key = json.dumps(rec, sort_keys=True, default=str)
+            if key not in seen and (version is None or rec.get("version") == version):
+                seen.add(key)
+                out.append(rec)
     return out
 
 
@@ -200,8 +217,15 @@ class DemoAgent:
         return payloads(self.msgs(since), "/cam0/detections")
 
     def states(self, since: int = 0, version: str | None = None) -> list[dict[str, Any]]:
+        """The update records (attempts and refusals) first published on model/state since `since`."""
+        msgs = list(self.col.messages)
+        return update_records(payloads(msgs[since:], "/model/state"), version,
+                              before=payloads(msgs[:since], "/model/state"))
+
+    def served_state(self, since: int = 0) -> dict[str, Any] | None:
+        """The last model/state payload: what serves, with the last attempt and refusal beside it."""
         out = payloads(self.col.messages[since:], "/model/state")
-        return [s for s in out if version is None or s.get("version") == version]
+        return out[-1] if out else None
 
     def events(self, name: str | None = None, since: int = 0) -> list[dict[str, Any]]:
         return [e for e in payloads(self.col.messages[since:], "/events") if name is None or e.get("event") == name]

@@ -1,5 +1,5 @@
 """Property tests of the MQTT update handlers and the transfer state (CI size of the fuzzing; long runs:
-scripts/fuzz_atheris.py, release size: scripts/reliability.py --only fuzz).
+scripts/fuzz_atheris.py, release size: python3 -m reliability --only fuzz).
 
 Messages go through the agent's real MqttClient callback into an UpdateManager busy with a
 half-received transfer over a real ModelStore (tests/support/fuzzing.py). Every input must be
@@ -180,7 +180,7 @@ def test_harness_sees_a_state_change(harness: Harness) -> None:
     h, _ = harness
     before = h.snapshot()
     with h.mgr._cv:
-        asm = h.mgr._assemblers[h.busy_tid]
+        asm = h.mgr._chunks.assemblers[h.busy_tid]
     part = asm.part_path
     data = part.read_bytes()
     try:

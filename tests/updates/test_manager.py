@@ -26,6 +26,7 @@ from agent.updates.manager import UpdateManager
 from agent.updates.manifest import Manifest, generate_keypair, load_private_key, sign_manifest
 from agent.updates.validate import smoke_test
 from tests.support.models import fixed_yolov8_model
+from tests.support.update_rig import update_records
 from tests.updates.helpers import make_manifest
 
 
@@ -51,9 +52,14 @@ class Bus:
             if mqtt.topic_matches_sub(f, topic):
                 cb(topic, payload)
 
-    def states(self) -> list[dict[str, Any]]:
+    def payloads(self) -> list[dict[str, Any]]:
+        """The model/state payloads as published: what serves, the attempt and the refusal beside it."""
         with self.lock:
             return [json.loads(p) for t, p, _, _ in self.published if t.endswith("/model/state")]
+
+    def states(self) -> list[dict[str, Any]]:
+        """The attempt and refusal records those payloads carry, in order, each once."""
+        return update_records(self.payloads())
 
     def events(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -179,6 +185,58 @@ def test_bad_health_rolls_back_to_default(env: dict[str, Any]) -> None:
     assert env["mgr"].wait_idle(5)
     assert env["host"].activated[-1] is None and env["host"].current == ("demo", "1")
     assert env["store"].active() is None and "widgets-2" in env["store"].bad_versions()
+
+
+def test_garbage_in_a_health_window_neither_hides_the_rollback_nor_the_served_model(env: dict[str, Any]) -> None:
+    """Issue 16, point 10: `not json` right after activation, then a bad window."""
+    env["cfg"].health_window_s = 1.0
+    env["host"].health = {"frames": 10, "errors": 50, "fps": 3.0}
+    p = model_file(env["tmp"])
+    raw = signed(env, p.read_bytes(), url=p.as_uri(), manifest_id="slow-0002")
+    env["bus"].deliver("edge/dev1/model/update", raw)
+    wait_state(env["bus"], lambda s: s["state"] == "active")
+    env["bus"].deliver("edge/dev1/model/update", b"not json")
+    refused = env["bus"].payloads()[-1]
+    assert (refused["state"], refused["name"], refused["version"]) == ("active", "widgets", "2")
+    assert refused["last_refused"]["error"] == "malformed" and refused["last_attempt"]["state"] == "active"
+    wait_state(env["bus"], lambda s: s["state"] == "rolled_back")
+    assert env["mgr"].wait_idle(5)
+    final = env["bus"].payloads()[-1]
+    assert (final["state"], final["name"], final["version"]) == ("rolled_back", "demo", "1"), final
+    assert (final["last_attempt"]["state"], final["last_attempt"]["manifest_id"]) == ("rolled_back", "slow-0002")
+    assert final["last_refused"]["error"] == "malformed"
+    # no payload ever said failed / null over what served
+    assert all(x["version"] is not None and x["state"] in ("active", "rolled_back") for x in env["bus"].payloads())
+
+
+def test_a_refusal_during_a_running_update_is_reported_beside_it(env: dict[str, Any]) -> None:
+    gate = threading.Event()
+    env["host"].gate = gate
+    p = model_file(env["tmp"])
+    env["bus"].deliver("edge/dev1/model/update", signed(env, p.read_bytes(), url=p.as_uri(), manifest_id="run-0002"))
+    wait_state(env["bus"], lambda s: s["state"] == "building")
+    env["bus"].deliver("edge/dev1/model/update", b"{}")
+    last = env["bus"].payloads()[-1]
+    assert last["last_attempt"]["state"] == "building" and last["last_refused"]["error"] == "missing_signature"
+    gate.set()
+    wait_state(env["bus"], lambda s: s["state"] == "active")
+
+
+def test_a_restart_reports_what_serves_and_the_last_attempt(env: dict[str, Any]) -> None:
+    env["host"].smoke_fails = True
+    p = model_file(env["tmp"])
+    env["bus"].deliver("edge/dev1/model/update", signed(env, p.read_bytes(), url=p.as_uri(), manifest_id="bad-0002"))
+    wait_state(env["bus"], lambda s: s["state"] == "failed")
+    assert env["mgr"].wait_idle(5)
+    env["mgr"].stop()
+    store = ModelStore(env["cfg"].models_dir, env["cfg"].keep_versions)
+    store.recover()
+    bus = Bus()
+    env["mgr"] = UpdateManager(env["cfg"], "dev1", Topics("edge", "dev1"), bus, store, FakeHost())
+    env["mgr"].start()
+    first = bus.payloads()[0]  # published at the start, before any update
+    assert (first["state"], first["version"]) == ("active", "1")
+    assert (first["last_attempt"]["state"], first["last_attempt"]["manifest_id"]) == ("failed", "bad-0002")
 
 
 def test_smoke_failure_keeps_old_model(env: dict[str, Any]) -> None:
@@ -325,6 +383,8 @@ def test_crash_during_the_health_window_rolls_back_and_does_not_resume(env: dict
     mgr.start()
     st = wait_state(bus, lambda s: s["state"] == "rolled_back")
     assert (st["error"], st["version"]) == ("restart_during_trial", "2")
+    # the rollback at the restart reaches the retained state, which names what serves
+    assert (bus.payloads()[-1]["state"], bus.payloads()[-1]["version"]) == ("rolled_back", "1")
     assert mgr.wait_idle(5)
     time.sleep(0.3)
     assert host.activated == [] and store.recall("pending") is None

@@ -1,0 +1,380 @@
+"""NVDEC on discrete NVIDIA GPUs (`decode: nvdec`) through PyNvVideoCodec: frames stay on the GPU.
+
+Data flow: file or rtsp:// -> PyNvVideoCodec's demuxer (its own libavformat) -> packets -> NVDEC
+(CreateDecoder, device memory, on this source's CUDA stream) -> each decoded NV12 frame copied
+(device to device, ~3 MB at 1080p) into a buffer of this source's pool, because the decoder
+reuses its own surfaces -> an `Nv12Frame` handed to the capture thread like a BGR frame. The GPU
+frontend letterboxes it where it lies (agent.vision.gpu); the buffer returns to the pool when
+the last reference to the frame goes (the frontend keeps one until the frame's result is read).
+
+When NVDEC cannot serve (PyNvVideoCodec not installed, no GPU or CUDA bindings, a codec this GPU
+cannot decode) the source says why once, in the log, and decodes on the CPU instead (the
+capture's `decode` figure says `cpu (nvdec unavailable: ...)`): the camera keeps serving. A
+stream that fails mid-way (corrupt data, a resolution change the decoder cannot follow) ends
+the read with a SourceError: the capture thread reconnects with backoff, which builds a new
+decoder for the new stream; other cameras are not touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.capture.sources.base import FrameSource, _Pacer, gstreamer_available, redact
+from agent.config import CameraConfig
+from agent.errors import EngineError, SourceError
+
+log = logging.getLogger(__name__)
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+class NvdecUnavailable(SourceError):
+    """NVDEC cannot decode this source here (missing package, no GPU, unsupported codec)."""
+
+
+def _warn_once(key: str, msg: str, *args: object) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(msg, *args)
+
+
+def _nvc() -> Any:
+    try:
+        return importlib.import_module("PyNvVideoCodec")
+    except ImportError as exc:
+        raise NvdecUnavailable(f"PyNvVideoCodec is not installed (`pip install edge-agent[nvdec]`): {exc}") \
+            from None
+    except Exception as exc:  # its loader raises on a missing driver library (libnvcuvid)
+        raise NvdecUnavailable(f"PyNvVideoCodec cannot load: {str(exc)[:200]}") from None
+
+
+def on_jetson() -> bool:
+    return Path("/etc/nv_tegra_release").exists()
+
+
+def nvdec_available() -> str | None:
+    """None when NVDEC through PyNvVideoCodec can be tried here, else why not."""
+    try:
+        spec = importlib.util.find_spec("PyNvVideoCodec")
+    except (ImportError, ValueError, AttributeError):  # blocked in sys.modules, or a broken install
+        spec = None
+    if spec is None:
+        return "PyNvVideoCodec is not installed"
+    from agent.engines import cuda
+
+    if cuda.device_count() == 0:
+        return "no CUDA device (or no CUDA Python bindings)"
+    return None
+
+
+def choose_decode(cfg: CameraConfig) -> tuple[str, str]:
+    """`decode: auto` -> (nvdec | jetson | cpu, why); other values are returned as they are."""
+    if cfg.decode != "auto":
+        return cfg.decode, "configured"
+    if on_jetson():
+        return ("jetson", "auto: a Jetson") if gstreamer_available() else \
+            ("cpu", "auto: a Jetson, but this OpenCV has no GStreamer")
+    why = nvdec_available()
+    return ("nvdec", "auto: a discrete GPU with PyNvVideoCodec") if why is None else ("cpu", f"auto: {why}")
+
+
+class _Pool:
+    """Device buffers of one frame size, reused; a buffer comes back when its lease is collected."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+        self.closed = False
+        self.allocated = 0
+
+    def take(self) -> _Lease:
+        from agent.engines import cuda
+
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = cuda.DeviceBuffer(self.nbytes)
+            self.allocated += 1
+            if self.allocated == 32:
+                log.warning("NVDEC frame pool at 32 buffers: frames are being held somewhere")
+        return _Lease(self, buf)
+
+    def give(self, buf: Any) -> None:
+        with self._lock:
+            if not self.closed:
+                self._free.append(buf)
+                return
+        buf.free()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            bufs, self._free = self._free, []
+        for b in bufs:
+            b.free()
+
+
+class _Lease:
+    __slots__ = ("buf", "pool")
+
+    def __init__(self, pool: _Pool, buf: Any) -> None:
+        self.pool, self.buf = pool, buf
+
+    def __del__(self) -> None:
+        try:
+            self.pool.give(self.buf)
+        except Exception:  # interpreter shutdown, or the device is gone
+            pass
+
+
+def _color(dmx: Any) -> tuple[str, bool]:
+    """(matrix, full range) the stream declares; unspecified: BT.601, limited (what encoders write)."""
+    try:
+        space = str(dmx.ColorSpace()).upper()
+    except Exception:
+        space = ""
+    try:
+        rng = str(dmx.ColorRange()).upper()
+    except Exception:
+        rng = ""
+    return ("bt709" if "709" in space else "bt601"), ("JPEG" in rng or "FULL" in rng)
+
+
+def _geometry(frame: Any, width: int, height: int) -> tuple[int, int, int, int, int, int]:
+    """(y ptr, y pitch, uv ptr, uv pitch, width, height) of a decoded NV12 frame."""
+    try:
+        planes = frame.cuda()
+        y, uv = planes[0].__cuda_array_interface__, planes[1].__cuda_array_interface__
+        h, w = int(y["shape"][0]), int(y["shape"][1])
+        ypitch = int(y["strides"][0]) if y.get("strides") else w
+        uvpitch = int(uv["strides"][0]) if uv.get("strides") else w
+        return int(y["data"][0]), ypitch, int(uv["data"][0]), uvpitch, w, h
+    except Exception:  # older layouts: one contiguous NV12 buffer of the stream's size
+        ptr = int(frame.GetPtrToPlane(0))
+        return ptr, width, ptr + width * height, width, width, height
+
+
+class NvdecSource(FrameSource):
+    """A file or rtsp:// stream decoded by NVDEC; see the module docstring."""
+
+    def __init__(self, cfg: CameraConfig, cpu_source: Callable[[CameraConfig], FrameSource]) -> None:
+        self.cfg = cfg
+        self._cpu_source = cpu_source
+        self._fallback: FrameSource | None = None
+        self.decode_path = "nvdec"
+        src = cfg.source
+        self.is_file = not src.startswith("rtsp://")
+        if self.is_file and src.startswith("file:"):
+            parsed = urllib.parse.urlparse(src)
+            src = urllib.parse.unquote((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
+        self.target = str(Path(src).expanduser()) if self.is_file else src
+        self._dmx: Any = None
+        self._dec: Any = None
+        self._packets: Any = None
+        self._ready: deque[Any] = deque()
+        self._pool: _Pool | None = None
+        self._stream: Any = None
+        self._pacer: _Pacer | None = None
+        self._fps: float | None = None
+        self._color = ("bt601", False)
+        self._size = (0, 0)
+        self.frames_read = 0
+
+    # ---- open / close -----------------------------------------------------------------------
+    def open(self) -> None:
+        if self._fallback is None:
+            try:
+                self._open_nvdec()
+                return
+            except NvdecUnavailable as exc:
+                self._close_nvdec()
+                _warn_once(str(exc), "camera %s: NVDEC unavailable (%s); decoding on the CPU", self.cfg.id, exc)
+                self.decode_path = f"cpu (nvdec unavailable: {str(exc)[:120]})"
+                self._fallback = self._cpu_source(self.cfg.model_copy(update={"decode": "cpu"}))
+        self._fallback.open()
+
+    def _open_nvdec(self) -> None:
+        if self.is_file and not Path(self.target).is_file():
+            raise SourceError(f"video file not found: {self.target}")
+        nvc = _nvc()
+        from agent.engines import cuda
+
+        try:
+            cuda.use_device(0)
+            self._stream = cuda.Stream()
+        except EngineError as exc:
+            raise NvdecUnavailable(f"no CUDA device: {exc}") from None
+        try:
+            self._dmx = nvc.CreateDemuxer(filename=self.target)
+        except Exception as exc:
+            raise SourceError(f"cannot open {self.describe()} for NVDEC: {str(exc)[:200]}") from None
+        codec = self._dmx.GetNvCodecId()
+        try:
+            caps = nvc.GetDecoderCaps(gpuid=0, codec=codec, chromaformat=self._dmx.ChromaFormat(),
+                                      bitdepth=self._dmx.BitDepth())
+        except Exception:
+            caps = {}
+        if isinstance(caps, dict) and caps.get("supported") in (0, False):
+            raise NvdecUnavailable(f"this GPU's NVDEC cannot decode {codec} "
+                                   f"({self._dmx.ChromaFormat()}, {self._dmx.BitDepth()} bit)")
+        kwargs: dict[str, Any] = {"gpuid": 0, "codec": codec, "usedevicememory": True}
+        ctx = cuda.current_context()
+        if ctx is not None:  # the agent's (primary) context and this source's stream: ordered copies
+            kwargs.update(cudacontext=ctx, cudastream=self._stream.handle)
+        try:
+            self._dec = nvc.CreateDecoder(**kwargs)
+        except Exception as exc:
+            raise NvdecUnavailable(f"NVDEC decoder for {codec}: {str(exc)[:200]}") from None
+        self._packets = iter(self._dmx)
+        fps = 0.0
+        try:
+            fps = float(self._dmx.FrameRate())
+        except Exception:
+            pass
+        self._fps = fps if 0.0 < fps < 1000.0 else self.cfg.fps
+        self._color = _color(self._dmx)
+        self._pacer = _Pacer(self._fps or 30.0) if self.is_file and self.cfg.pace else None
+        self.frames_read = 0
+
+    def close(self) -> None:
+        if self._fallback is not None:
+            self._fallback.close()
+            return
+        self._close_nvdec()
+
+    def _close_nvdec(self) -> None:
+        self._ready.clear()
+        self._dec = self._dmx = self._packets = None
+        if self._stream is not None:
+            try:
+                self._stream.synchronize()
+                self._stream.free()
+            except EngineError:
+                pass
+            self._stream = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    # ---- frames -------------------------------------------------------------------------------
+    def read(self) -> Any:
+        if self._fallback is not None:
+            return self._fallback.read()
+        if self._dec is None:
+            return None
+        while not self._ready:
+            packet = next(self._packets, None)
+            if packet is None:
+                if self.is_file and self.cfg.loop and self.frames_read > 0:
+                    self._rewind()
+                    continue
+                return None
+            try:
+                decoded = self._dec.Decode(packet)
+            except Exception as exc:
+                raise SourceError(f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}") from None
+            for f in decoded:
+                self._ready.append(self._copy(f))
+            if decoded:
+                self._stream.synchronize()  # the frames are whole before any other stream reads them
+        frame = self._ready.popleft()
+        self.frames_read += 1
+        if self._pacer is not None:
+            self._pacer.wait()
+        return frame
+
+    def _rewind(self) -> None:
+        nvc = _nvc()
+        self._dmx = nvc.CreateDemuxer(filename=self.target)
+        self._packets = iter(self._dmx)
+
+    def _copy(self, f: Any) -> Any:
+        from agent.engines import cuda
+        from agent.vision.gpu import Nv12Frame
+
+        w0 = h0 = 0
+        try:
+            w0, h0 = int(self._dmx.Width()), int(self._dmx.Height())
+        except Exception:
+            pass
+        yp, ypitch, uvp, uvpitch, w, h = _geometry(f, w0, h0)
+        if w <= 0 or h <= 0 or w % 2 or h % 2:
+            raise SourceError(f"NVDEC gave a frame of {w}x{h} from {self.describe()} (needs an even size)")
+        if (w, h) != self._size or self._pool is None:
+            if self._pool is not None:  # a resolution change: frames of the old size free themselves
+                self._pool.close()
+            self._pool, self._size = _Pool(w * h * 3 // 2), (w, h)
+        lease = self._pool.take()
+        dst = lease.buf.ptr
+        cuda.copy_2d_async(dst, w, yp, ypitch, w, h, self._stream)
+        cuda.copy_2d_async(dst + w * h, w, uvp, uvpitch, w, h // 2, self._stream)
+        matrix, full = self._color
+        return Nv12Frame(dst, dst + w * h, w, w, h, matrix, full, owner=lease)
+
+    # ---- description ----------------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return self._fallback.live if self._fallback is not None else not self.is_file
+
+    @property
+    def fps(self) -> float | None:
+        return self._fallback.fps if self._fallback is not None else self._fps
+
+    def describe(self) -> str:
+        if self._fallback is not None:
+            return self._fallback.describe()
+        what = f"file {self.target}" if self.is_file else redact(self.target)
+        return f"{what} (nvdec)"
+
+
+def decode_rate(clip: Path, decoders: int, seconds: float = 3.0) -> dict[str, Any]:
+    """NVDEC alone: `decoders` threads, each decoding `clip` in a loop into device memory; frames/s."""
+    nvc = _nvc()
+    from agent.engines import cuda
+
+    counts = [0] * decoders
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        try:
+            cuda.use_device(0)
+            dec = None
+            while not stop.is_set():
+                dmx = nvc.CreateDemuxer(filename=str(clip))
+                if dec is None:
+                    dec = nvc.CreateDecoder(gpuid=0, codec=dmx.GetNvCodecId(), usedevicememory=True)
+                for packet in dmx:
+                    counts[i] += len(dec.Decode(packet))
+                    if stop.is_set():
+                        break
+        except Exception as exc:
+            errors.append(str(exc)[:200])
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(decoders)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    c0, cpu0, t0 = sum(counts), time.process_time(), time.perf_counter()
+    time.sleep(seconds)
+    done, cpu, wall = sum(counts) - c0, time.process_time() - cpu0, time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join(10)
+    if errors and not done:
+        return {"decoders": decoders, "error": errors[0]}
+    return {"decoders": decoders, "frames_per_s": round(done / wall, 1),
+            "host_cpu_ms_per_frame": round(cpu * 1e3 / max(done, 1), 3), "errors": errors[:3]}

@@ -1,0 +1,337 @@
+"""`edge-agent bench --streams N`: N live cameras through the real service on one device.
+
+Data flow: the demo clip, scaled to --size and encoded by PyAV (libx264 / libx265) into an MP4 at
+--fps -> N live sources, either RTSP mounts on a loopback GStreamer server (agent.streams_rtsp,
+paced by the server) or the file itself paced at its frame rate and looped -> the service with N
+cameras on one shared engine (MQTT off: results go to the publisher's JSON and no further) ->
+per stream, over a measuring window after a warm-up: fps, frames dropped, end-to-end latency
+p50 / p99 (capture time stamp -> published), and for the run host CPU ms per frame (process CPU
+time / frames) and GPU memory in use.
+
+In the same run, the limit rows: the engine alone with N concurrent contexts on one loaded model
+(each thread its own context, as the cameras have), and, with --decode nvdec, NVDEC alone with N
+decoders. --find-max searches the largest N at which every stream holds its rate (>= 95 % of
+--fps), drops nothing and keeps p99 <= 100 ms, and prints it beside the limit / rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import DEMO_VIDEO, AgentConfig, load_config, parse_config
+
+log = logging.getLogger(__name__)
+
+P99_GOAL_MS = 100.0
+RATE_HELD = 0.95  # a stream holds its rate at >= 95 % of the source's frame rate over the window
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The --streams options on the bench parser (agent.cli)."""
+    p.add_argument("--streams", type=int, default=None, metavar="N",
+                   help="N live streams through the service on one engine (see agent.streams_bench)")
+    p.add_argument("--codec", choices=["h264", "hevc"], default="h264", help="--streams: the streams' codec")
+    p.add_argument("--decode", choices=["cpu", "nvdec", "auto"], default="cpu", help="--streams: where to decode")
+    p.add_argument("--source", choices=["file", "rtsp"], default="file",
+                   help="--streams: paced looping files, or RTSP from a loopback GStreamer server")
+    p.add_argument("--fps", type=float, default=30.0, help="--streams: the streams' frame rate")
+    p.add_argument("--seconds", type=float, default=10.0, help="--streams: measuring window per run")
+    p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
+    p.add_argument("--clip", default=None, help="--streams: serve this H.264 / HEVC file instead of encoding one")
+
+
+def _size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
+    if not text:
+        return default
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def make_clip(path: Path, codec: str, width: int, height: int, fps: float, frames: int,
+              video: Path = DEMO_VIDEO) -> Path:
+    """The demo clip scaled to width x height and encoded as H.264 / HEVC (PyAV), `frames` long (looped)."""
+    import av
+    import cv2
+
+    src: list[np.ndarray] = []
+    cap = cv2.VideoCapture(str(video))
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        src.append(cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR))
+    cap.release()
+    if not src:
+        raise SystemExit(f"bench: cannot decode {video}")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264" if codec == "h264" else "libx265", rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # a key frame every second: an RTSP client joining mid-stream starts within 1 s
+        gop = str(round(fps))
+        stream.options = {"preset": "ultrafast", "g": gop} if codec == "h264" else \
+            {"preset": "ultrafast", "x265-params": f"keyint={gop}:log-level=error"}
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(src[i % len(src)], format="bgr24").reformat(format="yuv420p")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _config(base: AgentConfig, sources: list[str], decode: str, work: Path, file: bool) -> AgentConfig:
+    cams = [{"id": f"s{i}", "source": src, "pace": True, "loop": file, "decode": decode,
+             "reconnect": {"initial_s": 0.1, "max_s": 0.5}} for i, src in enumerate(sources)]
+    data = base.model_dump(mode="json")
+    data.update({"cameras": cams, "mqtt": {"enabled": False},
+                 "updates": {"enabled": False, "models_dir": str(work / "models")},
+                 "cache": {**data["cache"], "dir": str(work / "cache")},
+                 "service": {**data["service"], "watchdog": False}})
+    return AgentConfig.model_validate(data)
+
+
+def _gpu_used() -> int | None:
+    try:
+        from agent.engines import cuda
+
+        return cuda.memory_used()
+    except Exception:
+        return None
+
+
+def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 3.0) -> dict[str, Any]:
+    """The service with cfg's cameras: per-stream figures over `seconds` after a warm-up."""
+    from agent.service import Service
+    from agent.telemetry.metrics import StageTimes
+
+    svc = Service(cfg, use_cache=True)
+    gpu0 = _gpu_used()
+    try:
+        svc.start()
+        gpu1 = _gpu_used()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(p.processed > 0 for p in svc.pipelines):
+            time.sleep(0.1)
+        time.sleep(warmup_s)
+        for p in svc.pipelines:
+            p.times = StageTimes()  # the window's latencies only
+        start = [(p.processed, p.capture.stats().get("frames_dropped", 0), p.errors) for p in svc.pipelines]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        streams = []
+        for p, (n0, d0, e0) in zip(svc.pipelines, start, strict=True):
+            e2e = p.times.values("e2e")
+            streams.append({"camera": p.camera_id, "fps": round((p.processed - n0) / wall, 2),
+                            "frames": p.processed - n0,
+                            "dropped": int(p.capture.stats().get("frames_dropped", 0)) - int(d0),  # type: ignore[call-overload]
+                            "errors": p.errors - e0,
+                            "p50_ms": round(float(np.percentile(e2e, 50)), 2) if e2e.size else None,
+                            "p99_ms": round(float(np.percentile(e2e, 99)), 2) if e2e.size else None,
+                            "state": p.capture.state})
+        gpu2 = _gpu_used()
+        frames = sum(s["frames"] for s in streams)
+        tele = svc.telemetry()
+    finally:
+        svc.shutdown()
+    held = all(s["fps"] >= RATE_HELD * fps and s["dropped"] == 0 and s["errors"] == 0
+               and s["p99_ms"] is not None and s["p99_ms"] <= P99_GOAL_MS for s in streams)
+    return {"streams": len(streams), "per_stream": streams, "total_fps": round(frames / wall, 2),
+            "host_cpu_ms_per_frame": round(cpu * 1e3 / max(frames, 1), 3),
+            "worst_p99_ms": max((s["p99_ms"] or 0.0) for s in streams),
+            "min_fps": min(s["fps"] for s in streams), "dropped": sum(s["dropped"] for s in streams),
+            "gpu_mem_mb": None if gpu0 is None or gpu2 is None else round((gpu2 - gpu0) / 2**20, 1),
+            "gpu_mem_at_start_mb": None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 2**20, 1),
+            "model_loads": tele["engine"].get("model_loads"), "preprocess": tele["engine"].get("preprocess"),
+            "decode": [c.get("decode") for c in tele["cameras"]],
+            "goal_held": held}
+
+
+def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: float = 3.0) -> dict[str, Any]:
+    """The engine alone: n threads, each on its own context of ONE loaded model, as fast as it goes."""
+    from agent.engines.factory import create_engine
+    from agent.pipeline import ModelRuntime, build_runtime
+
+    ecfg = cfg.engine.model_copy(update={"cuda_graph": cfg.engine.cuda_graph and n == 1})
+    first_ep = ecfg.providers[0]
+    if n > 1 and first_ep.name != "CPUExecutionProvider":  # as the service does for several cameras
+        ecfg = ecfg.model_copy(update={"providers": [
+            first_ep.model_copy(update={"options": {**first_ep.options, "has_user_compute_stream": "0"}}),
+            *ecfg.providers[1:]]})
+    first = create_engine(cfg.model.path, ecfg, None)
+    runtimes: list[ModelRuntime] = []
+    try:
+        engines = [first] + [first.share() for _ in range(n - 1)]
+        runtimes = [build_runtime(e, cfg.model, cfg.model.path, preprocess=cfg.engine.preprocess) for e in engines]
+        frame = np.full((height, width, 3), 114, np.uint8)
+        counts = [0] * n
+        stop = threading.Event()
+
+        def work(i: int, rt: ModelRuntime) -> None:
+            if rt.frontend is not None:
+                for _ in range(3):
+                    rt.frontend(frame)
+                while not stop.is_set():
+                    rt.frontend(frame)
+                    counts[i] += 1
+            else:
+                tensor, _ = rt.letterbox(frame)
+                tensor = tensor.copy()
+                while not stop.is_set():
+                    rt.engine.infer(tensor)
+                    counts[i] += 1
+
+        threads = [threading.Thread(target=work, args=(i, rt), daemon=True) for i, rt in enumerate(runtimes)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        c0, t0 = sum(counts), time.perf_counter()
+        time.sleep(seconds)
+        done = sum(counts) - c0
+        wall = time.perf_counter() - t0
+        stop.set()
+        for t in threads:
+            t.join(10)
+        return {"contexts": n, "inferences_per_s": round(done / wall, 1), "preprocess": runtimes[0].preprocess}
+    finally:
+        for rt in runtimes:
+            rt.close()
+        if not runtimes:
+            first.close()
+
+
+def nvdec_limit(clip: Path, n: int, seconds: float = 3.0) -> dict[str, Any]:
+    """NVDEC alone: n decoders on n threads, each decoding the clip in a loop."""
+    try:
+        from agent.capture.sources.nvdec import decode_rate
+    except ImportError as exc:
+        return {"error": f"no NVDEC source in this build ({exc})"}
+    try:
+        return decode_rate(clip, n, seconds)
+    except Exception as exc:  # a report row, never the reason the bench fails
+        return {"error": str(exc)[:300]}
+
+
+def run_streams(args: argparse.Namespace) -> int:
+    n = int(args.streams)
+    if n < 1:
+        print("bench: --streams must be >= 1", file=sys.stderr)
+        return 2
+    base = load_config(args.config) if args.config else parse_config({"cameras": [{"source": "synthetic:"}]})
+    if args.model:
+        base.model.path = Path(args.model)
+    width, height = _size(getattr(args, "size", None), (1920, 1080))
+    fps = float(args.fps)
+    work = Path(tempfile.mkdtemp(prefix="edge-agent-streams-"))
+    ext = "mp4"
+    seconds = float(args.seconds)
+    clip_frames = int(fps * (seconds + 20)) if args.source == "rtsp" else int(fps * 4)
+    t0 = time.perf_counter()
+    if getattr(args, "clip", None):
+        clip = Path(args.clip)
+        if not clip.is_file():
+            print(f"bench: --clip: no such file: {clip}", file=sys.stderr)
+            return 2
+    else:
+        clip = make_clip(work / f"clip-{args.codec}.{ext}", args.codec, width, height, fps, clip_frames)
+        print(f"bench: {clip_frames} frames {width}x{height} {args.codec} encoded in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    results: dict[str, Any] = {"streams": n, "codec": args.codec, "decode": args.decode, "source": args.source,
+                               "size": [width, height], "fps": fps, "seconds": seconds,
+                               "model": str(base.model.path), "engine": base.engine.model_dump(mode="json"),
+                               "ts": round(time.time(), 3)}
+
+    def measure(k: int) -> dict[str, Any]:
+        if args.source == "rtsp":
+            from agent.streams_rtsp import RtspStreams
+
+            with RtspStreams(clip, args.codec, k) as server:
+                return run_service(_config(base, server.urls, args.decode, work, False), seconds, fps)
+        return run_service(_config(base, [str(clip)] * k, args.decode, work, True), seconds, fps)
+
+    runs: dict[int, dict[str, Any]] = {}
+    if args.find_max:  # --streams N is the upper bound of the search
+        def trial(k: int) -> bool:
+            if k not in runs:
+                runs[k] = measure(k)
+                print(_row(runs[k]), file=sys.stderr)
+            return bool(runs[k]["goal_held"])
+
+        lo, hi, k = 0, n + 1, 1
+        while k <= n:  # doubling until the goal breaks
+            if not trial(k):
+                hi = k
+                break
+            lo, k = k, k * 2
+        if hi == n + 1 and lo < n:
+            lo, hi = (n, hi) if trial(n) else (lo, n)
+        while hi - lo > 1 and lo < n:  # then halving between the last pass and the first failure
+            k = (lo + hi) // 2
+            lo, hi = (k, hi) if trial(k) else (lo, k)
+        best = lo
+        results["n_max"] = best
+        n_limit = max(best, 1)
+    else:
+        runs[n] = measure(n)
+        n_limit = n
+    results["runs"] = {str(k): v for k, v in sorted(runs.items())}
+    if 1 in runs and n_limit > 1 and n_limit in runs:
+        a, b = runs[1].get("gpu_mem_mb"), runs[n_limit].get("gpu_mem_mb")
+        if a is not None and b is not None:
+            results["gpu_mem_per_extra_camera_mb"] = round((b - a) / (n_limit - 1), 1)
+            results["gpu_mem_first_camera_mb"] = a
+    results["engine_limit"] = engine_limit(base, n_limit, width, height)
+    if args.decode in ("nvdec", "auto"):
+        results["nvdec_limit"] = nvdec_limit(clip, n_limit)
+    lim = results["engine_limit"].get("inferences_per_s")
+    if lim:
+        results["streams_at_engine_limit"] = round(lim / fps, 1)
+    print(format_streams(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _row(r: dict[str, Any]) -> str:
+    return (f"N={r['streams']:<3} total {r['total_fps']:>8.1f} fps  min/stream {r['min_fps']:>6.1f}  "
+            f"worst p99 {r['worst_p99_ms']:>7.1f} ms  dropped {r['dropped']:>4}  "
+            f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {r['gpu_mem_mb']} MB  loads {r['model_loads']}  "
+            f"{'held' if r['goal_held'] else 'MISSED'}")
+
+
+def format_streams(r: dict[str, Any]) -> str:
+    lines = [f"streams: {r['size'][0]}x{r['size'][1]} {r['codec']} @ {r['fps']} fps, {r['source']} sources, "
+             f"decode {r['decode']}, model {Path(r['model']).name}, window {r['seconds']} s"]
+    for run in r["runs"].values():
+        lines.append(_row(run))
+        if len(r["runs"]) == 1:
+            for s in run["per_stream"]:
+                lines.append(f"  {s['camera']:<5} {s['fps']:>7.2f} fps  dropped {s['dropped']:>3}  "
+                             f"p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  errors {s['errors']}  {s['state']}")
+    el = r.get("engine_limit", {})
+    lines.append(f"limit: engine alone, {el.get('contexts')} contexts on one model: {el.get('inferences_per_s')} "
+                 f"inferences/s ({el.get('preprocess')} preprocessing) = {r.get('streams_at_engine_limit')} streams")
+    if "nvdec_limit" in r:
+        nl = r["nvdec_limit"]
+        lines.append(f"limit: NVDEC alone: {nl.get('frames_per_s', nl.get('error'))}"
+                     + (f" frames/s with {nl.get('decoders')} decoders" if "frames_per_s" in nl else ""))
+    if "gpu_mem_per_extra_camera_mb" in r:
+        lines.append(f"GPU memory: first camera {r['gpu_mem_first_camera_mb']} MB, "
+                     f"each extra camera {r['gpu_mem_per_extra_camera_mb']} MB")
+    if "n_max" in r:
+        lines.append(f"N_max {r['n_max']} (every stream >= {RATE_HELD:.0%} of {r['fps']} fps, 0 drops, "
+                     f"p99 <= {P99_GOAL_MS:.0f} ms); engine limit / rate {r.get('streams_at_engine_limit')}")
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""GPU machine checks for many cameras on one engine with NVDEC (issue 17), in one call.
+
+Data flow per check: clips made beforehand with PyAV (H.264 / HEVC, carried in --clips) ->
+PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's service / GPU frontend
+-> detections and figures, written to $OUT/streams_check.json and printed as a short table.
+
+1. nv12_kernel: one NVDEC-decoded 1080p frame letterboxed by the NV12 kernel vs the numpy
+   reference of its arithmetic (must be equal), and NVDEC's colour vs OpenCV's decode (levels).
+2. detections: the service on the demo clip at 1080p H.264, nvdec vs CPU decoding (same classes,
+   boxes within 1 px), the demo model on the CUDA EP with GPU preprocessing.
+3. bad_input: an MPEG-4 part 2 file, a corrupt H.264 file, an H.264 stream that changes
+   resolution mid-way, served at once with a good camera: each says what happened, the good
+   camera keeps its rate.
+4. shared (shared_cpu_decode): N cameras on one engine: one model load, GPU memory per extra
+   camera, with NVDEC (and with CPU decoding, to tell the decoder's memory from the engine's).
+
+usage: PYTHONPATH=/tmp/site python3 scripts/streams_check.py --clips .carry/clips [--model M] [--only a,b]
+Exit 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = ROOT / "agent" / "data" / "demo"
+
+
+def gpu_config(model: Path, cameras: list[dict[str, Any]], work: Path, **engine: Any) -> Any:
+    from agent.config import AgentConfig
+
+    return AgentConfig.model_validate({
+        "device_id": "h200", "cameras": cameras,
+        "model": {"path": str(model), **({"labels": str(DEMO / "labels.txt")} if model.parent == DEMO else {})},
+        "engine": {"providers": [{"name": "CUDAExecutionProvider"}], "io_binding": True, "preprocess": "gpu",
+                   "require_gpu": True, "warmup_runs": 3, **engine},
+        "mqtt": {"enabled": False}, "cache": {"dir": str(work / "cache")},
+        "updates": {"enabled": False, "models_dir": str(work / "models")}, "service": {"watchdog": False}})
+
+
+def serve(cfg: Any, seconds: float | None = None) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """The service until its files end (or `seconds`): results per camera, telemetry before shutdown."""
+    from agent.service import Service
+
+    svc = Service(cfg, use_cache=False)
+    results: dict[str, list[Any]] = {c.id: [] for c in cfg.cameras}
+    lock = threading.Lock()
+    for cam in cfg.cameras:
+        def sink(r: Any, cid: str = cam.id) -> None:
+            with lock:
+                results[cid].append(r)
+        svc.add_result_listener(cam.id, sink)
+    try:
+        svc.start()
+        deadline = time.monotonic() + (seconds or 300)
+        while time.monotonic() < deadline and not all(p.finished.is_set() for p in svc.pipelines):
+            time.sleep(0.1)
+        tele = svc.telemetry()
+    finally:
+        svc.shutdown()
+    return results, tele
+
+
+def check_nv12_kernel(clips: Path) -> dict[str, Any]:
+    import cv2
+
+    from agent.capture.sources import open_source
+    from agent.config import CameraConfig
+    from agent.engines import cuda
+    from agent.vision.gpu import _KERNELS, _SOURCE, Nv12Frame, nv12_letterbox_reference, nv12_to_bgr
+
+    clip = clips / "demo1080_h264.mp4"
+    src = open_source(CameraConfig(source=str(clip), decode="nvdec", pace=False))
+    src.open()
+    try:
+        frames = [src.read() for _ in range(10)]
+    finally:
+        pass
+    f = frames[-1]
+    assert isinstance(f, Nv12Frame), f"NVDEC gave {type(f).__name__} ({src.decode_path})"
+    y, uv = f.planes()
+    out: dict[str, Any] = {"decode_path": src.decode_path, "size": [f.width, f.height], "matrix": f.matrix,
+                           "full_range": f.full_range}
+    kernels = cuda.Kernel(_SOURCE, _KERNELS)
+    stream = cuda.Stream()
+    for (w, h) in ((640, 640), (320, 320)):
+        from agent.vision.preprocess import letterbox_geometry, linear_taps
+
+        new_w, new_h, left, top, _ = letterbox_geometry(f.width, f.height, w, h)
+        xt = np.ascontiguousarray(np.stack(linear_taps(f.width, new_w), axis=1).astype(np.int32))
+        yt = np.ascontiguousarray(np.stack(linear_taps(f.height, new_h), axis=1).astype(np.int32))
+        lut = np.arange(256, dtype=np.uint8)
+        bx, by, bl = cuda.DeviceBuffer(xt.nbytes), cuda.DeviceBuffer(yt.nbytes), cuda.DeviceBuffer(256)
+        dst = cuda.DeviceBuffer(3 * w * h)
+        for b, a in ((bx, xt), (by, yt), (bl, lut)):
+            cuda.copy_htod_async(b, a, stream)
+        from agent.vision.gpu import nv12_coefficients
+
+        k = nv12_coefficients(f.matrix, f.full_range)
+        launch = kernels.prepare("letterbox_nv12_u8", ((w + 31) // 32, (h + 7) // 8, 1), (32, 8, 1), [
+            np.uint64(f.y_ptr), np.uint64(f.uv_ptr), np.int32(f.pitch), np.int32(f.pitch), np.uint64(bx.ptr),
+            np.uint64(by.ptr), np.int32(new_w), np.int32(new_h), np.int32(left), np.int32(top), np.int32(w),
+            np.int32(h), np.int32(114), np.uint64(bl.ptr), *(np.int32(v) for v in k), np.uint64(dst.ptr)])
+        launch(stream)
+        host = np.empty((3, h, w), np.uint8)
+        stream.synchronize()
+        cuda.copy_dtoh_ptr(host, dst.ptr)
+        got = host.transpose(1, 2, 0)[..., ::-1]  # RGB planes -> BGR HWC
+        ref = nv12_letterbox_reference(y, uv, w, h, f.matrix, f.full_range)
+        diff = np.abs(got.astype(int) - ref.astype(int))
+        out[f"kernel_vs_reference_{w}x{h}"] = {"max_diff": int(diff.max()), "pixels_differing": int((diff > 0).sum())}
+        for b in (bx, by, bl, dst):
+            b.free()
+    # NVDEC's planes through the agent's colour conversion vs OpenCV's own decode of the same frame
+    cap = cv2.VideoCapture(str(clip))
+    for _ in range(10):
+        _ok, bgr = cap.read()
+    cap.release()
+    mine = nv12_to_bgr(y, uv, f.matrix, f.full_range)
+    d = np.abs(mine.astype(int) - bgr.astype(int))
+    out["nvdec_vs_opencv_decode_levels"] = {"max": int(d.max()), "mean": round(float(d.mean()), 3),
+                                            "p99": float(np.percentile(d, 99))}
+    del frames, f
+    src.close()
+    kernels.free()
+    stream.free()
+    out["ok"] = all(v["max_diff"] == 0 for kk, v in out.items() if kk.startswith("kernel_vs"))
+    return out
+
+
+def _match(a: list[Any], b: list[Any]) -> tuple[bool, float]:
+    """Same classes (as multisets) and, greedily by class, boxes within 1 px: (ok, worst box px)."""
+    la, lb = sorted(d.label for d in a), sorted(d.label for d in b)
+    if la != lb:
+        return False, float("inf")
+    worst = 0.0
+    used: set[int] = set()
+    for d in a:
+        best, bi = float("inf"), -1
+        for j, e in enumerate(b):
+            if j in used or e.label != d.label:
+                continue
+            dist = max(abs(x - y) for x, y in zip(d.box, e.box, strict=True))
+            if dist < best:
+                best, bi = dist, j
+        used.add(bi)
+        worst = max(worst, best)
+    return worst <= 1.0, worst
+
+
+def check_detections(clips: Path, work: Path) -> dict[str, Any]:
+    clip = str(clips / "demo1080_h264.mp4")
+    out: dict[str, Any] = {}
+    runs = {}
+    for decode in ("cpu", "nvdec"):
+        cfg = gpu_config(DEMO / "model.onnx", [{"id": "c", "source": clip, "pace": False, "decode": decode}], work)
+        res, tele = serve(cfg)
+        runs[decode] = res["c"]
+        out[decode] = {"frames": len(res["c"]), "detections": sum(len(r.detections) for r in res["c"]),
+                       "decode": tele["cameras"][0].get("decode"), "preprocess": tele["engine"].get("preprocess")}
+    a, b = runs["cpu"], runs["nvdec"]
+    bad, worst = [], 0.0
+    for ra, rb in zip(a, b, strict=False):
+        ok, w = _match(ra.detections, rb.detections)
+        if not ok:
+            bad.append({"frame": ra.frame_seq, "cpu": len(ra.detections), "nvdec": len(rb.detections),
+                        "box_px": round(w, 3) if w != float("inf") else "classes differ"})
+        elif w != float("inf"):
+            worst = max(worst, w)
+    out["frames_compared"] = min(len(a), len(b))
+    out["frames_mismatched"] = len(bad)
+    out["mismatches"] = bad[:10]
+    out["max_box_px_matched"] = round(worst, 4)
+    out["ok"] = len(a) == len(b) == 90 and not bad
+    return out
+
+
+def check_bad_input(clips: Path, work: Path) -> dict[str, Any]:
+    cams = [{"id": "good", "source": str(clips / "live1080p30_h264.mp4"), "pace": True, "loop": True,
+             "decode": "nvdec"},
+            {"id": "mpeg4", "source": str(DEMO / "sample.mp4"), "pace": True, "loop": True, "decode": "nvdec"},
+            {"id": "corrupt", "source": str(clips / "corrupt.mp4"), "pace": True, "loop": True, "decode": "nvdec"},
+            {"id": "reschange", "source": str(clips / "reschange.h264"), "pace": True, "loop": True,
+             "decode": "nvdec", "fps": 30},
+            {"id": "missing", "source": str(clips / "nope.mp4"), "pace": True, "decode": "nvdec"}]
+    cfg = gpu_config(DEMO / "model.onnx", cams, work)
+    _, tele = serve(cfg, seconds=12.0)
+    out: dict[str, Any] = {}
+    for c in tele["cameras"]:
+        out[c["camera"]] = {k: c.get(k) for k in ("frames_in", "frames_processed", "frames_dropped", "errors", "fps",
+                                                  "camera_state", "decode", "reconnects")}
+    good = out.get("good", {})
+    out["ok"] = bool(good.get("fps") and good["fps"] >= 27 and good.get("errors") == 0)
+    return out
+
+
+def check_shared(clips: Path, work: Path, model: Path, counts: tuple[int, ...] = (1, 2, 8),
+                 decode: str = "nvdec") -> dict[str, Any]:
+    from agent.engines import cuda
+
+    clip = str(clips / "live1080p30_h264.mp4")
+    out: dict[str, Any] = {}
+    for n in counts:
+        cams = [{"id": f"s{i}", "source": clip, "pace": True, "loop": True, "decode": decode} for i in range(n)]
+        base = cuda.memory_used() or 0
+        from agent.service import Service
+
+        svc = Service(gpu_config(model, cams, work), use_cache=False)
+        try:
+            svc.start()
+            time.sleep(4.0)
+            used = (cuda.memory_used() or 0) - base
+            tele = svc.telemetry()
+        finally:
+            svc.shutdown()
+        out[str(n)] = {"gpu_mem_mb": round(used / 2**20, 1), "model_loads": tele["engine"]["model_loads"],
+                       "cameras_on_engine": tele["engine"]["cameras_on_engine"],
+                       "fps": [c["fps"] for c in tele["cameras"]]}
+    one, last = out[str(counts[0])]["gpu_mem_mb"], out[str(counts[-1])]["gpu_mem_mb"]
+    per_extra = (last - one) / (counts[-1] - counts[0])
+    out["gpu_mem_first_camera_mb"] = one
+    out["gpu_mem_per_extra_camera_mb"] = round(per_extra, 1)
+    out["per_extra_vs_first"] = round(per_extra / one, 3) if one else None
+    out["decode"] = decode
+    out["ok"] = all(v["model_loads"] == 1 for k, v in out.items() if isinstance(v, dict))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=DEMO / "model.onnx", help="model for the 'shared' check")
+    ap.add_argument("--only", default="nv12_kernel,detections,bad_input,shared")
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out_dir = Path(os.environ.get("OUT", "."))
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"ts": round(time.time(), 3), "onnxruntime": ort.__version__,
+                               "providers": ort.get_available_providers()}
+    try:
+        import PyNvVideoCodec as nvc
+
+        results["pynvvideocodec"] = getattr(nvc, "__version__", "?")
+    except Exception as exc:
+        results["pynvvideocodec"] = f"unavailable: {exc}"
+    checks = {"nv12_kernel": lambda: check_nv12_kernel(args.clips),
+              "detections": lambda: check_detections(args.clips, work),
+              "bad_input": lambda: check_bad_input(args.clips, work),
+              "shared": lambda: check_shared(args.clips, work, args.model),
+              "shared_cpu_decode": lambda: check_shared(args.clips, work, args.model, decode="cpu")}
+    failed = False
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            results[name] = checks[name]()
+        except Exception as exc:
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        failed |= not results[name].get("ok", False)
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'trace'})}", flush=True)
+        if "trace" in results[name]:
+            print(results[name]["trace"], flush=True)
+    (out_dir / "streams_check.json").write_text(json.dumps(results, indent=2, default=str))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""NVDEC sources where NVDEC cannot serve (CI: no GPU): a clear reason, CPU decoding, frames keep flowing.
+
+PyNvVideoCodec is made missing the way Python sees a missing package (sys.modules entry None), so
+these hold whether or not it is installed. The NVDEC path itself runs on the GPU machine
+(scripts/streams_check.py: nvdec vs CPU-decode detections on the demo clip at 1080p).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.capture.reader import CaptureThread
+from agent.capture.sources import FileSource, NvdecSource, choose_decode, open_source
+from agent.config import CameraConfig
+from agent.errors import SourceError
+
+DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo" / "sample.mp4"
+
+
+@pytest.fixture
+def no_pynvvideocodec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", None)
+
+
+def test_nvdec_without_pynvvideocodec_falls_back_to_cpu(no_pynvvideocodec: None) -> None:
+    src = open_source(CameraConfig(source=str(DEMO), decode="nvdec", pace=False))
+    assert isinstance(src, NvdecSource)
+    src.open()
+    try:
+        img = src.read()
+        assert isinstance(img, np.ndarray) and img.shape == (360, 640, 3)
+        assert src.decode_path.startswith("cpu (nvdec unavailable: PyNvVideoCodec is not installed")
+        assert "edge-agent[nvdec]" in src.decode_path or "nvdec" in src.decode_path
+    finally:
+        src.close()
+
+
+def test_auto_chooses_cpu_and_says_why(no_pynvvideocodec: None) -> None:
+    cfg = CameraConfig(source=str(DEMO), decode="auto", pace=False)
+    chosen, why = choose_decode(cfg)
+    assert chosen in ("cpu", "jetson") and why.startswith("auto:")
+    src = open_source(cfg)
+    assert isinstance(src, FileSource) and src.decode_path.startswith(chosen)
+
+
+def test_nvdec_is_only_for_files_and_rtsp() -> None:
+    with pytest.raises(SourceError, match="decode 'nvdec' is for rtsp:// and file sources"):
+        open_source(CameraConfig(source="synthetic:64x48", decode="nvdec"))
+    # auto on other sources simply decodes as they always do
+    assert open_source(CameraConfig(source="synthetic:64x48", decode="auto")).decode_path == "cpu"
+
+
+def test_missing_file_is_a_clear_error(no_pynvvideocodec: None, tmp_path: Path) -> None:
+    src = open_source(CameraConfig(source=str(tmp_path / "none.mp4"), decode="nvdec"))
+    with pytest.raises(SourceError, match="video file not found"):
+        src.open()
+
+
+def test_capture_reports_the_decode_path_and_serves(no_pynvvideocodec: None) -> None:
+    cap = CaptureThread(CameraConfig(id="c1", source=str(DEMO), decode="nvdec", pace=False))
+    cap.start()
+    try:
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 10 and time.monotonic() < deadline:
+            f = cap.get(0.5)
+            if f is not None:
+                got.append(f)
+        assert [f.seq for f in got] == list(range(10))
+        stats = cap.stats()
+        assert str(stats["decode"]).startswith("cpu (nvdec unavailable") and stats["state"] == "streaming"
+    finally:
+        cap.stop()

@@ -1,0 +1,60 @@
+"""`edge-agent bench --streams N` on the CPU: live RTSP streams from a real GStreamer server on loopback.
+
+The streams are the demo clip encoded here with PyAV (libx264 / libx265) and served by Debian's
+GStreamer RTSP server under the system python3 (CI installs it: .ci/run); the service decodes
+them with OpenCV's FFmpeg backend, as it does a camera. Figures are not judged here (speed is
+measured by the bench itself, not by tests); the rows must be there and make sense.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from agent.streams_bench import make_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_make_clip_encodes_the_demo_clip(tmp_path: Path, codec: str) -> None:
+    clip = make_clip(tmp_path / f"c-{codec}.mp4", codec, 320, 180, 15.0, 20)
+    cap = cv2.VideoCapture(str(clip))
+    n = 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        assert img.shape == (180, 320, 3)
+        n += 1
+    cap.release()
+    assert n == 20
+
+
+def test_bench_two_rtsp_streams_on_one_engine(tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "2", "--source", "rtsp",
+                        "--size", "320x180", "--fps", "10", "--seconds", "3", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    run = res["runs"]["2"]
+    assert run["model_loads"] == 1 and run["streams"] == 2
+    assert [s["camera"] for s in run["per_stream"]] == ["s0", "s1"]
+    for s in run["per_stream"]:
+        assert s["state"] == "streaming" and s["frames"] > 0 and s["errors"] == 0
+        assert 0 < s["p50_ms"] <= s["p99_ms"]
+    assert run["host_cpu_ms_per_frame"] > 0
+    assert res["engine_limit"]["contexts"] == 2 and res["engine_limit"]["inferences_per_s"] > 0
+    assert "N=2" in r.stdout and "limit: engine alone" in r.stdout
+
+
+def test_bench_streams_rejects_zero(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "--streams must be >= 1" in r.stderr
