@@ -258,6 +258,10 @@ def _bench_input_problem(args: argparse.Namespace) -> str | None:
     for flag, value in (("--model", args.model), ("--video", args.video), ("-c", args.config)):
         if value is not None and not Path(value).is_file():
             return f"{flag}: no such file: {value}"
+    for flag in ("fps", "seconds"):  # bench --streams' numbers (agent.streams_bench adds the flags)
+        value = getattr(args, flag, None)
+        if value is not None and not 0 < value < float("inf"):
+            return f"--{flag} must be a positive number, got {value}"
     if args.json_out is not None:
         out = Path(args.json_out)
         parent = out.parent if str(out.parent) else Path(".")

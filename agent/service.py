@@ -554,7 +554,10 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
         was = old_cams.get(cam.id)
         if was is not None and was.counting != cam.counting:  # the counting component holds its config
             restart.append(f"cameras[{cam.id}].counting")
-        if cam.id == pipe.camera_id and was is not None and was.model_copy(update={"counting": cam.counting}) != cam:
+        if was is not None and was.inspection != cam.inspection:  # the inspection component holds its config
+            restart.append(f"cameras[{cam.id}].inspection")
+        if cam.id == pipe.camera_id and was is not None and was.model_copy(
+                update={"counting": cam.counting, "inspection": cam.inspection}) != cam:
             pipe.capture.set_source(cam)
             applied.append(f"cameras[{cam.id}]")
     if [c.id for c in old.cameras] != [c.id for c in new.cameras]:

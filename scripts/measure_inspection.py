@@ -12,6 +12,11 @@ the broker stopped right after the ack), the broker back, more triggers; every t
 exactly one result.
 
     python scripts/measure_inspection.py [--triggers 1000] [--fps 15 30] [--restarts 20] [--out DIR]
+                                         [--broker-nagle] [--nagle-check]
+
+--broker-nagle leaves mosquitto's set_tcp_nodelay off (the default is on, as docs/plc.md advises);
+--nagle-check also times a QoS 1 ping-pong between two paho clients with and without TCP_NODELAY.
+It exits 1 when a goal is missed. Figures depend on the machine's load: record it beside them.
 """
 
 from __future__ import annotations
@@ -186,6 +191,53 @@ def run_restarts(tmp: Path, restarts: int, size: str, broker_conf: str, fps: int
     }
 
 
+def run_nagle_check(tmp: Path, n: int = 50) -> dict[str, float]:
+    """QoS 1 ping-pong between two paho clients through mosquitto, median ms, per socket option:
+    why the agent sets TCP_NODELAY and docs/plc.md recommends mosquitto's set_tcp_nodelay."""
+    import socket
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    out: dict[str, float] = {}
+    for name, broker_nd, client_nd in (("defaults", False, False), ("clients_nodelay", False, True),
+                                       ("broker_nodelay", True, False), ("both_nodelay", True, True)):
+        bdir = tmp / f"nagle-{name}"
+        bdir.mkdir()
+        broker = Broker(bdir, extra_conf=NODELAY if broker_nd else "").start()
+        got = threading.Event()
+        clients = []
+        try:
+            for role in ("echo", "ping"):
+                c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{role}-{name}")
+                if client_nd:
+                    c.on_socket_open = lambda cl, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if role == "echo":
+                    c.on_message = lambda cl, u, m: cl.publish("pong", m.payload, qos=1)
+                else:
+                    c.on_message = lambda cl, u, m, ev=got: ev.set()
+                c.connect(broker.host, broker.port)
+                c.loop_start()
+                c.subscribe("ping" if role == "echo" else "pong", 1)
+                clients.append(c)
+            time.sleep(0.5)
+            rtts = []
+            for _ in range(n):
+                got.clear()
+                t0 = time.monotonic()
+                clients[1].publish("ping", b"x", qos=1)
+                if got.wait(5):
+                    rtts.append((time.monotonic() - t0) * 1e3)
+                time.sleep(0.02)
+            out[name] = round(statistics.median(rtts), 2) if rtts else float("nan")
+        finally:
+            for c in clients:
+                c.loop_stop()
+                c.disconnect()
+            broker.stop()
+    return out
+
+
 def git_commit() -> str:
     try:
         env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
@@ -228,18 +280,25 @@ def markdown(rec: dict[str, Any]) -> str:
                   f"{rs['duplicates']} duplicates, result codes {rs['codes']}, overrun flags "
                   f"{rs['overrun_flags']}; answers decided while the broker was away: "
                   f"{rs['answers_decided_while_broker_away']}."]
+    if rec.get("nagle_check_ms"):
+        lines += ["", "## TCP_NODELAY check (QoS 1 ping-pong between two paho clients, median ms)", "",
+                  "| " + " | ".join(rec["nagle_check_ms"]) + " |",
+                  "| " + " | ".join("---" for _ in rec["nagle_check_ms"]) + " |",
+                  "| " + " | ".join(str(v) for v in rec["nagle_check_ms"].values()) + " |"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--triggers", type=int, default=1000)
-    ap.add_argument("--fps", type=int, nargs="+", default=[15, 30])
+    ap.add_argument("--fps", type=int, nargs="*", default=[15, 30], help="frame rates; none: skip the latency runs")
     ap.add_argument("--restarts", type=int, default=20)
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "measurements" / "inspection-2026-12-01")
     ap.add_argument("--broker-nagle", action="store_true",
                     help="leave mosquitto's set_tcp_nodelay at its default (false)")
+    ap.add_argument("--nagle-check", action="store_true",
+                    help="also time a QoS 1 ping-pong between two paho clients with and without TCP_NODELAY")
     ap.add_argument("--note", default="the 2 CPU cores were shared with other work running at the same time "
                     "(six other engineers' tests); figures are upper bounds of an idle machine's")
     args = ap.parse_args()
@@ -265,6 +324,9 @@ def main() -> int:
         if args.restarts:
             rec["restarts"] = run_restarts(tmp, args.restarts, args.size, broker_conf)
             print(json.dumps(rec["restarts"]), flush=True)
+        if args.nagle_check:
+            rec["nagle_check_ms"] = run_nagle_check(tmp)
+            print(json.dumps(rec["nagle_check_ms"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "inspection.json").write_text(json.dumps(rec, indent=2) + "\n")
     (args.out / "inspection.md").write_text(markdown(rec))

@@ -25,7 +25,8 @@ if ! command -v "$base" >/dev/null 2>&1; then
 fi
 in_venv=$("$base" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 1 ]; then
-  py=$base
+  py=$(command -v "$base")
+  PATH="$(dirname "$py"):$PATH"  # its console scripts (edge-agent) first, as in an activated venv
 else
   ver=$("$base" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   venv=${VENV:-$([ -n "${PYTHON:-}" ] && echo ".venv-$ver" || echo .venv)}
@@ -52,6 +53,9 @@ fi
 # everything the tests use goes into this venv (CI's installs into its own python3 do not reach it):
 # the extras, and tensorrt-stubs (type stubs only, no dependencies) for the fake-TensorRT test
 "$py" -m pip install -q -e '.[cpu,test,metrics,counting,sparkplug]'
+# the tracker for zones and counting lines: --no-deps, as on a Jetson (their wheels would pull
+# opencv-python, which shadows JetPack's GStreamer OpenCV, and PyAV): the `counting` extra has what they import
+"$py" -m pip install -q --no-deps 'trackers>=2.6,<3' 'supervision>=0.26.1'
 "$py" -m pip install -q --no-deps tensorrt-stubs \
   || echo "scripts/test.sh: tensorrt-stubs not installed: the fake-TensorRT conformance test says so"
 exec "$py" -m pytest "$@"

@@ -63,6 +63,8 @@ BAD_ARGS = [
     (["bench", "-c", "/nonexistent.yaml"], 2, "-c"),
     (["bench", "-c", "BADYAML"], 2, "YAML syntax error"),
     (["bench", "--json", "/nonexistent-dir/out.json"], 2, "--json"),
+    (["bench", "--streams", "1", "--fps", "0"], 2, "--fps"),
+    (["bench", "--streams", "1", "--seconds", "-1"], 2, "--seconds"),
     (["build-engine", "/nonexistent.onnx"], 2, "model not found"),
     (["build-engine", "/etc/passwd", "--cache-dir", "TMP/cache"], 2, "cannot read ONNX model"),
     (["build-engine", str(DEMO / "model.onnx"), "--cache-dir", "/etc/passwd"], 2, "not writable"),

@@ -1,27 +1,25 @@
 """The agent's MQTT connection: paho-mqtt 2.x behind a small, never-blocking interface.
 
+Data flow: the service and the PLC components call `publish()` -> the bounded queue and the
+in-flight tracking of agent/mqtt/outbound.py -> this client's sender thread hands messages to paho
+while connected -> paho's network thread writes them and reports PUBACKs back here. Incoming
+messages arrive on paho's thread in `_on_message` and go to the callbacks registered with
+`subscribe` / `subscribe_with_properties`. The connection itself (the paho client, its session,
+the reconnect waits) is agent/mqtt/connection.py; the password and TLS are agent/mqtt/credentials.py.
+
 Design (see DESIGN.md, MQTT lessons):
 
 - `start()` returns at once. paho's network thread connects and reconnects by itself
   (`loop_start`, first connection retried too); the delay between attempts is the config's
-  exponential backoff with jitter, computed here and handed to paho before each wait. A broker that
-  is down, unreachable or refuses the CONNACK never raises into the caller: `connected` stays false
-  and `stats()["last_error"]` says why.
+  exponential backoff with jitter, handed to paho before each wait. A broker that is down,
+  unreachable or refuses the CONNACK never raises into the caller: `connected` stays false and
+  `stats()["last_error"]` says why.
 - `publish()` never blocks: messages go to a bounded queue owned by the agent (`queue_size`; when
   full the OLDEST is dropped and counted as "dropped"). A sender thread hands them to paho only
-  while connected, and at most `inflight_window` at a time (paho's own queue is unbounded while
-  offline, so it is never allowed to fill).
-- QoS 0 while offline is dropped at once and counted as "dropped_qos0_offline": QoS 0 carries
-  detections and telemetry, which are "latest state" data; replaying minutes-old frames to a PLC
-  after a reconnect is worse than a gap. QoS >= 1 messages (status, counts, events, model state)
-  wait in the queue and go out, in order, after the reconnect.
-- QoS 1 handed to paho but not acknowledged when the connection drops: paho 2.x keeps them in its
-  own session store and sends them again (DUP set) after any successful reconnect, whether or not
-  the broker kept the session (measured with a broker killed by SIGKILL: tests/mqtt/test_client.py).
-  This client tracks every handed-over message by mid until its PUBACK (`on_publish`), counts the
-  ones re-sent after a reconnect ("resent"), and holds back new messages after a reconnect until
-  those re-sends are acknowledged, so the order stays the publish order. Duplicates are possible
-  (a QoS 1 message whose PUBACK was lost) but only for messages in flight at the moment of a drop.
+  while connected, and at most `inflight_window` at a time. QoS 0 while offline is dropped at once
+  ("dropped_qos0_offline"); QoS >= 1 messages (status, counts, events, model state) wait in the
+  queue and go out, in order, after the reconnect; QoS 1 messages in flight at a drop are re-sent
+  by paho and counted ("resent"). Details in agent/mqtt/outbound.py.
 - Subscriptions are renewed in `on_connect` after every (re)connect. Callbacks run on paho's
   thread: keep them short; exceptions are caught and logged, never raised into paho. Incoming
   payloads over `max_rx_bytes` (default 16 MiB) are dropped and counted ("rx_dropped"); under
@@ -35,36 +33,29 @@ Design (see DESIGN.md, MQTT lessons):
   answer, say); under MQTT 3.1.1 they are left off. `subscribe_with_properties` hands a callback the
   incoming message's properties too (Response Topic, Correlation Data, Message Expiry; None under
   3.1.1 or when the message had none).
-- TCP_NODELAY on the socket: PLC messages are small and answer each other (trigger, ack, result,
-  PUBACK); with Nagle's algorithm a small write waits for the peer's delayed ACK, up to 40 ms per
-  hop on Linux (measured on loopback through mosquitto: a paho QoS 1 ping-pong took 68 ms, 0.94 ms
-  with TCP_NODELAY on the clients and `set_tcp_nodelay true` on the broker).
+- TCP_NODELAY on the socket (why, with the measurement: agent/mqtt/connection.py).
 - Credentials: `password_file`, else `$CREDENTIALS_DIRECTORY/mqtt_password` (systemd). The password
   is never logged.
+
+`read_password` and `make_ssl_context` are re-exported here for the modules that import them from
+this one (the Sparkplug node).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import random
-import socket
-import ssl
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
+from agent.mqtt.connection import Backoff, connect_properties, is_failure, new_paho_client, set_tcp_nodelay
+from agent.mqtt.credentials import make_ssl_context, read_password
+from agent.mqtt.outbound import Outbound, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -73,61 +64,6 @@ PropsCallback = Callable[[str, bytes, "Properties | None"], None]
 
 DEFAULT_MAX_RX_BYTES = 16 * 1024 * 1024
 DEFAULT_SESSION_EXPIRY_S = 600
-_RESEND_HOLD_S = 5.0  # after a reconnect, new messages wait at most this long for re-sends' PUBACKs
-
-
-@dataclass(frozen=True)
-class _Out:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: Properties | None = None
-
-
-@dataclass
-class _Pending:
-    out: _Out
-    epoch: int  # connection number it was handed over on
-
-
-def read_password(cfg: MqttConfig) -> str | None:
-    """The broker password from `password_file` or `$CREDENTIALS_DIRECTORY/mqtt_password`, or None.
-
-    Raises OSError when a configured file cannot be read (the message names the file, never its content).
-    """
-    path: Path | None = cfg.password_file
-    if path is None:
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and (Path(cred_dir) / "mqtt_password").is_file():
-            path = Path(cred_dir) / "mqtt_password"
-    if path is None:
-        return None
-    try:
-        text = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        # its message quotes a byte of the secret and its position: say only what is wrong
-        raise OSError(errno.EINVAL, "not UTF-8 text", str(path)) from None
-    return text or None  # an empty credential (the unit's fallback) means: no password
-
-
-def make_ssl_context(tls: Any) -> ssl.SSLContext:
-    """An SSL context from a TlsConfig: the CA bundle (or the system's), the client pair for mutual TLS."""
-    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file is not None else None)
-    if tls.cert_file is not None and tls.key_file is not None:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    if tls.insecure:
-        ctx.check_hostname = False  # the chain is still verified
-    return ctx
-
-
-def _is_failure(rc: Any) -> bool:
-    if isinstance(rc, ReasonCode):
-        return bool(rc.is_failure)
-    try:
-        return int(rc) != 0
-    except (TypeError, ValueError):
-        return True
 
 
 class MqttClient:
@@ -143,63 +79,26 @@ class MqttClient:
         self._user_on_connect = on_connect
         self._max_rx = max_rx_bytes
         self._session_expiry_s = session_expiry_s
-        self._window = max(1, inflight_window)
         self._v5 = cfg.protocol == "5"
 
         self._cv = threading.Condition(threading.Lock())
-        self._queue: deque[_Out] = deque()
-        self._pending: dict[int, _Pending] = {}
-        self._early: OrderedDict[int, Any] = OrderedDict()  # on_publish seen before publish() returned
+        self._n: dict[str, int] = dict.fromkeys(
+            ("connects", "disconnects", "refused", "sent", "dropped", "dropped_qos0_offline", "resent", "received",
+             "rx_dropped", "publish_errors", "callback_errors"), 0)
+        self._out = Outbound(cfg.queue_size, inflight_window, self._n)  # under self._cv
         # filter -> (callback, qos, whether the callback takes the message's properties)
         self._subs: dict[str, tuple[Callable[..., None], int, bool]] = {}
         self._connected = False
-        self._epoch = 0
-        self._hold_until = 0.0
-        self._attempt = 0
+        self._backoff = Backoff(cfg.reconnect)
         self._started = False
         self._closing = False
         self._stop_sender = False
         self._sender: threading.Thread | None = None
-        self._setup_error: str | None = None
         self._last_logged_error: str | None = None
-        self._n: dict[str, int] = dict.fromkeys(
-            ("connects", "disconnects", "refused", "sent", "dropped", "dropped_qos0_offline", "resent", "received",
-             "rx_dropped", "publish_errors", "callback_errors"), 0)
         self._last_error: str | None = None
 
-        self._client = self._make_client(will_topic, will_payload)
-
-    # ---- setup ----------------------------------------------------------------------------------
-    def _make_client(self, will_topic: str, will_payload: bytes) -> mqtt.Client:
-        cfg = self._cfg
-        if self._v5:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        else:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
-                            protocol=mqtt.MQTTv311)
-        c.suppress_exceptions = True
-        # paho's in-flight window and its store of QoS>0 messages stay small: the backlog lives in our queue.
-        c.max_inflight_messages_set(min(20, self._window))
-        c.max_queued_messages_set(self._window)
-        c.will_set(will_topic, will_payload, qos=1, retain=True)
-        if cfg.username is not None or cfg.password_file is not None:
-            try:
-                password = read_password(cfg)
-            except OSError as exc:
-                self._setup_error = f"cannot read the MQTT password file: {exc.strerror or type(exc).__name__}"
-                password = None
-            if cfg.username is not None:
-                c.username_pw_set(cfg.username, password)
-            elif password is not None:
-                log.warning("mqtt: a password is configured but no username; the password is not used")
-        elif os.environ.get("CREDENTIALS_DIRECTORY") and \
-                (Path(os.environ["CREDENTIALS_DIRECTORY"]) / "mqtt_password").is_file():
-            log.warning("mqtt: $CREDENTIALS_DIRECTORY/mqtt_password exists but mqtt.username is not set; not used")
-        if cfg.tls is not None:
-            try:
-                c.tls_set_context(make_ssl_context(cfg.tls))
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                self._setup_error = f"TLS setup failed: {exc}"
+        self._client, self._setup_error = new_paho_client(cfg, client_id, self._out.window, will_topic, will_payload)
+        c = self._client
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
@@ -207,14 +106,6 @@ class MqttClient:
         c.on_message = self._on_message
         c.on_log = self._on_log
         c.on_socket_open = self._on_socket_open
-        return c
-
-    def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        # room for the largest topic and the fixed / variable headers on top of the payload cap
-        props.MaximumPacketSize = min(self._max_rx + 70_000, 268_435_455)
-        return props
 
     # ---- public interface ----------------------------------------------------------------------------
     @property
@@ -238,7 +129,7 @@ class MqttClient:
             self._schedule_retry()
             if self._v5:
                 self._client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
-                                           properties=self._connect_properties())
+                                           properties=connect_properties(self._session_expiry_s, self._max_rx))
             else:
                 self._client.connect_async(cfg.host, cfg.port, cfg.keepalive_s)
             self._client.loop_start()
@@ -263,13 +154,9 @@ class MqttClient:
         with self._cv:
             if self._closing and self._stop_sender:
                 return False
-            if qos == 0 and not self._connected:
-                self._n["dropped_qos0_offline"] += 1
+            if not self._out.offer(Outgoing(topic, data, qos, retain, properties if self._v5 else None),
+                                   self._connected):
                 return False
-            if len(self._queue) >= self._cfg.queue_size:
-                self._queue.popleft()
-                self._n["dropped"] += 1
-            self._queue.append(_Out(topic, data, qos, retain, properties if self._v5 else None))
             self._cv.notify_all()
         return True
 
@@ -295,12 +182,12 @@ class MqttClient:
             if self._closing:
                 return
             self._closing = True
-            while (self._queue or self._pending_qos()) and self._started:
+            while (self._out.queue or self._out.pending_qos()) and self._started:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(min(left, 0.1))
-            left_queued, left_pending = len(self._queue), self._pending_qos()
+            left_queued, left_pending = len(self._out.queue), self._out.pending_qos()
             self._stop_sender = True
             self._cv.notify_all()
         if self._sender is not None:
@@ -326,37 +213,27 @@ class MqttClient:
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
-            out: dict[str, Any] = {"connected": self._connected, **self._n, "queued": len(self._queue),
-                                   "inflight": len(self._pending), "last_error": self._last_error}
+            out: dict[str, Any] = {"connected": self._connected, **self._n, "queued": len(self._out.queue),
+                                   "inflight": len(self._out.pending), "last_error": self._last_error}
         return out
 
     # ---- sender thread ------------------------------------------------------------------------------
-    def _pending_qos(self) -> int:
-        return sum(1 for p in self._pending.values() if p.out.qos > 0)
-
-    def _resends_outstanding(self) -> bool:
-        if time.monotonic() >= self._hold_until:
-            return False
-        return any(p.epoch < self._epoch and p.out.qos > 0 for p in self._pending.values())
-
     def _sender_loop(self) -> None:
         while True:
             with self._cv:
                 while True:
                     if self._stop_sender:
                         return
-                    if (self._connected and self._queue and len(self._pending) < self._window
-                            and not self._resends_outstanding()):
+                    if self._connected and self._out.ready():
                         break
                     self._cv.wait(0.2)
-                out = self._queue.popleft()
-                epoch = self._epoch
+                out, epoch = self._out.take()
             try:
                 self._hand_over(out, epoch)
             except Exception:  # never let the sender die
                 log.exception("mqtt: sender error")
 
-    def _hand_over(self, out: _Out, epoch: int) -> None:
+    def _hand_over(self, out: Outgoing, epoch: int) -> None:
         try:
             info = self._client.publish(out.topic, out.payload, out.qos, out.retain, properties=out.properties)
         except (ValueError, TypeError) as exc:
@@ -367,61 +244,38 @@ class MqttClient:
         rc = info.rc
         with self._cv:
             if rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # paho's store is full: retry this one first, later
-                self._queue.appendleft(out)
+                self._out.put_back(out)
                 self._cv.wait(0.05)
                 return
-            if out.qos == 0 and rc != mqtt.MQTT_ERR_SUCCESS:
-                self._n["dropped_qos0_offline"] += 1
-                self._early.pop(info.mid, None)
-                return
-            # QoS > 0: paho holds it now (also on NO_CONN: it sends it after the reconnect) until PUBACK.
-            reason = self._early.pop(info.mid, None)
-            if reason is not None:
-                self._finish(out, reason)
-            elif out.qos == 0 and epoch != self._epoch:
-                self._n["dropped_qos0_offline"] += 1  # handed to a connection that is gone
-            else:
-                self._pending[info.mid] = _Pending(out, epoch)
+            self._rejected(self._out.handed_over(out, epoch, info.mid, rc == mqtt.MQTT_ERR_SUCCESS))
 
-    def _finish(self, out: _Out, reason: Any) -> None:
-        if _is_failure(reason):
-            self._n["publish_errors"] += 1
-            self._last_error = f"broker rejected a message on {out.topic!r}: {reason}"
-            log.warning("mqtt: %s", self._last_error)
-        else:
-            self._n["sent"] += 1
+    def _rejected(self, reason: str | None) -> None:
+        """A broker rejection from the outbound side (called with the lock held)."""
+        if reason is not None:
+            self._last_error = reason
+            log.warning("mqtt: %s", reason)
 
     # ---- paho callbacks (paho's thread; must never raise) --------------------------------------------
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         try:
             with self._cv:
-                p = self._pending.pop(mid, None)
-                if p is None:
-                    self._early[mid] = reason_code
-                    while len(self._early) > 10_000:
-                        self._early.popitem(last=False)
-                else:
-                    self._finish(p.out, reason_code)
+                self._rejected(self._out.acked(mid, reason_code))
                 self._cv.notify_all()
         except Exception:
             log.exception("mqtt: on_publish failed")
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
-            if _is_failure(reason_code):
+            if is_failure(reason_code):
                 with self._cv:
                     self._n["refused"] += 1
                 self._set_error(f"connection refused by the broker: {reason_code}", level=logging.ERROR)
                 return
+            self._backoff.reset()
             with self._cv:
                 self._connected = True
-                self._epoch += 1
-                self._attempt = 0
                 self._n["connects"] += 1
-                self._drop_qos0_pending()
-                resend = self._pending_qos()
-                self._n["resent"] += resend
-                self._hold_until = time.monotonic() + _RESEND_HOLD_S if resend else 0.0
+                resend = self._out.connected()
                 subs = [(f, q) for f, (_, q, _) in self._subs.items()]
                 self._cv.notify_all()
             log.info("mqtt: connected to %s:%d (session present: %s%s)", self._cfg.host, self._cfg.port,
@@ -452,11 +306,7 @@ class MqttClient:
                 self._connected = False
                 if was:
                     self._n["disconnects"] += 1
-                self._drop_qos0_pending()
-                lost0 = sum(1 for o in self._queue if o.qos == 0)
-                if lost0:
-                    self._queue = deque(o for o in self._queue if o.qos > 0)
-                    self._n["dropped_qos0_offline"] += lost0
+                self._out.disconnected()
                 closing = self._closing
                 self._cv.notify_all()
             if closing:
@@ -500,10 +350,7 @@ class MqttClient:
             log.exception("mqtt: on_message failed")
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError, ValueError) as exc:  # a socket kind without the option
-            log.debug("mqtt: TCP_NODELAY not set: %s", exc)
+        set_tcp_nodelay(sock)
 
     def _on_log(self, client: Any, userdata: Any, level: int, buf: str) -> None:
         # paho's errors worth keeping (TLS alerts, socket errors); its "not connected" chatter while it
@@ -521,21 +368,9 @@ class MqttClient:
         except Exception as exc:
             self._set_error(f"subscribe to {topic_filter!r} failed: {exc}")
 
-    def _drop_qos0_pending(self) -> None:
-        """QoS 0 messages not yet written when a connection ends are gone (paho does not keep them)."""
-        lost = [mid for mid, p in self._pending.items()
-                if p.out.qos == 0 and not (self._connected and p.epoch == self._epoch)]
-        for mid in lost:
-            del self._pending[mid]
-        self._n["dropped_qos0_offline"] += len(lost)
-
     def _schedule_retry(self) -> None:
-        """Set paho's next reconnect wait: exponential from `initial_s` to `max_s`, +/- jitter."""
-        b = self._cfg.reconnect
-        with self._cv:
-            base = min(b.initial_s * (2 ** min(self._attempt, 30)), b.max_s)
-            self._attempt += 1
-        delay = max(0.05, base * (1.0 + random.uniform(-b.jitter, b.jitter)))
+        """Set paho's next reconnect wait from the backoff."""
+        delay = self._backoff.next_delay()
         # paho annotates the delays as int but works with seconds as float
         self._client.reconnect_delay_set(cast(int, delay), cast(int, delay))
 
@@ -545,3 +380,7 @@ class MqttClient:
             repeat = text == self._last_logged_error
             self._last_logged_error = text
         log.log(logging.DEBUG if repeat else level, "mqtt: %s", text)
+
+
+__all__ = ["DEFAULT_MAX_RX_BYTES", "DEFAULT_SESSION_EXPIRY_S", "MessageCallback", "MqttClient", "PropsCallback",
+           "make_ssl_context", "read_password"]

@@ -14,6 +14,7 @@ and may annotate the result: the counting tracker writes track ids there.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from agent.mqtt.client import MqttClient
     from agent.mqtt.topics import Topics
     from agent.vision.types import Result
+
+log = logging.getLogger(__name__)
 
 
 class PlcHost(Protocol):
@@ -70,27 +73,45 @@ class MetricSource(Protocol):
 
 
 def start_plc(host: PlcHost) -> list[PlcComponent]:
-    """Start the PLC components the config turns on; each registers its own result listeners."""
+    """Start the PLC components the config turns on; each registers its own result listeners.
+
+    If one fails to start, those already started are closed, last first, before the error goes on:
+    a service that does not start must not leave a listening port, a thread or a session behind.
+    """
     components: list[PlcComponent] = []
-    if any(c.inspection is not None and c.inspection.enabled for c in host.cfg.cameras):
-        from agent.plc.inspection import Inspection
+    try:
+        if any(c.inspection is not None and c.inspection.enabled for c in host.cfg.cameras):
+            from agent.plc.inspection import Inspection
 
-        components.append(Inspection(host))
-    if any(c.counting is not None and c.counting.enabled for c in host.cfg.cameras):
-        from agent.plc.counting_service import start_counting  # imports the tracker: only when counting
+            components.append(Inspection(host))
+        if any(c.counting is not None and c.counting.enabled for c in host.cfg.cameras):
+            from agent.plc.counting_service import start_counting  # imports the tracker: only when counting
 
-        components.extend(start_counting(host))
-    if host.cfg.commissioning.http_port is not None:
-        from agent.plc.snapshot import CommissioningServer
+            components.extend(start_counting(host))  # closes its own on failure
+        if host.cfg.commissioning.http_port is not None:
+            from agent.plc.snapshot import CommissioningServer
 
-        components.append(CommissioningServer(host, components))
-    if host.cfg.sparkplug.enabled:  # last: it reads the metrics of the components started above
-        try:
-            from agent.plc.sparkplug import SparkplugNode
-        except ImportError as exc:
-            raise ConfigError([f"sparkplug.enabled: {exc}"]) from None
-        components.append(SparkplugNode(host, sources=list(components)))
+            components.append(CommissioningServer(host, components))
+        if host.cfg.sparkplug.enabled:  # last: it reads the metrics of the components started above
+            try:
+                from agent.plc.sparkplug import SparkplugNode
+            except ImportError as exc:
+                raise ConfigError([f"sparkplug.enabled: {exc}"]) from None
+            components.append(SparkplugNode(host, sources=list(components)))
+    except BaseException:
+        _close_started(components)
+        raise
     return components
+
+
+def _close_started(components: list[PlcComponent]) -> None:
+    """Close in reverse start order (a later component may read an earlier one); a close that fails is logged,
+    so that the others still close and the start error is the one that surfaces."""
+    for component in reversed(components):
+        try:
+            component.close()
+        except Exception:
+            log.exception("closing %s after a failed PLC start failed", component.name)
 
 
 __all__ = ["MetricSource", "PlcComponent", "PlcHost", "start_plc"]

@@ -15,6 +15,12 @@ The crossing rule, per line and track:
   run; a frame back on the reference side does), and that side becomes the new reference;
 - so a reversal counts `in` then `out`, flicker shorter than `min_frames` counts nothing, and an
   object that stops on the line (in the band) keeps its reference until it really leaves.
+
+Why not supervision's LineZone: it has no dead band (an anchor jittering on the line flips sides,
+and flips that outlast `min_frames` count in and out), and a band cannot be added from outside:
+leaving out the anchors near the line makes it forget the track's side after a few such frames, so
+a part that waits on the line and then goes on would not be counted. On the generated clips
+(scripts/measure_counting.py) it double-counts parts stopping on the line.
 """
 
 from __future__ import annotations

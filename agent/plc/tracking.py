@@ -7,10 +7,12 @@ nothing). The counting step (agent/plc/counting.py) reads those ids; the detecti
 them only when the config asks (`counting.track_ids`).
 
 Why `trackers` (Apache-2.0, maintained, numpy 2, Python >= 3.10): it is ByteTrack / OC-SORT from
-the team behind `supervision`. Its wheel declares `opencv-python`, which on a Jetson would shadow
-JetPack's GStreamer-enabled OpenCV, so it is installed with `pip install --no-deps trackers` and its
-other needs come from the `counting` extra (see pyproject.toml). It is imported here lazily, so
-the agent runs without it while no camera counts.
+the team behind `supervision` (MIT), whose Detections it takes. Its wheel declares `opencv-python`,
+which on a Jetson would shadow JetPack's GStreamer-enabled OpenCV, and supervision's declares PyAV
+(FFmpeg with GPL x264 inside) and matplotlib, which this path never imports: so both are installed
+with `pip install --no-deps` and what they import comes from the `counting` extra (pyproject.toml).
+Imported lazily: the agent runs without them while no camera counts.
+(Why not supervision's LineZone for the crossing rule: see agent/plc/counting.py.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agent.errors import ConfigError
 from agent.vision.types import Detection
 
 INSTALL_HINT = ("zones and counting lines need the `counting` extra and ByteTrack's package: "
-                "pip install '.[counting]' && pip install --no-deps 'trackers>=2.6'")
+                "pip install '.[counting]' && pip install --no-deps 'trackers>=2.6,<3' 'supervision>=0.26.1'")
 
 
 def _load() -> tuple[Any, Any]:

@@ -246,3 +246,27 @@ def test_shared_contexts_keep_the_dla_core(make_fake: FakeFactory, model: Path, 
 def test_share_needs_a_loaded_engine(fake_trt: types.ModuleType, model: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="not loaded"):
         TensorRTEngine(built(model, tmp_path), model).share()
+
+
+def test_service_runs_its_cameras_on_one_tensorrt_engine(make_fake: FakeFactory, cudart: FakeCudart,
+                                                         tmp_path: Path) -> None:
+    """The real service (real OpenCV decoding, the demo model) on the fake bindings: one engine
+    deserialized for all cameras, each camera's detections equal a one-camera run, and the
+    memory per extra camera reported in telemetry."""
+    from tests.test_service_cameras import DEMO, config, rows, same, serve, variant
+
+    trt = make_fake("10.3.0.26")
+    clips = [variant(DEMO / "sample.mp4", tmp_path / "a.avi", None, 12),
+             variant(DEMO / "sample.mp4", tmp_path / "b.avi", 1, 12)]
+    shared, tele, _ = serve(config(tmp_path, clips, backend="tensorrt", preprocess="cpu"))
+    assert trt._state.names().count("Runtime.deserialize_cuda_engine") == 1
+    assert trt._state.names().count("ICudaEngine.create_execution_context") == 2
+    engine = tele["engine"]
+    assert engine["backend"] == "tensorrt" and engine["model_loads"] == 1 and engine["cameras_on_engine"] == 2
+    assert engine["memory_per_extra_camera_bytes"] == engine["context_memory_bytes"] + engine["io_bytes"] > 0
+    assert [c["frames_processed"] for c in tele["cameras"]] == [12, 12]
+    assert live(trt) == (0, 0) and cudart.live == {}  # shutdown closed every camera and the engine
+    for i, clip in enumerate(clips):
+        alone, _, _ = serve(config(tmp_path, [clip], backend="tensorrt", preprocess="cpu"))
+        same(shared[f"cam{i}"], alone["cam0"])
+    assert rows(shared["cam0"]) != rows(shared["cam1"])

@@ -216,3 +216,28 @@ def test_reload_reports_a_counting_change_as_needing_a_restart(tmp_path: Path,
         assert "cameras[cam0]" not in applied  # the camera is not reopened for it
     finally:
         svc.shutdown()
+
+
+def test_counters_are_published_again_after_the_broker_lost_them(
+        tmp_path: Path, broker: Broker, clips: dict[str, tuple[Path, dict[str, int]]]) -> None:
+    path, _ = clips["steady"]
+    state = tmp_path / "state" / "counters-cam0.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"version": 1, "camera": "cam0", "seq": 9,
+                                 "lines": {"l1": {"in": {"part": 41}, "out": {"part": 2}}}}))
+    cfg = config(tmp_path, path, broker.port)
+    cfg.cameras[0].loop, cfg.cameras[0].pace = True, True  # a live-like source that keeps going
+    svc = Service(cfg, use_cache=False)
+    svc.start()
+    topic = "edge/dev1/cam0/line/l1/out"
+    try:
+        first = Collector(broker.host, broker.port, [topic])
+        first.wait_for(lambda m: any(x.retain and x.payload == b"2" for x in m))  # restored, published at start
+        first.close()
+        broker.stop()  # no persistence: the broker forgets every retained value
+        broker.start()
+        late = Collector(broker.host, broker.port, [topic])
+        late.wait_for(lambda m: any(x.payload == b"2" for x in m), timeout=20)
+        late.close()
+    finally:
+        svc.shutdown()

@@ -272,11 +272,37 @@ def test_no_frame_when_camera_lost(tmp_path: Path, broker: Broker) -> None:
         svc.shutdown()
 
 
-def test_no_frame_when_camera_ends_mid_inspection(tmp_path: Path, broker: Broker) -> None:
-    # a 40-frame synthetic clip, as a file would be, paced at 25 fps: it ends while "slow" waits
-    from tests.test_pipeline import write_video
+def test_no_frame_when_camera_lost_mid_inspection(tmp_path: Path, broker: Broker) -> None:
+    from tests.support.mjpeg import MjpegServer
 
-    video = write_video(tmp_path / "v.avi", 40, fps=25)
+    with MjpegServer(fps=10) as cam:  # a real HTTP MJPEG camera on loopback, unplugged mid-inspection
+        cams = [{"id": "cam0", "source": cam.url, "read_timeout_s": 1, "reconnect": {"initial_s": 0.2, "max_s": 0.5},
+                 "inspection": {"recipes": RECIPES, "deadline_ms": 10000}}]
+        svc = start_service(make_cfg(tmp_path, broker.port, fixed_model(tmp_path), cameras=cams))
+        plc = Plc311(broker.host, broker.port, BASE)
+        try:
+            plc.trigger("5,slow")  # 15 frames at 10 fps
+            plc.wait_for(lambda a: any(x.payload == b"5" for x in a))
+            time.sleep(0.3)
+            cam.stop()
+            (res,) = plc.wait_result(5)
+            assert res["code"] == 3 and res["pass"] is False and res["reason"].startswith("camera "), res
+            assert res["ms"] < 5000  # when the camera went, not at the 10 s deadline
+        finally:
+            plc.close()
+            svc.shutdown()
+
+
+def test_no_frame_when_camera_ended_before_the_trigger(tmp_path: Path, broker: Broker) -> None:
+    # a 40-frame clip (real MJPG-in-AVI, decoded by OpenCV), paced at 25 fps: it ends while "slow" waits
+    import cv2
+    import numpy as np
+
+    video = tmp_path / "v.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (128, 96))
+    for i in range(40):
+        vw.write(np.full((96, 128, 3), i * 5, np.uint8))
+    vw.release()
     cams = [{"id": "cam0", "source": str(video), "pace": True, "loop": False,
              "inspection": {"recipes": {**RECIPES, "slow": {"frames": 15}}, "deadline_ms": 5000}}]
     svc = start_service(make_cfg(tmp_path, broker.port, fixed_model(tmp_path), cameras=cams))
@@ -403,6 +429,22 @@ def test_demo_clip_result_is_the_judged_frames_detections(tmp_path: Path, broker
         det.close()
         plc.close()
         svc.shutdown()
+
+
+def test_reload_with_changed_inspection_needs_restart(rig: tuple[Broker, Service, Plc311, Plc5]) -> None:
+    from agent.service import apply_live
+
+    _, svc, plc, _ = rig
+    old = svc.cfg
+    data = old.model_dump(mode="json")
+    data["cameras"][0]["inspection"]["deadline_ms"] = 2000
+    applied, restart = apply_live(svc, parse_config(data))
+    try:
+        assert "cameras[cam0].inspection" in restart and "cameras[cam0]" not in applied  # camera not reopened
+        plc.trigger("4343")
+        assert plc.wait_result(4343)[0]["code"] == 0
+    finally:
+        apply_live(svc, old)
 
 
 def test_topics() -> None:
