@@ -58,7 +58,8 @@ def model_errors(cfg: ModelConfig) -> list[str]:
     meta = {p.key: p.value for p in model.metadata_props}
     # load_labels warns about fallbacks the runtime would use; that is not an error here
     quiet = logging.getLogger("agent.vision.labels")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         try:
             labels = load_labels(cfg.labels, meta, _num_classes(shape))

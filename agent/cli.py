@@ -207,7 +207,9 @@ def broker_problem(cfg: AgentConfig, wait_s: float = BROKER_WAIT_S) -> str | Non
         socket.create_connection((host, port), timeout=min(wait_s, 3.0)).close()
     except OSError as exc:
         return f"cannot reach the broker at {host}:{port}: {exc.strerror or exc}"
-    probe = MqttClient(cfg.mqtt, f"{cfg.client_id}-probe", will_topic="$probe/unused", will_payload=b"")
+    # its will (sent only if this process died mid-probe) goes to a topic of its own, never the status
+    probe = MqttClient(cfg.mqtt, f"{cfg.client_id}-probe", will_topic=f"{cfg.mqtt.topic_prefix}/{cfg.device_id}/probe",
+                       will_payload=b"")
     probe.start()
     deadline = time.monotonic() + wait_s
     try:

@@ -184,6 +184,12 @@ class Pipeline:
         self._launch_thread.start()
         self._post_thread.start()
 
+    def request_stop(self) -> None:
+        """Tell every thread to stop, without waiting (a service stops all cameras at once, then joins)."""
+        self._stop.set()
+        self._frozen.clear()
+        self.capture.request_stop()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop capture, finish the frame in flight, publish what was inferred, join the threads."""
         self._stop.set()

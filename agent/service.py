@@ -508,6 +508,8 @@ class Service:
             self.updates.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
+        for p in self.pipelines:  # all cameras at once: one slow to stop does not delay the others' stop
+            p.request_stop()
         for p in self.pipelines:
             p.stop()
         for component in self.plc:

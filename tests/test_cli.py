@@ -193,4 +193,4 @@ def test_ready_line_reports_the_video_rate(tmp_path: Path) -> None:
     assert_clean(res, 0)
     m = re.search(r"ready: .*cam0 streaming ([0-9.]+) fps", res.stderr)
     assert m is not None, res.stderr[-2000:]
-    assert 11.0 <= float(m.group(1)) <= 19.0, m.group(0)
+    assert 10.0 <= float(m.group(1)) <= 19.0, m.group(0)  # the old line said 0.0, 21 or 31

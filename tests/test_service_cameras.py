@@ -121,3 +121,25 @@ def test_frames_differ_per_camera() -> None:
     ok, img = cap.read()
     cap.release()
     assert ok and not np.array_equal(img, cv2.flip(img, 1))
+
+
+def test_a_lost_camera_does_not_starve_the_others(tmp_path: Path) -> None:
+    from tests.support.rtsp_server import free_port
+
+    clip = variant(DEMO / "sample.mp4", tmp_path / "a.avi", None, 30)
+    cfg = config(tmp_path, [clip])
+    dead = cfg.cameras[0].model_copy(update={"id": "dead", "source": f"rtsp://127.0.0.1:{free_port()}/none",
+                                             "open_timeout_s": 0.5})
+    cfg = cfg.model_copy(update={"cameras": [dead, cfg.cameras[0]]})
+    svc = Service(cfg, use_cache=False)
+    try:
+        svc.start()
+        live = next(p for p in svc.pipelines if p.camera_id == "cam0")
+        assert live.wait(60)
+        tele = svc.telemetry()
+    finally:
+        svc.shutdown()
+    cams = {c["camera"]: c for c in tele["cameras"]}
+    assert cams["cam0"]["frames_processed"] == 30 and cams["cam0"]["errors"] == 0
+    assert cams["dead"]["frames_processed"] == 0 and cams["dead"]["camera_state"] != "streaming"
+    assert tele["engine"]["model_loads"] == 1 and tele["engine"]["cameras_on_engine"] == 2

@@ -148,10 +148,14 @@ class CaptureThread:
         self._thread = threading.Thread(target=self._run, name=f"capture-{self._cfg.id}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def request_stop(self) -> None:
+        """Tell the thread to stop, without waiting for it (stop() waits)."""
         self._stop.set()
         self._wake.set()
         self._box.wake()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.request_stop()
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout)

@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,14 @@ def physical_cores() -> int:
     return len(cores) or (os.cpu_count() or 1)
 
 
-# Runs of one shared session go through this many worker threads. ONNX Runtime's CUDA EP keeps
-# state per calling thread (cuDNN / cuBLAS handles and workspaces: measured on the H200 with
-# YOLOv8n, ~180-210 MB per extra camera when each camera's thread called Run itself), and 8
-# concurrent runs already reach the GPU's batch-1 throughput (1809 inferences/s with 8 sessions,
-# 1435 with 4): more cameras queue for a worker instead of adding memory.
-MAX_CONCURRENT_RUNS = 8
+# Runs of one shared session go through this many worker threads (measured on the H200, YOLOv8n
+# 1080p30 NVDEC streams, ORT 1.31.1, docs/measurements/h200-2026-12-01): with every camera's
+# thread running on streams of ONNX Runtime's own, 32 cameras crashed the process with an
+# illegal memory access inside cuDNN, and so did 8 worker threads at 30 cameras; 1 and 2
+# workers never did (engine alone 517 / 640-749 inferences/s) and used ~110 MB per extra camera
+# instead of ~200. 2 is the default until a higher count is shown safe; the variable is for
+# measurement only.
+MAX_CONCURRENT_RUNS = max(1, int(os.environ.get("EDGE_AGENT_ORT_RUN_WORKERS", "2") or 2))
 
 
 class _SharedSession:

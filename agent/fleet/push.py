@@ -185,7 +185,7 @@ class StateWatcher:
             payload = json.loads(msg.payload)
         except ValueError:
             return
-        # the record of this manifest: `last_attempt` / `last_refused` beside what serves (after 0.2.0)
+        # the record of this manifest: `last_attempt` / `last_refused` beside what serves (0.3.0 on)
         payload = record_for(payload, self.manifest_id) if isinstance(payload, dict) else None
         if payload is None:
             return

@@ -36,7 +36,7 @@ class DeviceRow:
 
     @property
     def new_form(self) -> bool:
-        """model/state says what serves, with the attempt beside it (agents after 0.2.0)."""
+        """model/state says what serves, with the attempt beside it (agents 0.3.0 on)."""
         return "last_attempt" in self.model_state or "last_refused" in self.model_state
 
     @property

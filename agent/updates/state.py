@@ -5,7 +5,7 @@ the last update attempt and the last refused manifest.
     refused manifest -> UpdateStateReporter.refuse -> refusal record ───┼─> compose -> publish (retained)
     host.current_model() (what serves now) ─────────────────────────────┘
 
-The payload (contract, changed after 0.2.0 by issue 16):
+The payload (contract, changed in 0.3.0 by issue 16):
 `{"state", "name", "version", "ts", "last_attempt", "last_refused"}`, where `state`, `name` and
 `version` always say what the device SERVES: `state` is `rolled_back` while it serves the model
 it went back to after its last attempt's rollback, else `active`. An update in progress, a failure
@@ -63,7 +63,7 @@ Served = Callable[[], tuple[str | None, str | None]]
 
 
 def attempt_records(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The update records a model/state payload carries: `last_attempt` and `last_refused` (after 0.2.0),
+    """The update records a model/state payload carries: `last_attempt` and `last_refused` (0.3.0 on),
     or the payload itself when it comes from an older agent (where it was the attempt)."""
     if "last_attempt" not in payload and "last_refused" not in payload:
         return [payload]

@@ -1,6 +1,6 @@
 """`fleet status`'s table from model/state payloads: what serves, with the last attempt and refusal beside it.
 
-Rows are built from payloads as agents publish them (after 0.2.0, and up to it); the retained-topic
+Rows are built from payloads as agents publish them (from 0.3.0 on, and up to 0.2.0); the retained-topic
 reading itself runs against a real mosquitto in tests/fleet/test_fleet.py and tests/test_updates_e2e.py."""
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def throw_at_agent(publish: Callable[[str, bytes], None], collector: Collector, 
 
 
 def _downloading(payload: bytes) -> bool:
-    """A model/state payload whose update attempt (beside what serves, after 0.2.0) is downloading."""
+    """A model/state payload whose update attempt (beside what serves, 0.3.0 on) is downloading."""
     return any(r.get("state") == "downloading" for r in attempt_records(_json(payload)))
 
 
