@@ -121,6 +121,9 @@ class SwapTicket:
     runtime: ModelRuntime
     applied: threading.Event = field(default_factory=threading.Event)  # the new runtime takes the next frame
     done: threading.Event = field(default_factory=threading.Event)  # the first frame on it was inferred
+    # every frame of the old runtime has been published: only now may the old runtime be closed (its
+    # outputs may sit on the GPU until the post thread collects them)
+    drained: threading.Event = field(default_factory=threading.Event)
     first_seq: int | None = None
     old: ModelRuntime | None = None
 
@@ -226,6 +229,7 @@ class Pipeline:
             return
         ticket.old, self.runtime = self.runtime, ticket.runtime
         self._new_ticket = ticket  # completed by the first frame the new runtime infers
+        self._launch_q.put(ticket)  # a FIFO marker: the post thread sets `drained` when it gets there
         ticket.applied.set()
         log.info("camera %s: now on model %s %s", self.camera_id, ticket.runtime.name, ticket.runtime.version)
 
@@ -250,8 +254,10 @@ class Pipeline:
         finally:
             self._launch_q.put(_STOP)
 
-    def _items(self, q: queue.Queue[object], progress: str) -> Iterator[_Item]:
-        """Items from `q` until _STOP; `progress` (an attribute name) is stamped on every wait, for the watchdog."""
+    def _items(self, q: queue.Queue[object], progress: str,
+               on_marker: Callable[[SwapTicket], None]) -> Iterator[_Item]:
+        """Items from `q` until _STOP; swap markers go to `on_marker`; `progress` (an attribute name) is
+        stamped on every wait, for the watchdog."""
         while True:
             try:
                 item = q.get(timeout=0.2)
@@ -261,6 +267,9 @@ class Pipeline:
             setattr(self, progress, time.monotonic())
             if item is _STOP:
                 return
+            if isinstance(item, SwapTicket):
+                on_marker(item)
+                continue
             assert isinstance(item, _Item)
             yield item
 
@@ -274,7 +283,7 @@ class Pipeline:
         infers, so staging the next frame happens on the inference thread meanwhile). CPU frames
         arrive already inferred and pass straight on."""
         try:
-            for item in self._items(self._launch_q, "launch_progress"):
+            for item in self._items(self._launch_q, "launch_progress", self._handoff.put):
                 if item.runtime.frontend is not None and not isinstance(item.outputs, (list, Candidates)):
                     try:
                         item.outputs = item.runtime.frontend.launch(item.outputs)
@@ -318,7 +327,7 @@ class Pipeline:
 
     def _post_loop(self) -> None:
         try:
-            for item in self._items(self._handoff, "post_progress"):
+            for item in self._items(self._handoff, "post_progress", lambda ticket: ticket.drained.set()):
                 self._post_one(item)
         finally:
             self.finished.set()

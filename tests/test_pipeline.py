@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -100,3 +101,31 @@ def test_swap_at_frame_boundary_loses_nothing(tmp_path: Path) -> None:
         assert r.model_version == want
         assert r.detections[0].label == ("dent" if want == "2" else "part")
     assert 40 <= ticket.first_seq < 200
+
+
+def test_old_runtime_is_drained_before_it_may_be_closed(tmp_path: Path) -> None:
+    """`drained` comes only after the post thread published every frame of the old runtime (the update
+    host closes the old runtime on it: closing earlier frees buffers the post thread still reads)."""
+    video = write_video(tmp_path / "v.avi", 120)
+    old = runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1")
+    new = runtime(tmp_path, "v2", (20, 20, 8, 8, 1, 0.7), "2")
+
+    class SlowSink(Sink):
+        def __call__(self, r: Result) -> None:
+            time.sleep(0.01)  # a slow publisher: frames of the old runtime queue up behind it
+            super().__call__(r)
+
+    sink = SlowSink()
+    sink.target = 20
+    pipe = Pipeline("cam0", CaptureThread(CameraConfig(source=str(video), pace=False)), old, sink)
+    pipe.start()
+    assert sink.event.wait(30)
+    ticket = pipe.request_swap(new)
+    assert ticket.drained.wait(30)
+    with sink.lock:
+        published_old = [r.frame_seq for r in sink.results if r.model_version == "1"]
+    assert ticket.first_seq is not None
+    assert published_old == list(range(ticket.first_seq)), "the old runtime was called drained too early"
+    assert pipe.wait(60)
+    pipe.stop()
+    assert [r.frame_seq for r in sink.results] == list(range(120))

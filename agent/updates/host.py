@@ -108,8 +108,14 @@ class ServiceHost:
             if not t.applied.wait(SWAP_TIMEOUT_S):
                 raise UpdateError("activation_failed", "a pipeline did not take the new model in time")
         for t in tickets:
-            if t.old is not None:
-                t.old.close()  # the inference thread has moved on: the old engine is idle now
+            # Close the old runtime only once its last frame is published: until then the post
+            # thread may still read its outputs (on the GPU path, from its device buffers).
+            if t.old is None:
+                continue
+            if t.drained.wait(SWAP_TIMEOUT_S):
+                t.old.close()
+            else:  # a stuck post thread: leaking one runtime beats freeing memory still in use
+                log.warning("the old model %s %s still has frames in flight: left open", t.old.name, t.old.version)
         try:
             self.svc.on_model_activated(bundle.runtimes[0])
         except Exception:
