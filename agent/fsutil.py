@@ -1,7 +1,8 @@
-"""Durability helpers shared by the engine cache, the model store and the update transfers."""
+"""Durability helpers shared by the engine cache, the model store, the update transfers and the PLC state files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,3 +27,20 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 
 def fsync_dir(path: Path) -> None:
     fsync_path(path, directory=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` becomes the whole of `path`, or `path` stays as it was: a temp file beside it, fsync,
+    rename, fsync the directory. Raises OSError; the temp file is removed then."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)

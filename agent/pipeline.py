@@ -195,8 +195,7 @@ class Pipeline:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop capture, finish the frame in flight, publish what was inferred, join the threads."""
-        self._stop.set()
-        self._frozen.clear()
+        self.request_stop()
         self.capture.stop(timeout)
         threads = (self._infer_thread, self._launch_thread, self._post_thread)
         for t in threads:

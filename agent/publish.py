@@ -15,9 +15,10 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool: ...
 
 
-def dumps(obj: object) -> str:
-    """Compact one-line JSON, as the PLC-facing payloads want."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+def dumps(obj: object, *, ascii_only: bool = False) -> str:
+    """Compact one-line JSON, as the PLC-facing payloads want; `ascii_only` escapes every non-ASCII
+    character (\\uXXXX) for PLC parsers that read ASCII only (Siemens LStream)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=ascii_only)
 
 
 def detections_payload(result: Result, camera: str) -> dict[str, object]:

@@ -299,16 +299,12 @@ class Service:
     # ---- results to the PLC hand-off -----------------------------------------------------------
     def add_result_listener(self, camera_id: str, sink: Callable[[Result], None]) -> None:
         """`sink` gets every result of that camera on its post thread, after the detections are published."""
-        if camera_id not in self._result_listeners:
-            raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(self._result_listeners)})"])
-        self._result_listeners[camera_id].append(sink)
+        _camera_hooks(self._result_listeners, camera_id).append(sink)
 
     def add_result_step(self, camera_id: str, step: Callable[[Result], None]) -> None:
         """`step` gets every result of that camera BEFORE the detections are published and may annotate
         it (track ids); a step that raises is logged and the detections go out unannotated."""
-        if camera_id not in self._result_steps:
-            raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(self._result_steps)})"])
-        self._result_steps[camera_id].append(step)
+        _camera_hooks(self._result_steps, camera_id).append(step)
 
     def latest_image(self, camera_id: str) -> Any:
         """The newest frame handed to that camera's detector (BGR numpy array), or None."""
@@ -527,6 +523,13 @@ class Service:
             p.runtime.close()
         if self._prometheus is not None:
             self._prometheus.close()
+
+
+def _camera_hooks(table: dict[str, list[Callable[[Result], None]]], camera_id: str) -> list[Callable[[Result], None]]:
+    """That camera's list in `table`; a camera the config does not have is a ConfigError naming those it has."""
+    if camera_id not in table:
+        raise ConfigError([f"no camera {camera_id!r} (cameras: {', '.join(table)})"])
+    return table[camera_id]
 
 
 def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:

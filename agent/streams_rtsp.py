@@ -23,10 +23,27 @@ APT_LINE = ("apt-get install -y python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1
             "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, needs: str) -> None:
+    """Return once 127.0.0.1:`port` accepts a connection; RuntimeError when `proc` exits first
+    (with the last line of its stderr, where piped, and `needs`: what to install) or `timeout` runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
+            last = (err.splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise RuntimeError(f"RTSP server exited ({last}); it needs: {needs}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"RTSP server did not listen on {port} within {timeout} s")
 
 
 class RtspStreams:
@@ -36,7 +53,7 @@ class RtspStreams:
         if codec not in ("h264", "hevc"):
             raise ValueError(f"codec must be h264 or hevc, got {codec!r}")
         self.clip, self.codec, self.count = Path(clip), codec, count
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,19 +68,12 @@ class RtspStreams:
         except OSError as exc:
             raise RuntimeError(f"cannot start the RTSP server with {SYSTEM_PYTHON} ({exc}); install: {APT_LINE}") \
                 from None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = (self._proc.stderr.read() if self._proc.stderr else b"").decode(errors="replace").strip()
-                last = (err.splitlines() or ["?"])[-1]
-                raise RuntimeError(f"RTSP server exited ({last}); it needs: {APT_LINE}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"RTSP server did not listen on {self.port} within {timeout} s")
+        try:
+            wait_listening(self._proc, self.port, timeout, APT_LINE)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         p, self._proc = self._proc, None

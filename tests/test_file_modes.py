@@ -16,6 +16,7 @@ import pytest
 
 from agent.cache.store import EngineCache
 from agent.config import MqttConfig
+from agent.engines import trt_timing
 from agent.mqtt.client import MqttClient
 from agent.updates.manifest import generate_keypair
 from tests.support.filemodes import Audit, find_leaks, mode_problems, run_file_audit, walk
@@ -68,7 +69,7 @@ def test_engine_cache_writes_owner_only_under_umask_022(tmp_path: Path, umask_02
     fields = {"model_sha256": "a" * 64, "backend": "onnxruntime", "providers": "CPU", "gpu": "x"}
     _, entry = cache.get_or_build(fields, build, load)
     cache.set_protected([entry.key])
-    cache.merge_timing_cache(lambda old: b"timing")
+    trt_timing.read(cache, "tag")  # the TensorRT timing cache's lock file
     entry.engine_path.write_bytes(b"damaged")  # quarantined (with its reason.txt) and rebuilt
     cache.get_or_build(fields, build, load)
     paths = walk(cache.root)

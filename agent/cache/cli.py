@@ -19,9 +19,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError, CacheError, ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from agent.cache.entries import EntryInfo
 
 __all__ = ["add_build_engine_parser", "add_cache_parser", "add_parsers", "cmd_build_engine", "cmd_cache",
            "format_table"]
@@ -175,7 +178,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"cache {action}: cannot read {cache_dir}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    def state(i: Any) -> str:
+    def state(i: EntryInfo) -> str:
         # list reads metadata and sizes only: a flipped byte passes that, so nothing is called ok unread
         shown = "unverified" if action == "list" and i.state == "ok" else i.state
         return shown + (" (protected)" if i.protected else "")

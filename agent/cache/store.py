@@ -97,10 +97,6 @@ class EngineCache:
     def locks_dir(self) -> Path:
         return self.root / "locks"
 
-    @property
-    def timing_cache_path(self) -> Path:
-        return self.root / "timing.cache"
-
     def entry_dir(self, key: str) -> Path:
         return self.root / key
 
@@ -314,25 +310,6 @@ class EngineCache:
     @staticmethod
     def _remove_dir(d: Path) -> None:
         remove_entry(d)
-
-    # ---- timing cache ---------------------------------------------------------------------------
-    def read_timing_cache(self) -> bytes | None:
-        self.ensure_ready()
-        with FileLock(self.locks_dir / "timing.cache.lock", shared=True, timeout_s=self.lock_timeout_s):
-            try:
-                return self.timing_cache_path.read_bytes()
-            except FileNotFoundError:
-                return None
-
-    def merge_timing_cache(self, merge: Callable[[bytes | None], bytes]) -> None:
-        """Replace the timing cache by `merge(current bytes or None)`, under an exclusive lock."""
-        self.ensure_ready()
-        with FileLock(self.locks_dir / "timing.cache.lock", shared=False, timeout_s=self.lock_timeout_s):
-            try:
-                current: bytes | None = self.timing_cache_path.read_bytes()
-            except FileNotFoundError:
-                current = None
-            write_atomic(self.timing_cache_path, merge(current))
 
     # ---- listing, verification, eviction, pruning --------------------------------------------------
     def _keys(self) -> Iterator[str]:

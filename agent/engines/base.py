@@ -13,7 +13,7 @@ caller loads one engine per camera instead.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,10 @@ class EngineInfo:
     device: str = "cpu"
     engine_key: str = ""  # cache key of the built engine, where one was used
     extra: dict[str, object] = field(default_factory=dict)
+
+    def copy(self) -> EngineInfo:
+        """An independent copy (its own providers list and extra dict), for another context."""
+        return replace(self, providers=list(self.providers), extra=dict(self.extra))
 
     def to_json(self) -> dict[str, object]:
         return {

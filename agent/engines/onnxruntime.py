@@ -15,6 +15,7 @@ support Run from several threads with CUDA graphs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -411,19 +412,12 @@ class OnnxRuntimeEngine(Engine):
 
     def _run_locked(self, io: Any, ro: Any) -> None:
         """On a worker of the shared session: one device-IO run (under the graph lock when graphs are on)."""
-        if self._serialised():
-            assert self._shared is not None
-            with self._shared.run_lock:
-                self._session.run_with_iobinding(io, ro)
-        else:
+        with self._run_guard():
             self._session.run_with_iobinding(io, ro)
 
     def _infer_locked(self, tensor: np.ndarray) -> list[np.ndarray]:
-        if self._serialised():
-            assert self._shared is not None
-            with self._shared.run_lock:
-                return self._infer_run(tensor)
-        return self._infer_run(tensor)
+        with self._run_guard():
+            return self._infer_run(tensor)
 
     def _infer_run(self, tensor: np.ndarray) -> list[np.ndarray]:
         assert self._input is not None
@@ -468,9 +462,7 @@ class OnnxRuntimeEngine(Engine):
             ctx._stream = cuda.Stream()  # this camera's own stream (ONNX Runtime uses none of ours)
         ctx._input, ctx._outputs, ctx._output_names = self._input, self._outputs, self._output_names
         ctx.metadata, ctx.placement, ctx._plain_options = self.metadata, self.placement, self._plain_options
-        ctx._info = EngineInfo(backend=self._info.backend, providers=list(self._info.providers),
-                               precision=self._info.precision, device=self._info.device,
-                               engine_key=self._info.engine_key, extra=dict(self._info.extra))
+        ctx._info = self._info.copy()
         if self.cfg.io_binding:
             import onnxruntime as ort
 
@@ -486,6 +478,13 @@ class OnnxRuntimeEngine(Engine):
     def _serialised(self) -> bool:
         # ONNX Runtime does not support Run from several threads on one session with CUDA graphs
         return self._graphs and self._shared is not None and self._shared.contexts > 1
+
+    def _run_guard(self) -> contextlib.AbstractContextManager[object]:
+        """The shared session's run lock when runs must be serialised, else nothing to hold."""
+        if self._serialised():
+            assert self._shared is not None
+            return self._shared.run_lock
+        return contextlib.nullcontext()
 
     def _graph_id(self, default: int) -> int:
         return self._shared.graph_id() if self._shared is not None else default

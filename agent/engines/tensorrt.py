@@ -264,10 +264,7 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"cannot run another camera on TensorRT engine {self.engine_path.name}: {exc}") \
                     from exc
             raise
-        base = self._info
-        other._info = other._with_memory(EngineInfo(backend=base.backend, providers=list(base.providers),
-                                                    precision=base.precision, device=base.device,
-                                                    engine_key=base.engine_key, extra=dict(base.extra)))
+        other._info = other._with_memory(self._info.copy())
         other._loaded = True
         return other
 

@@ -36,9 +36,6 @@ Design (see DESIGN.md, MQTT lessons):
 - TCP_NODELAY on the socket (why, with the measurement: agent/mqtt/connection.py).
 - Credentials: `password_file`, else `$CREDENTIALS_DIRECTORY/mqtt_password` (systemd). The password
   is never logged.
-
-`read_password` and `make_ssl_context` are re-exported here for the modules that import them from
-this one (the Sparkplug node).
 """
 
 from __future__ import annotations
@@ -54,7 +51,6 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
 from agent.mqtt.connection import Backoff, connect_properties, is_failure, new_paho_client, set_tcp_nodelay
-from agent.mqtt.credentials import make_ssl_context, read_password
 from agent.mqtt.outbound import Outbound, Outgoing
 
 log = logging.getLogger(__name__)
@@ -382,5 +378,4 @@ class MqttClient:
         log.log(logging.DEBUG if repeat else level, "mqtt: %s", text)
 
 
-__all__ = ["DEFAULT_MAX_RX_BYTES", "DEFAULT_SESSION_EXPIRY_S", "MessageCallback", "MqttClient", "PropsCallback",
-           "make_ssl_context", "read_password"]
+__all__ = ["DEFAULT_MAX_RX_BYTES", "DEFAULT_SESSION_EXPIRY_S", "MessageCallback", "MqttClient", "PropsCallback"]

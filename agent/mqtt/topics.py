@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 
 _LABEL_BAD = re.compile(r"[+#/\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LEVEL_BAD = re.compile(r"[+#/\x00-\x1f\x7f]")  # what a given id / name may not hold (not rewritten)
 _INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 
 
@@ -42,7 +43,7 @@ def sanitize_level(text: str) -> str:
 
 
 def _check_level(what: str, value: str) -> str:
-    if not value or any(ch in value for ch in "+#/") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if not value or _LEVEL_BAD.search(value):
         raise ValueError(f"{what} {value!r} is not a valid single topic level")
     return value
 

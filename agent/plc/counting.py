@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import LineConfig, ZoneConfig
-from agent.fsutil import fsync_dir
+from agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +227,7 @@ class CounterStore:
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        data = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        write_atomic(self.path, json.dumps(state, separators=(",", ":"), sort_keys=True).encode())
 
 
 def _check_state(data: object) -> None:

@@ -23,7 +23,6 @@ Read API for other components (the Sparkplug node): `counters()` gives every cou
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -36,16 +35,12 @@ from agent.errors import AgentError
 from agent.mqtt.topics import Topics
 from agent.plc.counting import UINT32, CounterStore, Crossing, LineCounter, Tracked, ZoneCounter, anchor_of
 from agent.plc.tracking import Tracker
+from agent.publish import dumps
 from agent.vision.types import Result
 
 log = logging.getLogger(__name__)
 
 ChangeListener = Callable[[dict[str, int]], None]
-
-
-def _ascii(obj: object) -> str:
-    """Compact ASCII JSON (Siemens LStream reads ASCII only)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
 
 
 def default_state_file(cfg: AgentConfig, camera_id: str) -> Path:
@@ -149,9 +144,10 @@ class CountingComponent:
             for c, seq in events:
                 line = self.lines[c.line]
                 n_in, n_out = line.totals()
-                mqtt.publish(self._host.topics.line_event(self.camera_id, c.line),
-                             _ascii({"seq": seq, "ts": round(result.ts, 3), "line": c.line, "dir": c.direction,
-                                     "label": c.label[:64], "track": c.track_id, "in": n_in, "out": n_out}), qos=1)
+                event = {"seq": seq, "ts": round(result.ts, 3), "line": c.line, "dir": c.direction,
+                         "label": c.label[:64], "track": c.track_id, "in": n_in, "out": n_out}
+                mqtt.publish(self._host.topics.line_event(self.camera_id, c.line), dumps(event, ascii_only=True),
+                             qos=1)
         self._notify(self._publish_retained(values))
 
     def _notify(self, changed: dict[str, int]) -> None:
@@ -260,7 +256,7 @@ class CountingComponent:
         mqtt = self._host.mqtt
         if mqtt is None:
             return
-        text = _ascii(reply)
+        text = dumps(reply, ascii_only=True)
         try:
             reply_topic = t.line_reset_reply(self.camera_id, name)
         except ValueError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from agent.config import InspectionRecipeConfig
+from agent.publish import dumps
 from agent.vision.types import Result
 
 MAX_ID = 65535  # the ID is a uint16 on the PLC side; 0 is reserved for "no valid id" in rejections
@@ -213,7 +214,7 @@ def _counts_value(counts: dict[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for label, n in counts.items():
         trial = {**out, _ascii_cut(label, 64): n}
-        if len(json.dumps(trial, separators=(",", ":"))) > MAX_VALUE_CHARS:
+        if len(dumps(trial, ascii_only=True)) > MAX_VALUE_CHARS:
             break
         out = trial
     return out
@@ -221,7 +222,7 @@ def _counts_value(counts: dict[str, int]) -> dict[str, int]:
 
 def result_payload(o: Outcome, overrun: bool) -> str:
     """Compact ASCII JSON, the same keys in the same order every time, each value <= 256 characters."""
-    return json.dumps({
+    return dumps({
         "id": o.id,
         "code": int(o.code),
         "pass": bool(o.passed and o.code == Code.OK),
@@ -232,7 +233,7 @@ def result_payload(o: Outcome, overrun: bool) -> str:
         "recipe": _ascii_cut(o.recipe, 32),
         "overrun": overrun,
         "reason": _ascii_cut(o.reason, 200),
-    }, separators=(",", ":"), ensure_ascii=True)
+    }, ascii_only=True)
 
 
 __all__ = ["Code", "FrameVerdict", "Outcome", "Request", "RequestError", "count_objects", "judge_frame",

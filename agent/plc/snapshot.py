@@ -27,7 +27,7 @@ import numpy as np
 
 from agent.config import AgentConfig, CameraConfig, CountingConfig
 from agent.errors import AgentError, ConfigError, SourceError
-from agent.plc.counting import CounterStore, anchor_of
+from agent.plc.counting import UINT32, CounterStore, Tracked, ZoneCounter, anchor_of
 from agent.vision.types import Detection, Result
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,6 @@ def saved_counters(cfg: AgentConfig, cam: CameraConfig) -> dict[str, int]:
     """The line counters the service saved for this camera (zones have no saved state: live only)."""
     if cam.counting is None:
         return {}
-    from agent.plc.counting import UINT32
     from agent.plc.counting_service import default_state_file
 
     state, _ = CounterStore(cam.counting.state_file or default_state_file(cfg, cam.id)).load()
@@ -177,8 +176,6 @@ def take_snapshot(cfg: AgentConfig, camera_id: str | None = None, frames: int = 
                     model_name=rt.name, model_version=rt.version)
     counters = saved_counters(cfg, cam)
     if counting is not None:  # zones count what this frame shows
-        from agent.plc.counting import Tracked, ZoneCounter
-
         tracked = [Tracked(t, d.label, anchor_of(d.box, counting.anchor)) for d, t in zip(dets, ids, strict=True)
                    if t is not None]
         for z in counting.zones:

@@ -40,7 +40,6 @@ import functools
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -55,8 +54,9 @@ from paho.mqtt.properties import Properties
 from agent import __version__
 from agent.capture.reader import backoff_delays
 from agent.errors import ConfigError
-from agent.fsutil import fsync_dir
-from agent.mqtt.client import make_ssl_context, read_password
+from agent.fsutil import write_atomic
+from agent.mqtt.connection import is_failure
+from agent.mqtt.credentials import make_ssl_context, read_password
 from agent.plc.sparkplug_payload import (
     BDSEQ,
     REBIRTH,
@@ -115,15 +115,9 @@ class BdSeqStore:
         return None
 
     def save(self, value: int) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"bdseq": value}))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            write_atomic(self.path, json.dumps({"bdseq": value}).encode())
             self.error = None
         except OSError as exc:
             # keep going in memory: a lost file costs at most a repeated bdSeq after a restart
@@ -357,8 +351,8 @@ class SparkplugNode:
 
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
             s = s_holder[0]
-            s.connack = not rc.is_failure
-            if rc.is_failure:
+            s.connack = not is_failure(rc)
+            if not s.connack:
                 self.last_error = f"broker refused the connection: {rc}"
                 log.warning("sparkplug: %s", self.last_error)
 

@@ -468,6 +468,15 @@ class GpuFrontend:
             cuda.use_device(self.device)
             self._threads.add(ident)
 
+    def _acquire(self) -> tuple[_Slot, int]:
+        """The next slot, once its last result was collected, and the input buffer this frame uses."""
+        slot = self._slots[self._next]
+        if not slot.free.wait(10.0):
+            raise EngineError("no free GPU slot in 10 s: results are not being collected")
+        slot.free.clear()
+        self._next = (self._next + 1) % SLOTS
+        return slot, self._staged % INPUTS
+
     def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
         slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
@@ -480,12 +489,7 @@ class GpuFrontend:
         if src_h == 0 or src_w == 0:
             raise SourceError(f"empty frame {image.shape}")
         s, prep = self._size(src_w, src_h), self.copy_stream
-        slot = self._slots[self._next]
-        if not slot.free.wait(10.0):
-            raise EngineError("no free GPU slot in 10 s: results are not being collected")
-        slot.free.clear()
-        self._next = (self._next + 1) % SLOTS
-        k = self._staged % INPUTS
+        slot, k = self._acquire()
         try:
             frame = s.frames[slot.index]
             if image.flags.c_contiguous and cuda.is_pinned(image.ctypes.data):
@@ -507,13 +511,8 @@ class GpuFrontend:
         self._on_thread()
         if frame.width < 2 or frame.height < 2 or frame.width % 2 or frame.height % 2:
             raise SourceError(f"NV12 frame needs an even size, got {frame.width}x{frame.height}")
-        s, prep = self._size_taps(frame.width, frame.height), self.copy_stream
-        slot = self._slots[self._next]
-        if not slot.free.wait(10.0):
-            raise EngineError("no free GPU slot in 10 s: results are not being collected")
-        slot.free.clear()
-        self._next = (self._next + 1) % SLOTS
-        k = self._staged % INPUTS
+        s, prep = self._size(frame.width, frame.height, staging=False), self.copy_stream
+        slot, k = self._acquire()
         try:
             cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
             grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
@@ -534,9 +533,6 @@ class GpuFrontend:
             raise
         self._staged += 1
         return Staged(slot, k, s.lb)
-
-    def _size_taps(self, src_w: int, src_h: int) -> _SourceSize:
-        return self._size(src_w, src_h, staging=False)
 
     def launch(self, staged: Staged) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream."""

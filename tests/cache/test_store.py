@@ -278,13 +278,6 @@ def test_read_only_cache_dir_is_a_clear_error(tmp_path: Path) -> None:
         ro.chmod(0o755)
 
 
-def test_timing_cache_merge_under_lock(cache: EngineCache) -> None:
-    assert cache.read_timing_cache() is None
-    cache.merge_timing_cache(lambda old: (old or b"") + b"A")
-    cache.merge_timing_cache(lambda old: (old or b"") + b"B")
-    assert cache.read_timing_cache() == b"AB"
-
-
 def _spawn(root: Path, marker: Path, start_at: float, chunks: int, sleep_s: float) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(WORKER), str(root), str(marker), str(start_at), str(chunks),
                              str(sleep_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

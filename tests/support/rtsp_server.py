@@ -10,11 +10,12 @@ subprocess serving rtsp://127.0.0.1:PORT/test, and `stop()` kills it (a camera l
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+if __name__ != "__main__":  # the server process runs under the system python3, which has no `agent`
+    from agent.streams_rtsp import free_port, wait_listening
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 APT_LINE = (
@@ -45,12 +46,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RtspServer:
     def __init__(self, port: int | None = None, width: int = 160, height: int = 120, fps: int = 15) -> None:
         self.port = port or free_port()
@@ -65,17 +60,12 @@ class RtspServer:
         args = [SYSTEM_PYTHON, str(Path(__file__).resolve()), str(self.port), str(self.width), str(self.height),
                 str(self.fps)]
         self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"RTSP server exited with {self._proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"RTSP server did not listen on {self.port} within {timeout} s")
+        try:
+            wait_listening(self._proc, self.port, timeout, APT_LINE)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         p, self._proc = self._proc, None

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,14 @@ def _cv2() -> Any:
 def redact(uri: str) -> str:
     """`uri` with every `user:password@` after a `://` removed (also inside GStreamer pipelines)."""
     return _CRED_RE.sub(r"\1", uri)
+
+
+def file_path(source: str) -> Path:
+    """A file camera's path: a plain path, or file:///abs/path (and the common file://relative/path slip)."""
+    if source.startswith("file:"):
+        parsed = urllib.parse.urlparse(source)
+        source = urllib.parse.unquote((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
+    return Path(source).expanduser()
 
 
 @lru_cache(maxsize=1)

@@ -6,12 +6,9 @@ at the file's rate when `pace`, looped when `loop`.
 
 from __future__ import annotations
 
-import urllib.parse
-from pathlib import Path
-
 import numpy as np
 
-from agent.capture.sources.base import _cv2, _CvSource, _Pacer
+from agent.capture.sources.base import _cv2, _CvSource, _Pacer, file_path
 from agent.capture.sources.gstreamer import _require_gstreamer, jetson_decode_pipeline
 from agent.config import CameraConfig
 from agent.errors import SourceError
@@ -23,12 +20,7 @@ class FileSource(_CvSource):
 
     def __init__(self, cfg: CameraConfig) -> None:
         super().__init__(cfg)
-        src = cfg.source
-        if src.startswith("file:"):
-            parsed = urllib.parse.urlparse(src)
-            # file:///abs/path, and the common file://relative/path slip
-            src = urllib.parse.unquote((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
-        self.path = Path(src).expanduser()
+        self.path = file_path(cfg.source)
         self._pacer: _Pacer | None = None
         self.frames_read = 0
 

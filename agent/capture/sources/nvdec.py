@@ -22,13 +22,12 @@ import importlib.util
 import logging
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.capture.sources.base import FrameSource, _Pacer, gstreamer_available, redact
+from agent.capture.sources.base import FrameSource, _Pacer, file_path, gstreamer_available, redact
 from agent.config import CameraConfig
 from agent.errors import EngineError, SourceError
 
@@ -175,12 +174,8 @@ class NvdecSource(FrameSource):
         self._cpu_source = cpu_source
         self._fallback: FrameSource | None = None
         self.decode_path = "nvdec"
-        src = cfg.source
-        self.is_file = not src.startswith("rtsp://")
-        if self.is_file and src.startswith("file:"):
-            parsed = urllib.parse.urlparse(src)
-            src = urllib.parse.unquote((parsed.netloc + parsed.path) if parsed.netloc else parsed.path)
-        self.target = str(Path(src).expanduser()) if self.is_file else src
+        self.is_file = not cfg.source.startswith("rtsp://")
+        self.target = str(file_path(cfg.source)) if self.is_file else cfg.source
         self._dmx: Any = None
         self._dec: Any = None
         self._packets: Any = None
