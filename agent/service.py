@@ -36,6 +36,29 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[str, dict[str, object]], None]
 
 
+class HookFailureLog:
+    """Logs a failing result hook's traceback the first time, then at most once per `every_s` with the
+    number not logged: a PLC component that fails on every frame must not flood the journal at the
+    frame rate. Called from inside the `except` block (it logs the exception being handled)."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.count = 0
+        self._next_log: dict[int, float] = {}  # id(hook) -> monotonic time of the next traceback
+        self._not_logged: dict[int, int] = {}
+
+    def failed(self, what: str, hook: object, camera_id: str, seq: int) -> None:
+        self.count += 1
+        key, now = id(hook), time.monotonic()
+        if now < self._next_log.get(key, 0.0):
+            self._not_logged[key] = self._not_logged.get(key, 0) + 1
+            return
+        self._next_log[key] = now + self.every_s
+        skipped = self._not_logged.pop(key, 0)
+        log.exception("%s %r failed on %s frame %d%s", what, hook, camera_id, seq,
+                      f" ({skipped} failures since the last report not logged)" if skipped else "")
+
+
 class Service:
     def __init__(self, cfg: AgentConfig, config_path: Path | None = None, *,
                  echo: Callable[[str], None] | None = None, max_frames: int | None = None,
@@ -72,6 +95,7 @@ class Service:
         self._result_listeners: dict[str, list[Callable[[Result], None]]] = {c.id: [] for c in cfg.cameras}
         self._result_steps: dict[str, list[Callable[[Result], None]]] = {c.id: [] for c in cfg.cameras}
         self.plc: list[PlcComponent] = []
+        self._hook_failures = HookFailureLog()
         self.model_loads = 0  # engines loaded since start (cameras on one model share one load)
         self._engine_overrides: dict[str, object] = {}
 
@@ -335,13 +359,13 @@ class Service:
                 try:
                     step(result)
                 except Exception:  # a PLC component's fault never stops the detections
-                    log.exception("result step %r failed on %s frame %d", step, camera_id, result.frame_seq)
+                    self._hook_failures.failed("result step", step, camera_id, result.frame_seq)
             publisher(result)
             for sink in listeners:
                 try:
                     sink(result)
                 except Exception:  # a PLC component's fault never stops the detections
-                    log.exception("result listener %r failed on %s frame %d", sink, camera_id, result.frame_seq)
+                    self._hook_failures.failed("result listener", sink, camera_id, result.frame_seq)
 
         return deliver
 

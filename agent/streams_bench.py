@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -231,17 +232,25 @@ def run_streams(args: argparse.Namespace) -> int:
     if args.model:
         base.model.path = Path(args.model)
     width, height = _size(getattr(args, "size", None), (1920, 1080))
-    fps = float(args.fps)
+    if getattr(args, "clip", None) and not Path(args.clip).is_file():
+        print(f"bench: --clip: no such file: {args.clip}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="edge-agent-streams-"))
+    try:
+        return _run_streams_in(work, args, base, n, width, height)
+    finally:  # the encoded clips and per-run configs go, whatever happened
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: int, width: int,
+                    height: int) -> int:
+    fps = float(args.fps)
     ext = "mp4"
     seconds = float(args.seconds)
     clip_frames = int(fps * (seconds + 20)) if args.source == "rtsp" else int(fps * 4)
     t0 = time.perf_counter()
     if getattr(args, "clip", None):
         clip = Path(args.clip)
-        if not clip.is_file():
-            print(f"bench: --clip: no such file: {clip}", file=sys.stderr)
-            return 2
     else:
         clip = make_clip(work / f"clip-{args.codec}.{ext}", args.codec, width, height, fps, clip_frames)
         print(f"bench: {clip_frames} frames {width}x{height} {args.codec} encoded in "
@@ -299,9 +308,6 @@ def run_streams(args: argparse.Namespace) -> int:
     print(format_streams(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

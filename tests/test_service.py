@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -183,3 +184,28 @@ def test_unreadable_trusted_key_is_a_config_error(tmp_path: Path, broker: Broker
     finally:
         agent.stop()
     assert "trusted key 'ops'" in agent.output() and "Traceback" not in agent.output()
+
+
+def test_a_hook_failing_on_every_frame_is_logged_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.service import HookFailureLog
+
+    def broken(_result: object) -> None:
+        raise ValueError("boom")
+
+    failures = HookFailureLog(every_s=3600.0)
+    with caplog.at_level(logging.ERROR, logger="agent.service"):
+        for seq in range(100):
+            try:
+                broken(None)
+            except ValueError:
+                failures.failed("result listener", broken, "cam0", seq)
+    records = [r for r in caplog.records if "result listener" in r.getMessage()]
+    assert failures.count == 100
+    assert len(records) == 1 and records[0].exc_info is not None  # the first traceback, then silence
+    failures.every_s = 0.0
+    failures._next_log.clear()  # the period is over
+    try:
+        broken(None)
+    except ValueError:
+        failures.failed("result listener", broken, "cam0", 100)
+    assert "99 failures since the last report not logged" in caplog.records[-1].getMessage()
