@@ -29,12 +29,15 @@ def fsync_dir(path: Path) -> None:
     fsync_path(path, directory=True)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` becomes the whole of `path`, or `path` stays as it was: a temp file beside it, fsync,
-    rename, fsync the directory. Raises OSError; the temp file is removed then."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o666, tmp: Path | None = None,
+                 sync_dir: bool = True) -> None:
+    """`data` becomes the whole of `path`, or `path` stays as it was: a temp file beside it (`tmp`, by
+    default a hidden name with the pid), fsync, rename, fsync the directory. `mode` is the new file's
+    mode before the umask (the cache and the model store pass 0o600: owner-only whatever the umask
+    allows). Raises OSError; the temp file is removed then."""
+    tmp = tmp if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -43,4 +46,5 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)

@@ -16,7 +16,7 @@ import re
 import threading
 from pathlib import Path
 
-from agent.fsutil import fsync_dir
+from agent.fsutil import write_atomic as fsutil_write_atomic
 
 __all__ = ["ENGINE_FILE", "FULL_BELOW_BYTES", "META_FILE", "TMP_MARK", "dir_size", "no_space", "slug", "tmp_name",
            "write_atomic"]
@@ -31,21 +31,10 @@ def tmp_name(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
-    """Write `data` to `path` atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    tmp = tmp_name(path)
-    try:
-        # 0600 whatever the umask: the cache holds the device's engines (owner-only, like the model store)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    """Write `data` to `path` atomically (agent.fsutil.write_atomic), 0600 whatever the umask: the cache
+    holds the device's engines (owner-only, like the model store); temp names carry TMP_MARK so a
+    crash's leftovers are recognised and removed."""
+    fsutil_write_atomic(path, data, mode=0o600, tmp=tmp_name(path), sync_dir=sync_dir)
 
 
 def dir_size(path: Path) -> int:

@@ -9,9 +9,7 @@ manifest cannot point the store outside its root.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UpdateError
-from agent.fsutil import fsync_path
+from agent.fsutil import write_atomic as fsutil_write_atomic
 
 __all__ = ["HISTORY_MAX", "LABELS_FILE", "MANIFEST_FILE", "MODEL_FILE", "SAFE", "STATE_FILE", "ModelVersion",
            "safe_name", "sha256_file", "write_atomic"]
@@ -47,23 +45,8 @@ def safe_name(part: str, what: str) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        # a full disk fails the write itself: leave no temp file behind at every attempt
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_path(path.parent, directory=True)
+    """agent.fsutil.write_atomic, owner-only (0600), with a temp name unique per call."""
+    fsutil_write_atomic(path, data, mode=0o600, tmp=path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))
 
 
 @dataclass(frozen=True)
