@@ -321,6 +321,12 @@ class EngineConfig(_Strict):
     cuda_graph: bool = Field(
         False, description="capture the run in a CUDA graph (fixed shapes; ONNX Runtime needs every node on the GPU EP)"
     )
+    graph_lanes: int = Field(
+        0, ge=0, le=16,
+        description="several cameras on one ONNX Runtime CUDA model with cuda_graph: sessions that each replay "
+        "one captured graph on their own stream, taken by whichever camera's frame comes next; 0: "
+        "min(cameras, 4)",
+    )
     preprocess: Literal["auto", "cpu", "gpu"] = Field(
         "auto",
         description="where letterbox / normalise and the score filter run: 'gpu' (a CUDA kernel writing the engine's "

@@ -152,6 +152,7 @@ class Notifier:
                 self._pending_status = text
                 if self._status_timer is None:
                     self._status_timer = threading.Timer(wait, self._flush_status)
+                    self._status_timer.name = "sd-status"  # not "Thread-N": CPU per thread is grouped by name
                     self._status_timer.daemon = True
                     self._status_timer.start()
                 return False

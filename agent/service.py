@@ -189,27 +189,14 @@ class Service:
         return active.model_path, active.name, active.version, mcfg
 
     def _graphs_for_cameras(self, cameras: int) -> None:
-        """CUDA graphs stay on for one camera; with several sharing an ONNX Runtime session they go off.
+        """Several cameras on one ONNX Runtime model: CUDA-graph lanes, or graphs off and a stream per
+        run (agent.engines.factory.shared_engine_settings says which, and why)."""
+        from agent.engines.factory import shared_engine_settings
 
-        ONNX Runtime keeps a captured graph per calling thread and captures on that thread's third
-        run in global capture mode: every camera's launch thread would capture on the shared stream
-        while the others run on it (measured on the H200: "operation not permitted when stream is
-        capturing", and a hung process).
-        """
-        eng = self.cfg.engine
-        first = eng.providers[0]
-        if cameras > 1 and eng.backend == "onnxruntime" and first.name != "CPUExecutionProvider" \
-                and "user_compute_stream" not in first.options:
-            # one user stream would put every camera's run on it in turn: ONNX Runtime's own
-            # streams per run let the cameras overlap (agent.engines.onnxruntime)
-            self._engine_overrides["providers"] = [
-                first.model_copy(update={"options": {**first.options, "has_user_compute_stream": "0"}}),
-                *eng.providers[1:]]
-        if cameras > 1 and eng.cuda_graph and eng.backend == "onnxruntime":
-            self._engine_overrides["cuda_graph"] = False
-            self.emit("cuda_graph_off", {"cameras": cameras, "reason": "several cameras share one ONNX Runtime "
-                                         "session; its CUDA graphs are captured per thread in global mode, so "
-                                         "captures from several camera threads would collide"})
+        overrides, event = shared_engine_settings(self.cfg.engine, cameras)
+        self._engine_overrides.update(overrides)
+        if event is not None:
+            self.emit(*event)
 
     def load_runtimes(self, path: Path | None, name: str | None, version: str | None,
                       model_cfg: ModelConfig | None, count: int) -> list[ModelRuntime]:

@@ -6,7 +6,8 @@ paced by the server) or the file itself paced at its frame rate and looped -> th
 cameras on one shared engine (MQTT off: results go to the publisher's JSON and no further) ->
 per stream, over a measuring window after a warm-up: fps, frames dropped, end-to-end latency
 p50 / p99 (capture time stamp -> published), and for the run host CPU ms per frame (process CPU
-time / frames) and GPU memory in use.
+time / frames), split by thread kind (agent.telemetry.threads: capture / infer / launch / post /
+ort-run / ..., "native" for threads Python did not start), and GPU memory in use.
 
 In the same run, the limit rows: the engine alone with N concurrent contexts on one loaded model
 (each thread its own context, as the cameras have), and, with --decode nvdec, NVDEC alone with N
@@ -114,6 +115,7 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
     """The service with cfg's cameras: per-stream figures over `seconds` after a warm-up."""
     from agent.service import Service
     from agent.telemetry.metrics import StageTimes
+    from agent.telemetry.threads import ThreadCpuWindow
 
     svc = Service(cfg, use_cache=True)
     gpu0 = _gpu_used()
@@ -127,9 +129,10 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
         for p in svc.pipelines:
             p.times = StageTimes()  # the window's latencies only
         start = [(p.processed, p.capture.stats().get("frames_dropped", 0), p.errors) for p in svc.pipelines]
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu_window, t0 = ThreadCpuWindow(), time.perf_counter()
         time.sleep(seconds)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        wall = time.perf_counter() - t0
+        by_thread, cpu = cpu_window.stop(), cpu_window.process_s or 0.0
         streams = []
         for p, (n0, d0, e0) in zip(svc.pipelines, start, strict=True):
             e2e = p.times.values("e2e")
@@ -149,6 +152,8 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
                and s["p99_ms"] is not None and s["p99_ms"] <= P99_GOAL_MS for s in streams)
     return {"streams": len(streams), "per_stream": streams, "total_fps": round(frames / wall, 2),
             "host_cpu_ms_per_frame": round(cpu * 1e3 / max(frames, 1), 3),
+            # the same window split by thread kind (agent.telemetry.threads); "native" = the rest
+            "host_cpu_ms_per_frame_by_thread": {g: round(s * 1e3 / max(frames, 1), 3) for g, s in by_thread.items()},
             "worst_p99_ms": max((s["p99_ms"] or 0.0) for s in streams),
             "min_fps": min(s["fps"] for s in streams), "dropped": sum(s["dropped"] for s in streams),
             "gpu_mem_mb": None if gpu0 is None or gpu2 is None else round((gpu2 - gpu0) / 2**20, 1),
@@ -160,21 +165,22 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
 
 def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: float = 3.0) -> dict[str, Any]:
     """The engine alone: n threads, each on its own context of ONE loaded model, as fast as it goes."""
-    from agent.engines.factory import create_engine
+    from agent.engines.factory import create_engine, shared_engine_settings
     from agent.pipeline import ModelRuntime, build_runtime
 
-    ecfg = cfg.engine.model_copy(update={"cuda_graph": cfg.engine.cuda_graph and n == 1})
-    first_ep = ecfg.providers[0]
-    if n > 1 and first_ep.name != "CPUExecutionProvider":  # as the service does for several cameras
-        ecfg = ecfg.model_copy(update={"providers": [
-            first_ep.model_copy(update={"options": {**first_ep.options, "has_user_compute_stream": "0"}}),
-            *ecfg.providers[1:]]})
+    overrides, _ = shared_engine_settings(cfg.engine, n)  # as the service arranges n cameras
+    ecfg = cfg.engine.model_copy(update=overrides)
+    frame = np.full((height, width, 3), 114, np.uint8)
+    gpu0 = _gpu_used()
     first = create_engine(cfg.model.path, ecfg, None)
     runtimes: list[ModelRuntime] = []
     try:
-        engines = [first] + [first.share() for _ in range(n - 1)]
-        runtimes = [build_runtime(e, cfg.model, cfg.model.path, preprocess=cfg.engine.preprocess) for e in engines]
-        frame = np.full((height, width, 3), 114, np.uint8)
+        # GPU memory of the engine alone (no decoders): the first context after a few frames, then all
+        runtimes = [build_runtime(first, cfg.model, cfg.model.path, preprocess=cfg.engine.preprocess)]
+        runtimes[0].warmup(3)
+        gpu1 = _gpu_used()
+        for _ in range(n - 1):
+            runtimes.append(build_runtime(first.share(), cfg.model, cfg.model.path, preprocess=cfg.engine.preprocess))
         counts = [0] * n
         stop = threading.Event()
 
@@ -203,7 +209,14 @@ def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: flo
         stop.set()
         for t in threads:
             t.join(10)
-        return {"contexts": n, "inferences_per_s": round(done / wall, 1), "preprocess": runtimes[0].preprocess}
+        gpu2 = _gpu_used()
+        mem: dict[str, Any] = {}
+        if gpu0 is not None and gpu1 is not None and gpu2 is not None:
+            mem = {"engine_mem_first_mb": round((gpu1 - gpu0) / 2**20, 1)}
+            if n > 1:
+                mem["engine_mem_per_extra_context_mb"] = round((gpu2 - gpu1) / 2**20 / (n - 1), 1)
+        return {"contexts": n, "inferences_per_s": round(done / wall, 1), "preprocess": runtimes[0].preprocess,
+                "graph_lanes": ecfg.graph_lanes, **mem}
     finally:
         for rt in runtimes:
             rt.close()
@@ -274,6 +287,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
             if k not in runs:
                 runs[k] = measure(k)
                 print(_row(runs[k]), file=sys.stderr)
+                print(_thread_row(runs[k]), file=sys.stderr)
             return bool(runs[k]["goal_held"])
 
         lo, hi, k = 0, n + 1, 1
@@ -318,18 +332,34 @@ def _row(r: dict[str, Any]) -> str:
             f"{'held' if r['goal_held'] else 'MISSED'}")
 
 
+def _thread_row(r: dict[str, Any], top: int = 6) -> str:
+    """The host CPU ms per frame by thread kind, largest first (the row's `cpu` figure split)."""
+    groups = r.get("host_cpu_ms_per_frame_by_thread") or {}
+    items = sorted(groups.items(), key=lambda kv: -kv[1])
+    shown = [f"{g} {ms:.2f}" for g, ms in items[:top]]
+    if len(items) > top:
+        shown.append(f"rest {sum(ms for _, ms in items[top:]):.2f}")
+    return "       cpu ms/f by thread: " + ", ".join(shown)
+
+
 def format_streams(r: dict[str, Any]) -> str:
     lines = [f"streams: {r['size'][0]}x{r['size'][1]} {r['codec']} @ {r['fps']} fps, {r['source']} sources, "
              f"decode {r['decode']}, model {Path(r['model']).name}, window {r['seconds']} s"]
     for run in r["runs"].values():
         lines.append(_row(run))
+        if run.get("host_cpu_ms_per_frame_by_thread"):
+            lines.append(_thread_row(run))
         if len(r["runs"]) == 1:
             for s in run["per_stream"]:
                 lines.append(f"  {s['camera']:<5} {s['fps']:>7.2f} fps  dropped {s['dropped']:>3}  "
                              f"p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  errors {s['errors']}  {s['state']}")
     el = r.get("engine_limit", {})
     lines.append(f"limit: engine alone, {el.get('contexts')} contexts on one model: {el.get('inferences_per_s')} "
-                 f"inferences/s ({el.get('preprocess')} preprocessing) = {r.get('streams_at_engine_limit')} streams")
+                 f"inferences/s ({el.get('preprocess')} preprocessing, {el.get('graph_lanes') or 'no'} graph lanes) "
+                 f"= {r.get('streams_at_engine_limit')} streams")
+    if "engine_mem_first_mb" in el:
+        lines.append(f"GPU memory of the engine alone: first context {el['engine_mem_first_mb']} MB, each extra "
+                     f"{el.get('engine_mem_per_extra_context_mb', '-')} MB")
     if "nvdec_limit" in r:
         nl = r["nvdec_limit"]
         lines.append(f"limit: NVDEC alone: {nl.get('frames_per_s', nl.get('error'))}"

@@ -5,8 +5,10 @@ Data flow per check: clips made beforehand with PyAV (H.264 / HEVC, carried in -
 PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's service / GPU frontend
 -> detections and figures, written to $OUT/streams_check.json and printed as a short table.
 
+0. nvdec_frames: every NVDEC frame of the 1080p demo clip, in order, equals OpenCV's decode.
 1. nv12_kernel: one NVDEC-decoded 1080p frame letterboxed by the NV12 kernel vs the numpy
-   reference of its arithmetic (must be equal), and NVDEC's colour vs OpenCV's decode (levels).
+   reference of its arithmetic (must be equal), and NVDEC's colour vs OpenCV's decode (levels;
+   0 expected: nv12_to_bgr is libswscale's x86 arithmetic, which OpenCV's decode runs).
 2. detections: the service on the demo clip at 1080p H.264, nvdec vs CPU decoding (same classes,
    boxes within 1 px), the demo model on the CUDA EP with GPU preprocessing.
 3. bad_input: an MPEG-4 part 2 file, a corrupt H.264 file, an H.264 stream that changes
@@ -141,6 +143,49 @@ def check_nv12_kernel(clips: Path) -> dict[str, Any]:
     return out
 
 
+def check_nvdec_frames(clips: Path) -> dict[str, Any]:
+    """Every frame NVDEC decodes, in order, through nv12_to_bgr vs OpenCV's decode of the same frame
+    (bit-exact decoding and the same colour arithmetic: equal). A frame that differs is looked up
+    among its neighbours: a frame delivered out of order shows as an offset."""
+    import cv2
+
+    from agent.capture.sources import open_source
+    from agent.config import CameraConfig
+    from agent.vision.gpu import Nv12Frame, nv12_to_bgr
+
+    clip = clips / "demo1080_h264.mp4"
+    cap = cv2.VideoCapture(str(clip))
+    ref: list[np.ndarray] = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        ref.append(bgr)
+    cap.release()
+    src = open_source(CameraConfig(source=str(clip), decode="nvdec", pace=False, loop=False))
+    src.open()
+    equal, got = 0, 0
+    offsets: dict[str, int | None] = {}
+    try:
+        for i in range(len(ref)):
+            f = src.read()
+            if f is None:
+                break
+            assert isinstance(f, Nv12Frame), f"NVDEC gave {type(f).__name__}"
+            got += 1
+            mine = nv12_to_bgr(*f.planes(), f.matrix, f.full_range)
+            del f
+            if np.array_equal(mine, ref[i]):
+                equal += 1
+                continue
+            near = [j - i for j in range(max(0, i - 4), min(len(ref), i + 5)) if np.array_equal(mine, ref[j])]
+            offsets[str(i)] = near[0] if near else None
+    finally:
+        src.close()
+    return {"frames_opencv": len(ref), "frames_nvdec": got, "equal": equal, "differing": offsets,
+            "ok": equal == len(ref) == got}
+
+
 def _match(a: list[Any], b: list[Any]) -> tuple[bool, float]:
     """Same classes (as multisets) and, greedily by class, boxes within 1 px: (ok, worst box px)."""
     la, lb = sorted(d.label for d in a), sorted(d.label for d in b)
@@ -176,8 +221,11 @@ def check_detections(clips: Path, work: Path) -> dict[str, Any]:
     for ra, rb in zip(a, b, strict=False):
         ok, w = _match(ra.detections, rb.detections)
         if not ok:
+            i = rb.frame_seq  # which CPU-decoded frame this NVDEC result matches, if a neighbour does
+            near = [r.frame_seq - i for r in a[max(0, i - 4):i + 5] if _match(r.detections, rb.detections)[0]]
             bad.append({"frame": ra.frame_seq, "cpu": len(ra.detections), "nvdec": len(rb.detections),
-                        "box_px": round(w, 3) if w != float("inf") else "classes differ"})
+                        "box_px": round(w, 3) if w != float("inf") else "classes differ",
+                        "nvdec_matches_cpu_offset": near})
         elif w != float("inf"):
             worst = max(worst, w)
     out["frames_compared"] = min(len(a), len(b))
@@ -243,7 +291,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=DEMO / "model.onnx", help="model for the 'shared' check")
-    ap.add_argument("--only", default="nv12_kernel,detections,bad_input,shared")
+    ap.add_argument("--only", default="nv12_kernel,nvdec_frames,detections,bad_input,shared")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -264,6 +312,7 @@ def main() -> int:
     except Exception as exc:
         results["pynvvideocodec"] = f"unavailable: {exc}"
     checks = {"nv12_kernel": lambda: check_nv12_kernel(args.clips),
+              "nvdec_frames": lambda: check_nvdec_frames(args.clips),
               "detections": lambda: check_detections(args.clips, work),
               "bad_input": lambda: check_bad_input(args.clips, work),
               "shared": lambda: check_shared(args.clips, work, args.model),

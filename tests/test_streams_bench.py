@@ -50,8 +50,14 @@ def test_bench_two_rtsp_streams_on_one_engine(tmp_path: Path) -> None:
         assert s["state"] == "streaming" and s["frames"] > 0 and s["errors"] == 0
         assert 0 < s["p50_ms"] <= s["p99_ms"]
     assert run["host_cpu_ms_per_frame"] > 0
+    # the same window split by thread kind: the pipeline's threads are there, and the split adds
+    # up to the process figure (rounding and the readings being a hair apart aside)
+    by_thread = run["host_cpu_ms_per_frame_by_thread"]
+    assert {"capture", "infer", "post", "native"} <= set(by_thread)
+    assert all(v >= 0 for v in by_thread.values())
+    assert sum(by_thread.values()) <= run["host_cpu_ms_per_frame"] * 1.02 + 0.05
     assert res["engine_limit"]["contexts"] == 2 and res["engine_limit"]["inferences_per_s"] > 0
-    assert "N=2" in r.stdout and "limit: engine alone" in r.stdout
+    assert "N=2" in r.stdout and "cpu ms/f by thread: " in r.stdout and "limit: engine alone" in r.stdout
 
 
 def test_bench_streams_rejects_zero(tmp_path: Path) -> None:

@@ -187,3 +187,38 @@ def create_engine(model_path: Path, cfg: EngineConfig, cache: EngineCache | None
     if cfg.backend == "onnxruntime":
         return _create_onnxruntime(model_path, cfg, cache, on_event, progress)
     raise EngineError(f"unknown engine backend {cfg.backend!r} (onnxruntime or tensorrt)")
+
+
+DEFAULT_GRAPH_LANES = 4
+EngineEvent = tuple[str, dict[str, object]]
+
+
+def shared_engine_settings(cfg: EngineConfig, cameras: int) -> tuple[dict[str, object], EngineEvent | None]:
+    """Engine-config overrides for `cameras` cameras on one loaded model, and the event saying what changed.
+
+    ONNX Runtime on a GPU EP, several cameras: with `cuda_graph` on the CUDA EP (and preprocessing
+    allowed on the GPU) the model runs as CUDA-graph lanes (agent.engines.ort_lanes), min(cameras,
+    graph_lanes or 4) of them (event `cuda_graph_lanes`). Otherwise graphs go off (event
+    `cuda_graph_off`: ONNX Runtime captures them per thread in global mode, so captures from several
+    camera threads would collide) and ONNX Runtime takes a stream of its own per run, so the cameras'
+    runs overlap (one user stream would run them in turn).
+    """
+    if cameras <= 1 or cfg.backend != "onnxruntime":
+        return ({"graph_lanes": 0} if cfg.graph_lanes else {}), None
+    first = cfg.providers[0]
+    user_stream = "user_compute_stream" in first.options
+    if cfg.cuda_graph and first.name == "CUDAExecutionProvider" and cfg.preprocess != "cpu" and not user_stream:
+        lanes = min(cameras, cfg.graph_lanes or DEFAULT_GRAPH_LANES)
+        return {"graph_lanes": lanes}, ("cuda_graph_lanes", {"cameras": cameras, "graph_lanes": lanes})
+    overrides: dict[str, object] = {"graph_lanes": 0}
+    if first.name != "CPUExecutionProvider" and not user_stream:
+        overrides["providers"] = [
+            first.model_copy(update={"options": {**first.options, "has_user_compute_stream": "0"}}),
+            *cfg.providers[1:]]
+    if not cfg.cuda_graph:
+        return overrides, None
+    overrides["cuda_graph"] = False
+    return overrides, ("cuda_graph_off", {
+        "cameras": cameras, "reason": "several cameras share one ONNX Runtime session; CUDA graph lanes need the "
+        "CUDA EP, GPU preprocessing and no user stream, and without them graphs captured per thread in global "
+        "mode from several camera threads would collide"})

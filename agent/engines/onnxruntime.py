@@ -29,6 +29,7 @@ import numpy as np
 
 from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineInfo, TensorSpec
+from agent.engines.ort_lanes import OrtLanes
 from agent.errors import EngineError, ModelError
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class _SharedSession:
         self.lock = threading.Lock()
         self.run_lock = threading.Lock()  # taken around runs only when CUDA graphs are on
         self.workers = ThreadPoolExecutor(MAX_CONCURRENT_RUNS, thread_name_prefix="ort-run")
+        self.lanes: OrtLanes | None = None  # CUDA-graph lanes, when the model runs on them
         self._next_graph = 100
 
     def graph_id(self) -> int:
@@ -146,6 +148,10 @@ class OnnxRuntimeEngine(Engine):
         self.placement: dict[str, Any] = {}
         self._shared: _SharedSession | None = None
         self._stream_in_session = True  # ONNX Runtime runs on self._stream (user_compute_stream)
+        self._lanes: OrtLanes | None = None  # inference as CUDA-graph replays on lanes (agent.engines.ort_lanes)
+        self._lane_stream: Any = None  # the first lane's stream, made with the first session
+        self._lane_bindings: list[tuple[int, list[int]]] = []  # (input, outputs) device pointers per binding
+        self._lane_providers: list[tuple[str, dict[str, str]]] = []
 
     def _session_options(self) -> Any:
         import onnxruntime as ort
@@ -181,6 +187,13 @@ class OnnxRuntimeEngine(Engine):
                     raise EngineError(f"engine.preprocess is 'gpu' but no CUDA stream can be made: {exc}") from exc
                 log.warning("GPU preprocessing unavailable (%s); preprocessing on the CPU", exc)
             else:
+                if self._wants_lanes(name):
+                    # the first lane's session runs on a stream of its own; this camera's kernels on self._stream
+                    self._lane_stream = cuda.Stream()
+                    opts["user_compute_stream"] = str(self._lane_stream.handle)
+                    opts["has_user_compute_stream"] = "1"
+                    self._stream_in_session = False
+                    return opts
                 if own_streams:
                     self._stream_in_session = False
                     return opts
@@ -190,11 +203,17 @@ class OnnxRuntimeEngine(Engine):
                 opts["has_user_compute_stream"] = "1"
         return opts
 
+    def _wants_lanes(self, provider: str) -> bool:
+        return bool(self.cfg.graph_lanes > 0 and self.cfg.cuda_graph and provider == "CUDAExecutionProvider")
+
     def _load_impl(self) -> None:
         try:
             self._load_session()
         except BaseException:
             self._close_impl()  # the shared CUDA stream, when one was made
+            if self._lane_stream is not None:
+                self._lane_stream.free()
+                self._lane_stream = None
             raise
 
     def _load_session(self) -> None:
@@ -213,10 +232,11 @@ class OnnxRuntimeEngine(Engine):
             ort.preload_dlls()
         available = ort.get_available_providers()
         missing = [p for p in wanted if p not in available]
-        providers = [(p.name, {k: str(v) for k, v in p.options.items()}) for p in self.cfg.providers
-                     if p.name in available]
+        providers: list[tuple[str, dict[str, str]]] = [(p.name, {k: str(v) for k, v in p.options.items()})
+                                                       for p in self.cfg.providers if p.name in available]
         if providers and providers[0][0] in _GPU_EPS:
             providers[0] = (providers[0][0], self._gpu_provider_options(*providers[0]))
+        self._lane_providers = list(providers)  # the lanes make their sessions from these
         if missing:
             log.warning("execution providers %s are not available in this onnxruntime (available: %s)",
                         missing, available)
@@ -263,7 +283,9 @@ class OnnxRuntimeEngine(Engine):
         if profile_dir is not None:
             self.placement = self._report_placement(profile_dir, got)
         self._binding = None
-        if self.cfg.io_binding:
+        if self._lane_stream is not None:
+            self._start_lanes(ort)
+        elif self.cfg.io_binding:
             self._bind(ort, got[0])
         self._info = EngineInfo(backend="onnxruntime", providers=got, precision=self.precision,
                                 device="cpu" if got[0] == "CPUExecutionProvider" else "cuda",
@@ -271,7 +293,29 @@ class OnnxRuntimeEngine(Engine):
                                        "intra_op_threads": self._session.get_session_options().intra_op_num_threads,
                                        "io_binding": self._binding_device or "off",
                                        "cuda_graph": bool(self.cfg.cuda_graph and got[0] in _GPU_EPS),
+                                       "graph_lanes": self._lanes.count if self._lanes is not None else 0,
                                        "placement": self.placement})
+
+    def _start_lanes(self, ort: Any) -> None:
+        """The model as CUDA-graph lanes: the first on the session just made, the others on sessions of
+        their own, each on its own stream (ONNX Runtime replays a session's graphs on one stream)."""
+        assert self._input is not None
+
+        def make_session(stream: Any) -> Any:
+            name, opts = self._lane_providers[0]
+            opts = {**opts, "user_compute_stream": str(stream.handle), "has_user_compute_stream": "1"}
+            so = self._session_options()
+            so.optimized_model_filepath = ""  # the first session wrote the cache's copy
+            return ort.InferenceSession(str(self.model_path), sess_options=so,
+                                        providers=[(name, opts), *self._lane_providers[1:]])
+
+        first, self._lane_stream = (self._session, self._lane_stream), None  # the lanes own the stream now
+        try:
+            self._lanes = OrtLanes(make_session, self.cfg.graph_lanes, self._input, self._outputs,
+                                   capture_runs=max(3, self.cfg.warmup_runs), first=first, name=self.model_path.name)
+        except BaseException:
+            first[1].free()
+            raise
 
     def _report_placement(self, profile_dir: str, providers: list[str]) -> dict[str, Any]:
         """Nodes per execution provider, from the profiler's trace of one run on a zero input.
@@ -323,6 +367,9 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError("device IO needs a GPU execution provider and the CUDA Python bindings")
         if len(output_ptrs) != len(self._outputs):
             raise EngineError(f"{len(output_ptrs)} output buffers for {len(self._outputs)} outputs")
+        if self._lanes is not None:  # whichever lane is free copies from / to these buffers
+            self._lane_bindings.append((int(input_ptr), [int(p) for p in output_ptrs]))
+            return len(self._lane_bindings) - 1
         binding = self._session.io_binding()
         binding.bind_input(self._input.name, "cuda", 0, self._input.dtype.type, list(self._input.shape), input_ptr)
         for spec, ptr in zip(self._outputs, output_ptrs, strict=True):
@@ -349,6 +396,12 @@ class OnnxRuntimeEngine(Engine):
         return ro
 
     def run_device(self, binding: int = 0) -> None:
+        if self._lanes is not None:
+            if not 0 <= binding < len(self._lane_bindings):
+                raise EngineError("bind_device() first")
+            self._stream.synchronize()  # the camera's input is written on its own stream
+            self._lanes.run_device(*self._lane_bindings[binding])
+            return
         if not 0 <= binding < len(self._device_bindings):
             raise EngineError("bind_device() first")
         io, ro = self._device_bindings[binding]
@@ -406,6 +459,8 @@ class OnnxRuntimeEngine(Engine):
 
     def _infer_impl(self, tensor: np.ndarray) -> list[np.ndarray]:
         assert self._input is not None
+        if self._lanes is not None:
+            return self._lanes.run_host(tensor)
         if self._shared is None:
             return self._infer_locked(tensor)
         return self._shared.workers.submit(self._infer_locked, tensor).result()
@@ -449,6 +504,7 @@ class OnnxRuntimeEngine(Engine):
         assert self._info is not None
         if self._shared is None:
             self._shared = _SharedSession()
+            self._shared.lanes = self._lanes
         ctx = OnnxRuntimeEngine(self.model_path, self.cfg, on_event=self.on_event, precision=self.precision)
         with self._shared.lock:
             self._shared.refs += 1
@@ -456,6 +512,7 @@ class OnnxRuntimeEngine(Engine):
         ctx._shared = self._shared
         ctx._session, ctx._stream, ctx._graphs = self._session, self._stream, self._graphs
         ctx._stream_in_session = self._stream_in_session
+        ctx._lanes = self._lanes
         if self._stream is not None and not self._stream_in_session:
             from agent.engines import cuda
 
@@ -463,7 +520,7 @@ class OnnxRuntimeEngine(Engine):
         ctx._input, ctx._outputs, ctx._output_names = self._input, self._outputs, self._output_names
         ctx.metadata, ctx.placement, ctx._plain_options = self.metadata, self.placement, self._plain_options
         ctx._info = self._info.copy()
-        if self.cfg.io_binding:
+        if self.cfg.io_binding and self._lanes is None:
             import onnxruntime as ort
 
             ctx._bind(ort, self._info.providers[0])
@@ -477,7 +534,8 @@ class OnnxRuntimeEngine(Engine):
 
     def _serialised(self) -> bool:
         # ONNX Runtime does not support Run from several threads on one session with CUDA graphs
-        return self._graphs and self._shared is not None and self._shared.contexts > 1
+        # (lanes replay each on its own session and thread)
+        return self._graphs and self._lanes is None and self._shared is not None and self._shared.contexts > 1
 
     def _run_guard(self) -> contextlib.AbstractContextManager[object]:
         """The shared session's run lock when runs must be serialised, else nothing to hold."""
@@ -491,15 +549,20 @@ class OnnxRuntimeEngine(Engine):
 
     def _close_impl(self) -> None:
         self._binding, self._bound_in, self._bound_out = None, None, []
-        self._device_bindings = []
+        self._device_bindings, self._lane_bindings = [], []
         self._session = None
+        lanes, self._lanes = self._lanes, None
         shared, self._shared = self._shared, None
+        if shared is None and lanes is not None:
+            lanes.close()
         if shared is not None:
             with shared.lock:
                 shared.refs -= 1
                 last = shared.refs == 0
             if last:
                 shared.workers.shutdown(wait=True)
+                if shared.lanes is not None:
+                    shared.lanes.close()
             if not last and self._stream_in_session:  # another camera still runs on the session and its stream
                 self._stream = None
                 return

@@ -79,6 +79,8 @@ class PrometheusExporter:
         started = self._prom.start_http_server(port, addr=addr, registry=self.registry)
         # prometheus-client >= 0.17 returns (server, thread); keep the server to shut it down.
         self._server = started[0] if isinstance(started, tuple) else None
+        if isinstance(started, tuple):  # its default "Thread-N" says nothing in CPU per thread
+            started[1].name = "prometheus-http"
 
     def update(self, telemetry: dict[str, Any]) -> None:
         with self._lock:

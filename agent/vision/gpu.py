@@ -19,11 +19,14 @@ NMS runs on the host on those few candidates, in the post thread, exactly as on 
 
 Frames decoded by NVDEC (agent.capture.sources.nvdec) arrive as `Nv12Frame`s already on the
 device: step 1 is skipped and the NV12 letterbox kernel reads the Y plane and the interleaved UV
-plane itself, converting each tap to BGR with OpenCV's fixed-point YUV -> BGR arithmetic (the
-stream's matrix, BT.601 or BT.709, and range, limited or full) before the same resize; with
-BT.601 limited range (what cv2.COLOR_YUV2BGR_NV12 assumes) the result equals OpenCV's NV12 ->
-BGR followed by the CPU letterbox. `nv12_to_bgr` / `nv12_letterbox_reference` are that
-arithmetic in numpy, for the tests and the CPU fallback.
+plane itself, converting each tap to BGR before the same resize. The conversion is libswscale's
+x86 yuv420p -> bgr24 fixed point (16-bit constants, products truncated to their high 16 bits,
+chroma of the 2x2 block as it is) with the stream's matrix and range (BT.601 limited unless it
+declares BT.709 or full range): what cv2.VideoCapture's FFmpeg backend does on x86, so NVDEC's
+frames convert to exactly the BGR of the CPU decode path (H.264 decoding is bit-exact;
+tests/vision/test_gpu_nv12.py checks the four cases against OpenCV and PyAV's libswscale).
+`nv12_to_bgr` / `nv12_letterbox_reference` are that arithmetic in numpy, for the tests and the
+CPU fallback.
 
 Up to SLOTS frames are in flight; each slot owns its staging, device frame and result buffers, so
 nothing is reused before its result was read. The two input buffers alternate; events order the
@@ -54,32 +57,62 @@ log = logging.getLogger(__name__)
 __all__ = ["GpuFrontend", "Nv12Frame", "Pending", "Staged", "nv12_coefficients", "nv12_letterbox_reference",
            "nv12_to_bgr"]
 
-# YUV -> RGB coefficients (cy, cvr, cug, cvg, cub) as OpenCV rounds them for BT.601, and the same
-# three-decimal rounding for BT.709; full range has no luma offset or scale.
-_YUV_COEF = {("bt601", False): (1.164, 1.596, -0.391, -0.813, 2.018),
-             ("bt709", False): (1.164, 1.793, -0.213, -0.533, 2.112),
-             ("bt601", True): (1.0, 1.402, -0.344, -0.714, 1.772),
-             ("bt709", True): (1.0, 1.575, -0.187, -0.468, 1.856)}
+# libswscale's YUV -> RGB matrices (crv, cbu, cgu, cgv; x 2^16, its ff_yuv2rgb_coeffs rows), the
+# ones OpenCV's FFmpeg backend converts with: BT.601 for an unspecified stream, and BT.709 (the
+# row of libswscale 9 / FFmpeg 8; older releases had 117504, 138453, 13954, 34903).
+_SWS_MATRIX = {"bt601": (104597, 132201, 25675, 53279), "bt709": (117489, 138438, 13975, 34925)}
+
+
+def _round16(v: int) -> int:
+    """libswscale's rounding of a 2^16-scaled constant to a signed 16-bit one (floor of v / 2^16 + 1/2)."""
+    return max(-0x7FFF, min(0x7FFF, (v + (1 << 15)) >> 16))
+
+
+def _c_div(a: int, b: int) -> int:
+    """C's integer division (towards zero), which libswscale uses on the negative green terms."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
 
 
 def nv12_coefficients(matrix: str, full_range: bool) -> tuple[int, int, int, int, int, int]:
-    """(cy, cvr, cug, cvg, cub) in 20-bit fixed point and the luma offset, for `matrix` and range."""
+    """(cy, cvr, cug, cvg, cub, yoff) for `matrix` and range: libswscale's 16-bit constants.
+
+    The same derivation as libswscale's table setup (default brightness, contrast, saturation):
+    limited range scales luma by 255/219 and offsets it by 16, full range scales chroma by 224/255.
+    Coefficients multiply samples shifted left by 3, so yoff is 16 << 3 (limited) or 0 (full).
+    BT.601 limited: (9539, 13075, -3209, -6660, 16525, 128).
+    """
     try:
-        coef = _YUV_COEF[(matrix, bool(full_range))]
+        crv, cbu, cgu, cgv = _SWS_MATRIX[matrix]
     except KeyError:
         raise SourceError(f"unsupported colour matrix {matrix!r} (bt601, bt709)") from None
-    cy, cvr, cug, cvg, cub = (round(c * (1 << 20)) for c in coef)
-    return cy, cvr, cug, cvg, cub, 0 if full_range else 16
+    cgu, cgv = -cgu, -cgv
+    cy, oy = 1 << 16, 0
+    if full_range:
+        crv, cbu, cgu, cgv = (_c_div(c * 224, 255) for c in (crv, cbu, cgu, cgv))
+    else:
+        cy, oy = cy * 255 // 219, 16 << 16
+    return (_round16(cy << 13), _round16(crv << 13), _round16(cgu << 13), _round16(cgv << 13),
+            _round16(cbu << 13), _round16(oy << 3))
 
 
 def nv12_to_bgr(y: np.ndarray, uv: np.ndarray, matrix: str = "bt601", full_range: bool = False) -> np.ndarray:
-    """NV12 planes (Y: HxW, UV: H/2 x W/2 x 2) -> BGR uint8, the kernel's (and OpenCV's) arithmetic."""
+    """NV12 planes (Y: HxW, UV: H/2 x W/2 x 2) -> BGR uint8, the kernel's arithmetic.
+
+    It is libswscale's x86 (SSSE3) yuv420p -> bgr24 conversion, which cv2.VideoCapture's FFmpeg
+    backend runs: samples shifted left by 3, each product with a 16-bit constant keeps its high
+    16 bits (pmulhw: floor of / 2^16), the terms are summed and saturated to 0..255 once; the
+    chroma of each 2x2 block is used as it is (no interpolation). libswscale also saturates the
+    intermediate sums to 16 bits, which never binds for 8-bit samples (all stay within +-600).
+    """
     cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(matrix, full_range)
     h, w = y.shape
-    chroma = np.repeat(np.repeat(uv.astype(np.int64), 2, axis=0), 2, axis=1)[:h, :w]
-    u, v = chroma[..., 0] - 128, chroma[..., 1] - 128
-    luma = np.maximum(y.astype(np.int64) - yoff, 0) * cy + (1 << 19)
-    bgr = np.stack([(luma + cub * u) >> 20, (luma + cvg * v + cug * u) >> 20, (luma + cvr * v) >> 20], axis=-1)
+    chroma = np.repeat(np.repeat(uv.astype(np.int32), 2, axis=0), 2, axis=1)[:h, :w]
+    u, v = (chroma[..., 0] << 3) - (128 << 3), (chroma[..., 1] << 3) - (128 << 3)
+    luma = (((y.astype(np.int32) << 3) - yoff) * cy) >> 16
+    bgr = np.stack([luma + ((u * cub) >> 16),
+                    luma + ((u * cug) >> 16) + ((v * cvg) >> 16),
+                    luma + ((v * cvr) >> 16)], axis=-1)
     return np.clip(bgr, 0, 255).astype(np.uint8)
 
 
@@ -172,19 +205,21 @@ LETTERBOX(letterbox_f32, float)
 LETTERBOX(letterbox_u16, u16)
 LETTERBOX(letterbox_u8, u8)
 
-// NV12 (Y plane, then interleaved U, V at half resolution) -> B, G, R of one pixel, in OpenCV's
-// fixed point (color_yuv: 20-bit coefficients, chroma of the 2x2 block, rounding, saturation).
-// k: cy, cvr, cug, cvg, cub (x 2^20), yoff (16 limited range, 0 full range).
+// NV12 (Y plane, then interleaved U, V at half resolution) -> B, G, R of one pixel, in libswscale's
+// x86 yuv2rgb fixed point (what cv2.VideoCapture's FFmpeg backend converts with; nv12_to_bgr in
+// numpy): samples shifted left by 3, each product keeps its high 16 bits (>> 16, a floor), one
+// saturation to 0..255 at the end; the chroma of the 2x2 block as it is. Integer arithmetic only.
+// k: cy, cvr, cug, cvg, cub (16-bit constants from nv12_coefficients), yoff (128 limited, 0 full).
 __device__ __forceinline__ int sat8(int v) { return v < 0 ? 0 : (v > 255 ? 255 : v); }
 __device__ __forceinline__ void nv12_bgr(const u8* __restrict__ ys, const u8* __restrict__ uvs, int py, int puv,
                                          int x, int y, const int* k, int* b, int* g, int* r) {
     int Y = ys[(long)y * py + x];
     const u8* c = uvs + (long)(y >> 1) * puv + (x & ~1);
-    int U = c[0] - 128, V = c[1] - 128;
-    int l = max(Y - k[5], 0) * k[0] + (1 << 19);
-    *r = sat8((l + k[1] * V) >> 20);
-    *g = sat8((l + k[3] * V + k[2] * U) >> 20);
-    *b = sat8((l + k[4] * U) >> 20);
+    int U = (c[0] << 3) - (128 << 3), V = (c[1] << 3) - (128 << 3);
+    int l = (((Y << 3) - k[5]) * k[0]) >> 16;  /* >> of a negative int is arithmetic (a floor) in CUDA */
+    *r = sat8(l + ((V * k[1]) >> 16));
+    *g = sat8(l + ((U * k[2]) >> 16) + ((V * k[3]) >> 16));
+    *b = sat8(l + ((U * k[4]) >> 16));
 }
 
 #define LETTERBOX_NV12(NAME, T)                                                                       \

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 17's stream measurements on the GPU machine, one step per call (each under `timeout`):
+#   scripts/gpu_streams.sh STEP MODEL CLIP OUTDIR [N]
+# STEP: smoke (2 streams, 2 s, lanes); findmax CONFIG [N] (find-max up to N); streams CONFIG N (one run);
+#       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py).
+# Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
+set -uo pipefail
+step=$1; model=$2; clip=$3; out=$4; shift 4
+cfgdir=docs/measurements/h200-2026-12-01-lanes
+case $step in
+  smoke)
+    timeout 150 python3 -m agent.cli bench -c "$cfgdir/cuda_graph.yaml" --model "$model" --streams 2 --decode nvdec \
+      --clip "$clip" --size 1920x1080 --fps 30 --seconds 2 --json "$out/smoke.json" > "$out/smoke.txt" 2>&1
+    echo "smoke rc=$?"; tail -12 "$out/smoke.txt";;
+  findmax)
+    cfg=$1; n=${2:-32}; name=$(basename "$cfg" .yaml)
+    timeout 560 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" --find-max \
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 4 --json "$out/findmax_$name.json" \
+      > "$out/findmax_$name.txt" 2>&1
+    echo "findmax $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory|N_max" "$out/findmax_$name.txt" | tail -40;;
+  streams)
+    cfg=$1; n=$2; name=$(basename "$cfg" .yaml)
+    timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$out/streams${n}_$name.json" \
+      > "$out/streams${n}_$name.txt" 2>&1
+    echo "streams $n $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory" "$out/streams${n}_$name.txt" | tail -20;;
+  procs)  # K bench processes side by side, N streams each: cameras grouped per process
+    cfg=$1; k=$2; n=$3; name=$(basename "$cfg" .yaml)
+    for i in $(seq 1 "$k"); do
+      timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
+        --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 6 \
+        --json "$out/procs${k}x${n}_${name}_$i.json" > "$out/procs${k}x${n}_${name}_$i.txt" 2>&1 &
+    done
+    wait
+    for i in $(seq 1 "$k"); do echo "process $i:"; grep -E "^N=|cpu ms/f" "$out/procs${k}x${n}_${name}_$i.txt" | head -2; done;;
+  check)  # streams_check.py: the clips beside CLIP (demo1080_h264.mp4, ...); $1: which checks
+    OUT=$out timeout 400 python3 scripts/streams_check.py --clips "$(dirname "$clip")" --only "${1:-nv12_kernel,nvdec_frames,detections}" \
+      > "$out/check.txt" 2>&1
+    echo "check rc=$?"; grep -vE "^(INFO|WARNING)|PyNvVideoCodec" "$out/check.txt" | tail -30;;
+  *) echo "unknown step $step" >&2; exit 2;;
+esac

@@ -1,0 +1,281 @@
+"""CUDA-graph lanes (agent.engines.ort_lanes): the orchestration, on this GPU-less machine.
+
+CUDA and ONNX Runtime's CUDA EP cannot exist here, so the lanes run on a stand-in: device memory
+is a dict of numpy byte arrays, and the session imitates the CUDA EP's graph rules that the lanes
+must respect (measured or read in ONNX Runtime's source): a graph is captured per calling thread
+on the thread's second run with that graph id, capture is global (nothing else may run on the GPU
+meanwhile), and a replay runs the captured graph over the bound buffers. The H200 runs the real
+thing (docs/measurements/).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import EngineConfig, ProviderConfig
+from agent.engines import ort_lanes
+from agent.engines.base import TensorSpec
+from agent.engines.factory import shared_engine_settings
+from agent.engines.ort_lanes import CAPTURE, CaptureLock, OrtLanes
+from agent.errors import EngineError
+
+IN = TensorSpec("images", (1, 4), np.dtype(np.float32))
+OUT = [TensorSpec("out", (1, 4), np.dtype(np.float32)), TensorSpec("sum", (1, 1), np.dtype(np.float32))]
+
+
+class FakeCuda:
+    """Stand-in for agent.engines.cuda: device memory as numpy bytes, copies done at once."""
+
+    def __init__(self) -> None:
+        self.mem: dict[int, np.ndarray] = {}
+        self._next = itertools.count(0x1000, 0x1000)
+
+    def buffer(self, nbytes: int) -> int:
+        ptr = next(self._next)
+        self.mem[ptr] = np.zeros(nbytes, np.uint8)
+        return ptr
+
+    def ptr_array(self, ptr: int, spec: TensorSpec) -> np.ndarray:
+        return self.mem[ptr].view(spec.dtype).reshape(spec.shape)
+
+    def module(self) -> Any:
+        fake = self
+
+        class Stream:
+            def __init__(self) -> None:
+                self.handle, self.freed = next(fake._next), False
+
+            def synchronize(self) -> None:
+                assert not self.freed
+
+            def free(self) -> None:
+                self.freed = True
+
+        class DeviceBuffer:
+            def __init__(self, nbytes: int) -> None:
+                self.nbytes, self.ptr = nbytes, fake.buffer(nbytes)
+
+            def free(self) -> None:
+                fake.mem.pop(self.ptr)
+
+        def memset_async(buf: Any, value: int, stream: Any) -> None:
+            fake.mem[buf.ptr][:] = value
+
+        def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Any) -> None:
+            assert kind == "dtod"
+            fake.mem[dst][:nbytes] = fake.mem[src][:nbytes]
+
+        def copy_htod_async(dst: Any, src: np.ndarray, stream: Any) -> None:
+            fake.mem[dst.ptr][:] = src.view(np.uint8).reshape(-1)
+
+        def copy_dtoh_async(dst: np.ndarray, src: Any, stream: Any) -> None:
+            dst.view(np.uint8).reshape(-1)[:] = fake.mem[src.ptr]
+
+        return type("cuda", (), {"Stream": Stream, "DeviceBuffer": DeviceBuffer,
+                                 "memset_async": staticmethod(memset_async),
+                                 "memcpy_async": staticmethod(memcpy_async),
+                                 "copy_htod_async": staticmethod(copy_htod_async),
+                                 "copy_dtoh_async": staticmethod(copy_dtoh_async)})
+
+
+class FakeBinding:
+    def __init__(self) -> None:
+        self.inputs: dict[str, int] = {}
+        self.outputs: dict[str, int] = {}
+
+    def bind_input(self, name: str, device: str, device_id: int, dtype: Any, shape: list[int], ptr: int) -> None:
+        assert device == "cuda" and list(shape) == list(IN.shape)
+        self.inputs[name] = ptr
+
+    def bind_output(self, name: str, device: str, device_id: int, dtype: Any, shape: list[int], ptr: int) -> None:
+        self.outputs[name] = ptr
+
+
+class FakeGraphSession:
+    """The CUDA EP's graph rules: per thread, capture on the second run of an id, in global mode."""
+
+    def __init__(self, cuda: FakeCuda, log: list[tuple[str, str]], fail_capture: bool = False) -> None:
+        self.cuda, self.log, self.fail_capture = cuda, log, fail_capture
+        self.runs: dict[tuple[int, str], int] = {}
+        self.captured: set[tuple[int, str]] = set()
+
+    def io_binding(self) -> FakeBinding:
+        return FakeBinding()
+
+    def run_with_iobinding(self, binding: FakeBinding, options: Any) -> None:
+        key = (threading.get_ident(), options.get_run_config_entry("gpu_graph_id"))
+        n = self.runs[key] = self.runs.get(key, 0) + 1
+        if key not in self.captured and n >= 2:
+            # a capture while anything else runs on the GPU fails ("operation not permitted when stream is capturing")
+            assert CAPTURE._writer and CAPTURE._readers == 0, "capture outside the exclusive capture lock"
+            if self.fail_capture:
+                raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+            self.captured.add(key)
+            self.log.append(("capture", threading.current_thread().name))
+        elif key in self.captured:
+            assert CAPTURE._readers >= 1 or CAPTURE._writer, "replay outside the capture lock"
+            self.log.append(("replay", threading.current_thread().name))
+        x = self.cuda.ptr_array(binding.inputs["images"], IN)
+        time.sleep(0.001)  # the GPU's time: other lanes must overlap it
+        self.cuda.ptr_array(binding.outputs["out"], OUT[0])[:] = x * 2
+        self.cuda.ptr_array(binding.outputs["sum"], OUT[1])[:] = x.sum()
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    cuda = FakeCuda()
+    monkeypatch.setattr(ort_lanes, "cuda", cuda.module())
+    return cuda
+
+
+def make_lanes(fake: FakeCuda, count: int, log: list[tuple[str, str]],
+               fail_capture: bool = False) -> tuple[OrtLanes, list[FakeGraphSession]]:
+    sessions: list[FakeGraphSession] = []
+
+    def make_session(stream: Any) -> FakeGraphSession:
+        s = FakeGraphSession(fake, log, fail_capture)
+        sessions.append(s)
+        return s
+
+    return OrtLanes(make_session, count, IN, OUT, capture_runs=3, name="m.onnx"), sessions
+
+
+def test_each_lane_captures_once_on_its_own_thread_one_at_a_time(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, sessions = make_lanes(fake, 3, log)
+    try:
+        assert lanes.count == 3
+        assert [e for e in log if e[0] == "capture"] == [("capture", f"ort-lane-{i}") for i in range(3)]
+        assert all(len(s.captured) == 1 for s in sessions)
+    finally:
+        lanes.close()
+    assert fake.mem == {}  # every lane buffer freed
+
+
+def test_cameras_get_their_own_results_through_whichever_lane_is_free(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, sessions = make_lanes(fake, 2, log)
+    cams = []
+    for _ in range(6):  # each camera: its own input and output buffers
+        inp = fake.buffer(16)
+        outs = [fake.buffer(16), fake.buffer(4)]
+        cams.append((inp, outs))
+
+    def camera(c: int) -> int:
+        inp, outs = cams[c]
+        for k in range(20):
+            x = np.arange(4, dtype=np.float32) + 100 * c + k
+            fake.ptr_array(inp, IN)[:] = x
+            lanes.run_device(inp, outs)
+            np.testing.assert_array_equal(fake.ptr_array(outs[0], OUT[0])[0], x * 2)
+            assert float(fake.ptr_array(outs[1], OUT[1])[0, 0]) == float(x.sum())
+        return c
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            assert sorted(pool.map(camera, range(6))) == list(range(6))
+        runs = lanes.runs_per_lane()
+        assert sum(runs) == 120 and all(r > 0 for r in runs)  # both lanes served
+        replays = [name for kind, name in log if kind == "replay"]
+        assert len(replays) == 120 + 2  # and the replay after each capture
+        assert set(replays) == {"ort-lane-0", "ort-lane-1"}
+        assert all(len(s.captured) == 1 for s in sessions)  # no camera thread ever captured
+        host = lanes.run_host(np.full(IN.shape, 3, np.float32))
+        np.testing.assert_array_equal(host[0], np.full(IN.shape, 6, np.float32))
+        with pytest.raises(EngineError, match="does not match"):
+            lanes.run_host(np.zeros((1, 3), np.float32))
+        with pytest.raises(EngineError, match="output buffers"):
+            lanes.run_device(cams[0][0], cams[0][1][:1])
+    finally:
+        lanes.close()
+    with pytest.raises(EngineError, match="closed"):
+        lanes.run_device(cams[0][0], cams[0][1])
+
+
+def test_a_failed_capture_is_a_clear_error_and_frees_everything(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    with pytest.raises(EngineError, match=r"graph lane 0 of m\.onnx: capture failed: .*stream is capturing"):
+        make_lanes(fake, 2, log, fail_capture=True)
+    assert fake.mem == {}
+    assert not CAPTURE._writer and CAPTURE._readers == 0  # the lock is free again
+
+
+def test_a_failing_replay_reaches_the_camera_as_an_engine_error(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, sessions = make_lanes(fake, 1, log)
+    try:
+        def broken(binding: Any, options: Any) -> None:
+            raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+
+        sessions[0].run_with_iobinding = broken  # type: ignore[method-assign]
+        with pytest.raises(EngineError, match="inference failed: CUDA failure 700"):
+            lanes.run_device(fake.buffer(16), [fake.buffer(16), fake.buffer(4)])
+    finally:
+        lanes.close()
+
+
+def test_capture_lock_excludes_replays_and_a_waiting_capture_goes_first() -> None:
+    lock = CaptureLock()
+    order: list[str] = []
+    with lock.shared():
+        with lock.shared():  # replays overlap each other
+            pass
+        got = threading.Event()
+
+        def capture() -> None:
+            with lock.exclusive():
+                order.append("capture")
+                got.set()
+
+        t = threading.Thread(target=capture)
+        t.start()
+        time.sleep(0.05)
+        assert not got.is_set()  # waits for the replay in flight
+
+        def replay() -> None:
+            with lock.shared():
+                order.append("replay")
+
+        r = threading.Thread(target=replay)
+        r.start()
+        time.sleep(0.05)
+        assert order == []  # a new replay waits behind the waiting capture
+    t.join(2)
+    r.join(2)
+    assert order == ["capture", "replay"]
+
+
+def gpu(**kw: Any) -> EngineConfig:
+    return EngineConfig(providers=[ProviderConfig(name="CUDAExecutionProvider")], **kw)
+
+
+@pytest.mark.parametrize(("cfg", "cameras", "overrides", "event"), [
+    (gpu(cuda_graph=True), 1, {}, None),
+    (gpu(cuda_graph=True, graph_lanes=2), 1, {"graph_lanes": 0}, None),
+    (gpu(cuda_graph=True), 8, {"graph_lanes": 4}, "cuda_graph_lanes"),
+    (gpu(cuda_graph=True), 3, {"graph_lanes": 3}, "cuda_graph_lanes"),
+    (gpu(cuda_graph=True, graph_lanes=6), 8, {"graph_lanes": 6}, "cuda_graph_lanes"),
+    (gpu(cuda_graph=True, preprocess="cpu"), 2, {"graph_lanes": 0, "cuda_graph": False}, "cuda_graph_off"),
+    (gpu(cuda_graph=False), 2, {"graph_lanes": 0}, None),
+    (EngineConfig(cuda_graph=True), 2, {"graph_lanes": 0, "cuda_graph": False}, "cuda_graph_off"),
+    (EngineConfig(backend="tensorrt", cuda_graph=True), 2, {}, None),
+])
+def test_shared_engine_settings(cfg: EngineConfig, cameras: int, overrides: dict[str, object],
+                                event: str | None) -> None:
+    got, ev = shared_engine_settings(cfg, cameras)
+    providers = got.pop("providers", None)
+    assert got == overrides
+    assert (ev[0] if ev else None) == event
+    own_streams = cameras > 1 and cfg.providers[0].name == "CUDAExecutionProvider" and "graph_lanes" in got \
+        and got["graph_lanes"] == 0
+    if own_streams:  # no lanes on a GPU EP: ONNX Runtime takes a stream per run so the cameras overlap
+        assert providers is not None and providers[0].options["has_user_compute_stream"] == "0"
+    else:
+        assert providers is None
