@@ -163,14 +163,28 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             "goal_held": held}
 
 
-def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: float = 3.0) -> dict[str, Any]:
-    """The engine alone: n threads, each on its own context of ONE loaded model, as fast as it goes."""
+def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: float = 3.0,
+                 nv12: bool = False) -> dict[str, Any]:
+    """The engine alone: n threads, each on its own context of ONE loaded model, as fast as it goes.
+
+    `nv12`: the frames are NV12 already on the GPU, as NVDEC leaves them (no upload, no staging
+    buffers), else BGR host frames uploaded each time."""
     from agent.engines.factory import create_engine, shared_engine_settings
     from agent.pipeline import ModelRuntime, build_runtime
 
     overrides, _ = shared_engine_settings(cfg.engine, n)  # as the service arranges n cameras
     ecfg = cfg.engine.model_copy(update=overrides)
-    frame = np.full((height, width, 3), 114, np.uint8)
+    frame: Any = np.full((height, width, 3), 114, np.uint8)
+    device_frame = None
+    if nv12 and cfg.engine.preprocess != "cpu":
+        from agent.engines import cuda
+        from agent.vision.gpu import Nv12Frame
+
+        device_frame = cuda.DeviceBuffer(width * height * 3 // 2)
+        with cuda.Stream() as stream:
+            cuda.copy_htod_async(device_frame, np.full(width * height * 3 // 2, 120, np.uint8), stream)
+            stream.synchronize()
+        frame = Nv12Frame(device_frame.ptr, device_frame.ptr + width * height, width, width, height)
     gpu0 = _gpu_used()
     first = create_engine(cfg.model.path, ecfg, None)
     runtimes: list[ModelRuntime] = []
@@ -192,7 +206,7 @@ def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: flo
                     rt.frontend(frame)
                     counts[i] += 1
             else:
-                tensor, _ = rt.letterbox(frame)
+                tensor, _ = rt.letterbox(frame if isinstance(frame, np.ndarray) else frame.to_bgr())
                 tensor = tensor.copy()
                 while not stop.is_set():
                     rt.engine.infer(tensor)
@@ -222,6 +236,8 @@ def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: flo
             rt.close()
         if not runtimes:
             first.close()
+        if device_frame is not None:
+            device_frame.free()
 
 
 def nvdec_limit(clip: Path, n: int, seconds: float = 3.0) -> dict[str, Any]:
@@ -313,7 +329,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
         if a is not None and b is not None:
             results["gpu_mem_per_extra_camera_mb"] = round((b - a) / (n_limit - 1), 1)
             results["gpu_mem_first_camera_mb"] = a
-    results["engine_limit"] = engine_limit(base, n_limit, width, height)
+    results["engine_limit"] = engine_limit(base, n_limit, width, height, nv12=args.decode == "nvdec")
     if args.decode in ("nvdec", "auto"):
         results["nvdec_limit"] = nvdec_limit(clip, n_limit)
     lim = results["engine_limit"].get("inferences_per_s")

@@ -34,7 +34,7 @@ case $step in
     wait
     for i in $(seq 1 "$k"); do echo "process $i:"; grep -E "^N=|cpu ms/f" "$out/procs${k}x${n}_${name}_$i.txt" | head -2; done;;
   check)  # streams_check.py: the clips beside CLIP (demo1080_h264.mp4, ...); $1: which checks
-    OUT=$out timeout 400 python3 scripts/streams_check.py --clips "$(dirname "$clip")" --only "${1:-nv12_kernel,nvdec_frames,detections}" \
+    OUT=$out timeout 400 python3 scripts/streams_check.py --clips "$(dirname "$clip")" --model "$model" --only "${1:-nv12_kernel,nvdec_frames,detections}" \
       > "$out/check.txt" 2>&1
     echo "check rc=$?"; grep -vE "^(INFO|WARNING)|PyNvVideoCodec" "$out/check.txt" | tail -30;;
   *) echo "unknown step $step" >&2; exit 2;;

@@ -14,6 +14,8 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
 3. bad_input: an MPEG-4 part 2 file, a corrupt H.264 file, an H.264 stream that changes
    resolution mid-way, served at once with a good camera: each says what happened, the good
    camera keeps its rate.
+5. swap: 8 NVDEC cameras on CUDA-graph lanes, the model swapped 6 times under load (the new lanes
+   captured while every camera runs): no errors, every camera keeps serving.
 4. shared (shared_cpu_decode): N cameras on one engine: one model load, GPU memory per extra
    camera, with NVDEC (and with CPU decoding, to tell the decoder's memory from the engine's).
 
@@ -256,7 +258,7 @@ def check_bad_input(clips: Path, work: Path) -> dict[str, Any]:
 
 
 def check_shared(clips: Path, work: Path, model: Path, counts: tuple[int, ...] = (1, 2, 8),
-                 decode: str = "nvdec") -> dict[str, Any]:
+                 decode: str = "nvdec", **engine: Any) -> dict[str, Any]:
     from agent.engines import cuda
 
     clip = str(clips / "live1080p30_h264.mp4")
@@ -266,7 +268,7 @@ def check_shared(clips: Path, work: Path, model: Path, counts: tuple[int, ...] =
         base = cuda.memory_used() or 0
         from agent.service import Service
 
-        svc = Service(gpu_config(model, cams, work), use_cache=False)
+        svc = Service(gpu_config(model, cams, work, **engine), use_cache=False)
         try:
             svc.start()
             time.sleep(4.0)
@@ -282,8 +284,52 @@ def check_shared(clips: Path, work: Path, model: Path, counts: tuple[int, ...] =
     out["gpu_mem_first_camera_mb"] = one
     out["gpu_mem_per_extra_camera_mb"] = round(per_extra, 1)
     out["per_extra_vs_first"] = round(per_extra / one, 3) if one else None
-    out["decode"] = decode
-    out["ok"] = all(v["model_loads"] == 1 for k, v in out.items() if isinstance(v, dict))
+    if len(counts) > 2:  # beyond the lanes (at most 4): what one more camera costs
+        a, b = out[str(counts[-2])]["gpu_mem_mb"], last
+        out["gpu_mem_per_extra_camera_beyond_mb"] = round((b - a) / (counts[-1] - counts[-2]), 1)
+    out["decode"], out["engine"] = decode, engine
+    out["ok"] = all(out[str(n)]["model_loads"] == 1 for n in counts)
+    return out
+
+
+def check_swap(clips: Path, work: Path, model: Path, cameras: int = 8, swaps: int = 6) -> dict[str, Any]:
+    """CUDA-graph lanes and a model swap under load: `cameras` live NVDEC streams on one model with
+    cuda_graph (lanes), then the model swapped `swaps` times as an update does it (new runtimes
+    loaded and their lanes captured while every camera runs, a swap at a frame boundary, the old
+    runtimes closed once drained). Every camera must keep its rate, with no errors and no crash."""
+    from agent.service import Service
+    from agent.updates.host import ServiceHost
+
+    clip = str(clips / "live1080p30_h264.mp4")
+    cams = [{"id": f"s{i}", "source": clip, "pace": True, "loop": True, "decode": "nvdec"} for i in range(cameras)]
+    svc = Service(gpu_config(model, cams, work, cuda_graph=True), use_cache=False)
+    out: dict[str, Any] = {"cameras": cameras, "swaps": []}
+    try:
+        svc.start()
+        time.sleep(3.0)
+        host = ServiceHost(svc)
+        out["graph_lanes"] = svc.engine_info.get("graph_lanes")
+        for k in range(swaps):
+            before = [(p.processed, p.errors) for p in svc.pipelines]
+            t0 = time.perf_counter()
+            bundle = host.prepare_engine(None, None)
+            t1 = time.perf_counter()
+            host.activate(bundle, None)
+            t2 = time.perf_counter()
+            time.sleep(3.0)
+            after = [(p.processed, p.errors) for p in svc.pipelines]
+            out["swaps"].append({"load_and_capture_s": round(t1 - t0, 2), "activate_s": round(t2 - t1, 2),
+                                 "frames": [a[0] - b[0] for a, b in zip(after, before, strict=True)],
+                                 "errors": sum(a[1] - b[1] for a, b in zip(after, before, strict=True)),
+                                 "model": [p.runtime.version for p in svc.pipelines][:1]})
+            print(f"swap {k}: {out['swaps'][-1]}", flush=True)
+        tele = svc.telemetry()
+        out["fps"] = [c["fps"] for c in tele["cameras"]]
+        out["engine"] = {k: tele["engine"].get(k) for k in ("model_loads", "cuda_graph", "graph_lanes")}
+    finally:
+        svc.shutdown()
+    window = 3.0 * 30 * 0.9  # frames each camera must have served in the 3 s after a swap
+    out["ok"] = all(s["errors"] == 0 and min(s["frames"]) >= window for s in out["swaps"])
     return out
 
 
@@ -316,6 +362,10 @@ def main() -> int:
               "detections": lambda: check_detections(args.clips, work),
               "bad_input": lambda: check_bad_input(args.clips, work),
               "shared": lambda: check_shared(args.clips, work, args.model),
+              "swap": lambda: check_swap(args.clips, work, args.model),
+              "shared_lanes": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), cuda_graph=True),
+              "shared_lanes_cpu_decode": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), "cpu",
+                                                              cuda_graph=True),
               "shared_cpu_decode": lambda: check_shared(args.clips, work, args.model, decode="cpu")}
     failed = False
     for name in args.only.split(","):

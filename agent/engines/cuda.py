@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +27,8 @@ import numpy as np
 from agent.errors import EngineError
 
 __all__ = [
+    "CAPTURE",
+    "CaptureLock",
     "DeviceBuffer",
     "Event",
     "Kernel",
@@ -46,6 +51,54 @@ __all__ = [
 ]
 
 _RT: Any = None
+
+
+class CaptureLock:
+    """Readers-writer lock for CUDA graph captures, which ONNX Runtime makes in global mode: while a
+    thread captures, a CUDA call from any other thread (cudaMalloc, a synchronize, a decode) can
+    invalidate the capture. Per-frame GPU work holds it shared, a capture holds it alone; a waiting
+    capture stops new shared holders (it is not starved). Not re-entrant: never take it twice on
+    one thread, nor hold it while waiting for another thread that takes it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+CAPTURE = CaptureLock()  # process-wide, as the capture mode is
 
 
 def cuda_runtime() -> Any:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agent.config import EngineConfig
+from agent.engines import cuda
 from agent.engines.base import Engine, EngineInfo, TensorSpec
 from agent.engines.ort_lanes import OrtLanes
 from agent.errors import EngineError, ModelError
@@ -81,6 +82,7 @@ def physical_cores() -> int:
 # instead of ~200. 2 is the default until a higher count is shown safe; the variable is for
 # measurement only.
 MAX_CONCURRENT_RUNS = max(1, int(os.environ.get("EDGE_AGENT_ORT_RUN_WORKERS", "2") or 2))
+_CAPTURE_RUNS = 3  # ONNX Runtime runs once plainly, then captures: a thread's first runs hold the GPU alone
 
 
 class _SharedSession:
@@ -152,6 +154,7 @@ class OnnxRuntimeEngine(Engine):
         self._lane_stream: Any = None  # the first lane's stream, made with the first session
         self._lane_bindings: list[tuple[int, list[int]]] = []  # (input, outputs) device pointers per binding
         self._lane_providers: list[tuple[str, dict[str, str]]] = []
+        self._thread_runs = threading.local()  # runs per calling thread (graphs are captured per thread)
 
     def _session_options(self) -> Any:
         import onnxruntime as ort
@@ -399,17 +402,20 @@ class OnnxRuntimeEngine(Engine):
         if self._lanes is not None:
             if not 0 <= binding < len(self._lane_bindings):
                 raise EngineError("bind_device() first")
-            self._stream.synchronize()  # the camera's input is written on its own stream
-            self._lanes.run_device(*self._lane_bindings[binding])
+            with cuda.CAPTURE.shared():
+                self._stream.synchronize()  # the camera's input is written on its own stream
+            self._lanes.run_device(*self._lane_bindings[binding])  # not under the lock: a lane takes it
             return
         if not 0 <= binding < len(self._device_bindings):
             raise EngineError("bind_device() first")
         io, ro = self._device_bindings[binding]
         try:
             if not self._stream_in_session:  # the input written on our stream, ONNX Runtime runs on its own
-                self._stream.synchronize()
+                with cuda.CAPTURE.shared():
+                    self._stream.synchronize()
             if self._shared is None:
-                self._session.run_with_iobinding(io, ro)
+                with self._capture_guard():
+                    self._session.run_with_iobinding(io, ro)
             else:
                 self._shared.workers.submit(self._run_locked, io, ro).result()
         except Exception as exc:
@@ -467,12 +473,24 @@ class OnnxRuntimeEngine(Engine):
 
     def _run_locked(self, io: Any, ro: Any) -> None:
         """On a worker of the shared session: one device-IO run (under the graph lock when graphs are on)."""
-        with self._run_guard():
+        with self._run_guard(), self._capture_guard():
             self._session.run_with_iobinding(io, ro)
 
     def _infer_locked(self, tensor: np.ndarray) -> list[np.ndarray]:
-        with self._run_guard():
+        with self._run_guard(), self._capture_guard():
             return self._infer_run(tensor)
+
+    def _capture_guard(self) -> contextlib.AbstractContextManager[object]:
+        """agent.engines.cuda.CAPTURE for a run on the GPU: alone for this thread's first runs with CUDA
+        graphs (ONNX Runtime captures on one of them, per thread, in global mode), else shared."""
+        if self._info is not None and self._info.device != "cuda":
+            return contextlib.nullcontext()
+        if self._graphs:
+            runs = getattr(self._thread_runs, "n", 0)
+            self._thread_runs.n = runs + 1
+            if runs < _CAPTURE_RUNS:
+                return cuda.CAPTURE.exclusive()
+        return cuda.CAPTURE.shared()
 
     def _infer_run(self, tensor: np.ndarray) -> list[np.ndarray]:
         assert self._input is not None

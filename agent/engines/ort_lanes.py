@@ -8,8 +8,10 @@ stream with ONE captured graph over its own input / output buffers, driven by it
 Cameras keep their own buffers (written by their preprocessing, read by their candidate
 selection); a frame's run is a job: whichever lane is free copies the camera's input in (device
 to device), replays, copies the outputs back, and synchronises its stream. Lanes are captured one
-at a time when they are made, under CAPTURE held exclusively; every replay holds it shared, so a
-later capture (a model swap) never overlaps a replay of another lane set.
+at a time when they are made, under agent.engines.cuda.CAPTURE held exclusively; replays, the GPU
+frontends and NVDEC hold it shared, so a later capture (a model swap while cameras run) never
+meets another thread's CUDA call (measured on the H200: without that, the third swap under load
+failed with cudaErrorStreamCaptureInvalidated).
 
 What a camera costs on top of the first: its own input and output buffers (and its frontend's),
 no graph and no session: measured on the H200 (docs/measurements/).
@@ -20,9 +22,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,55 +35,12 @@ from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAPTURE", "CaptureLock", "OrtLanes"]
+__all__ = ["OrtLanes"]
 
 _GRAPH_ID = "1"  # each lane captures one graph; ids are per session and per thread in ONNX Runtime
 _LANE_READY_S = 120.0  # a capture on a cold GPU (cuDNN algorithm search) takes seconds, never minutes
 
 
-class CaptureLock:
-    """Readers-writer lock: replays hold it shared, a capture holds it alone (writers are not starved:
-    a waiting capture stops new replays from starting)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-CAPTURE = CaptureLock()  # process-wide: ONNX Runtime captures in cudaStreamCaptureModeGlobal
 
 
 @dataclass
@@ -185,9 +143,11 @@ class OrtLanes:
 
     def _loop(self, lane: _Lane) -> None:
         try:
-            with CAPTURE.exclusive():  # ONNX Runtime captures on this thread; nothing else may run meanwhile
+            with cuda.CAPTURE.shared():  # ONNX Runtime's first run is a plain one (memory, cuDNN's search)
                 cuda.memset_async(lane.input, 0, lane.stream)
-                for _ in range(self.capture_runs):
+                lane.session.run_with_iobinding(lane.binding, lane.options)
+            with cuda.CAPTURE.exclusive():  # then it captures on this thread: no other CUDA work meanwhile
+                for _ in range(self.capture_runs - 1):
                     lane.session.run_with_iobinding(lane.binding, lane.options)
                 lane.stream.synchronize()
         except BaseException as exc:
@@ -202,7 +162,7 @@ class OrtLanes:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                with CAPTURE.shared():
+                with cuda.CAPTURE.shared():
                     result = self._run(lane, job)
                 lane.runs += 1
             except BaseException as exc:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -162,8 +162,9 @@ class Nv12Frame:
         """(Y, UV) copied to the host."""
         y = np.empty((self.height, self.pitch), np.uint8)
         uv = np.empty((self.height // 2, self.pitch), np.uint8)
-        cuda.copy_dtoh_ptr(y, self.y_ptr)
-        cuda.copy_dtoh_ptr(uv, self.uv_ptr)
+        with cuda.CAPTURE.shared():
+            cuda.copy_dtoh_ptr(y, self.y_ptr)
+            cuda.copy_dtoh_ptr(uv, self.uv_ptr)
         return (y[:, : self.width],
                 uv[:, : self.width].reshape(self.height // 2, self.width // 2, 2))
 
@@ -288,6 +289,7 @@ _KERNELS = ["letterbox_f32", "letterbox_u16", "letterbox_u8", "letterbox_nv12_f3
 SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepares and collects
 INPUTS = 2  # input buffers used in turn: one is letterboxed while the other is inferred
 _TINY = float(np.finfo(np.float32).tiny)
+_NV12_LAUNCHES = 128  # packed NV12 launches kept per source size (decoder buffers x input buffers)
 _O = TypeVar("_O", bound=cuda._Owned)
 
 
@@ -305,6 +307,9 @@ class _SourceSize:
     left: int
     top: int
     lb: Letterbox
+    # NV12 launches packed once per (decoder buffer, input buffer): the decoder's pool reuses a few
+    # buffers, and packing 21 arguments every frame cost Python time on the inference thread
+    nv12: dict[tuple[object, ...], cuda.Launch] = field(default_factory=dict)
 
     def free(self) -> None:
         for b in (*self.pinned, *self.frames, self.xtaps, self.ytaps):
@@ -339,7 +344,8 @@ class Pending:
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
         try:
-            slot.done.synchronize()
+            with cuda.CAPTURE.shared():
+                slot.done.synchronize()
             return self._frontend._collect(slot), self.lb
         finally:
             slot.keep = None
@@ -515,6 +521,10 @@ class GpuFrontend:
     def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
         slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
+        with cuda.CAPTURE.shared():  # no CUDA call of ours while another thread captures a graph
+            return self._stage(image)
+
+    def _stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         if isinstance(image, Nv12Frame):
             return self._stage_nv12(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -549,16 +559,8 @@ class GpuFrontend:
         s, prep = self._size(frame.width, frame.height, staging=False), self.copy_stream
         slot, k = self._acquire()
         try:
-            cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
-            grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
-            launch = self.kernels.prepare(
-                self._letterbox_nv12, grid, (32, 8, 1),
-                [np.uint64(frame.y_ptr), np.uint64(frame.uv_ptr), np.int32(frame.pitch), np.int32(frame.pitch),
-                 np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr), np.int32(s.new_w), np.int32(s.new_h),
-                 np.int32(s.left), np.int32(s.top), np.int32(self.width), np.int32(self.height),
-                 np.int32(self.pad_value), np.uint64(self._lut.ptr),
-                 np.int32(cy), np.int32(cvr), np.int32(cug), np.int32(cvg), np.int32(cub), np.int32(yoff),
-                 np.uint64(self.inputs[k].ptr)])
+            key = (frame.y_ptr, frame.uv_ptr, frame.pitch, k, frame.matrix, frame.full_range)
+            launch = s.nv12.get(key) or self._nv12_launch(s, frame, k, key)
             prep.wait(self._input_free[k])
             launch(prep)
             slot.uploaded.record(prep)
@@ -569,26 +571,43 @@ class GpuFrontend:
         self._staged += 1
         return Staged(slot, k, s.lb)
 
+    def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, k: int, key: tuple[object, ...]) -> cuda.Launch:
+        if len(s.nv12) >= _NV12_LAUNCHES:  # a decoder that keeps handing out new buffers: start over
+            s.nv12.clear()
+        cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
+        grid = ((self.width + 31) // 32, (self.height + 7) // 8, 1)
+        launch = s.nv12[key] = self.kernels.prepare(
+            self._letterbox_nv12, grid, (32, 8, 1),
+            [np.uint64(frame.y_ptr), np.uint64(frame.uv_ptr), np.int32(frame.pitch), np.int32(frame.pitch),
+             np.uint64(s.xtaps.ptr), np.uint64(s.ytaps.ptr), np.int32(s.new_w), np.int32(s.new_h),
+             np.int32(s.left), np.int32(s.top), np.int32(self.width), np.int32(self.height),
+             np.int32(self.pad_value), np.uint64(self._lut.ptr),
+             np.int32(cy), np.int32(cvr), np.int32(cug), np.int32(cvg), np.int32(cub), np.int32(yoff),
+             np.uint64(self.inputs[k].ptr)])
+        return launch
+
     def launch(self, staged: Staged) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream."""
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
-            stream.wait(slot.uploaded)
-            if self.on_device_decode:
-                cuda.memset_async(self._count, 0, stream)
-            self.engine.run_device(self._bindings[k])
-            self._input_free[k].record(stream)
-            if self.on_device_decode:
-                self._candidates_launch()(stream)
-                # every row slot, not just the kept ones: the count is not known on the host yet,
-                # and the device buffers belong to the next frame once this is queued (~28 B/anchor)
-                cuda.memcpy_async(slot.host_out[0].ptr, self._count.ptr, 4, "dtoh", stream)
-                cuda.memcpy_async(slot.host_out[1].ptr, self._rows.ptr, self._n * 28, "dtoh", stream)
-            else:
-                for host, dev in zip(slot.host_out, self.outputs, strict=True):
-                    cuda.copy_dtoh_async(host, dev, stream)
-            slot.done.record(stream)
+            with cuda.CAPTURE.shared():
+                stream.wait(slot.uploaded)
+                if self.on_device_decode:
+                    cuda.memset_async(self._count, 0, stream)
+            self.engine.run_device(self._bindings[k])  # guards its own CUDA calls (it may wait on a lane)
+            with cuda.CAPTURE.shared():
+                self._input_free[k].record(stream)
+                if self.on_device_decode:
+                    self._candidates_launch()(stream)
+                    # every row slot, not just the kept ones: the count is not known on the host yet,
+                    # and the device buffers belong to the next frame once this is queued (~28 B/anchor)
+                    cuda.memcpy_async(slot.host_out[0].ptr, self._count.ptr, 4, "dtoh", stream)
+                    cuda.memcpy_async(slot.host_out[1].ptr, self._rows.ptr, self._n * 28, "dtoh", stream)
+                else:
+                    for host, dev in zip(slot.host_out, self.outputs, strict=True):
+                        cuda.copy_dtoh_async(host, dev, stream)
+                slot.done.record(stream)
         except BaseException:
             slot.free.set()
             raise

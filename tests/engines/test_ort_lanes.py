@@ -22,8 +22,9 @@ import pytest
 from agent.config import EngineConfig, ProviderConfig
 from agent.engines import ort_lanes
 from agent.engines.base import TensorSpec
+from agent.engines.cuda import CAPTURE, CaptureLock
 from agent.engines.factory import shared_engine_settings
-from agent.engines.ort_lanes import CAPTURE, CaptureLock, OrtLanes
+from agent.engines.ort_lanes import OrtLanes
 from agent.errors import EngineError
 
 IN = TensorSpec("images", (1, 4), np.dtype(np.float32))
@@ -78,7 +79,7 @@ class FakeCuda:
         def copy_dtoh_async(dst: np.ndarray, src: Any, stream: Any) -> None:
             dst.view(np.uint8).reshape(-1)[:] = fake.mem[src.ptr]
 
-        return type("cuda", (), {"Stream": Stream, "DeviceBuffer": DeviceBuffer,
+        return type("cuda", (), {"CAPTURE": CAPTURE, "Stream": Stream, "DeviceBuffer": DeviceBuffer,
                                  "memset_async": staticmethod(memset_async),
                                  "memcpy_async": staticmethod(memcpy_async),
                                  "copy_htod_async": staticmethod(copy_htod_async),
@@ -279,3 +280,34 @@ def test_shared_engine_settings(cfg: EngineConfig, cameras: int, overrides: dict
         assert providers is not None and providers[0].options["has_user_compute_stream"] == "0"
     else:
         assert providers is None
+
+
+def test_a_threads_first_graph_runs_hold_the_gpu_alone_later_runs_share_it(tmp_path: Any) -> None:
+    # the single-camera CUDA-graph path: ONNX Runtime captures on one of a thread's first runs (per
+    # thread, global mode), so those runs exclude every other CUDA call of the process
+    from agent.engines.base import EngineInfo
+    from agent.engines.onnxruntime import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(tmp_path / "m.onnx", gpu(cuda_graph=True))
+    engine._graphs = True
+    engine._info = EngineInfo(backend="onnxruntime", providers=["CUDAExecutionProvider"], precision="fp32",
+                              device="cuda")
+    alone = []
+    for _ in range(5):
+        with engine._capture_guard():
+            alone.append(CAPTURE._writer)
+    assert alone == [True, True, True, False, False]
+    other: list[bool] = []
+
+    def another_thread() -> None:
+        with engine._capture_guard():  # a new thread captures again: alone again
+            other.append(CAPTURE._writer)
+
+    t = threading.Thread(target=another_thread)
+    t.start()
+    t.join(5)
+    assert other == [True]
+    engine._info = EngineInfo(backend="onnxruntime", providers=["CPUExecutionProvider"], precision="fp32",
+                              device="cpu")
+    with engine._capture_guard():  # the CPU EP takes no lock at all
+        assert not CAPTURE._writer and CAPTURE._readers == 0

@@ -29,6 +29,7 @@ from typing import Any
 
 from agent.capture.sources.base import FrameSource, _Pacer, file_path, gstreamer_available, redact
 from agent.config import CameraConfig
+from agent.engines import cuda
 from agent.errors import EngineError, SourceError
 
 log = logging.getLogger(__name__)
@@ -277,14 +278,15 @@ class NvdecSource(FrameSource):
                     self._rewind()
                     continue
                 return None
-            try:
-                decoded = self._dec.Decode(packet)
-            except Exception as exc:
-                raise SourceError(f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}") from None
-            for f in decoded:
-                self._ready.append(self._copy(f))
-            if decoded:
-                self._stream.synchronize()  # the frames are whole before any other stream reads them
+            with cuda.CAPTURE.shared():  # never while another thread captures a CUDA graph
+                try:
+                    decoded = self._dec.Decode(packet)
+                except Exception as exc:
+                    raise SourceError(f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}") from None
+                for f in decoded:
+                    self._ready.append(self._copy(f))
+                if decoded:
+                    self._stream.synchronize()  # the frames are whole before any other stream reads them
         frame = self._ready.popleft()
         self.frames_read += 1
         if self._pacer is not None:
