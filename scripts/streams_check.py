@@ -318,8 +318,13 @@ def check_swap(clips: Path, work: Path, model: Path, cameras: int = 8, swaps: in
             t2 = time.perf_counter()
             time.sleep(3.0)
             after = [(p.processed, p.errors) for p in svc.pipelines]
+            window = time.perf_counter() - t0
+            frames = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
             out["swaps"].append({"load_and_capture_s": round(t1 - t0, 2), "activate_s": round(t2 - t1, 2),
-                                 "frames": [a[0] - b[0] for a, b in zip(after, before, strict=True)],
+                                 "window_s": round(window, 2),
+                                 # frames behind a 30 fps source over the window: the stall the swap caused
+                                 "behind_frames": round(30 * window - min(frames), 1),
+                                 "frames": frames,
                                  "errors": sum(a[1] - b[1] for a, b in zip(after, before, strict=True)),
                                  "model": [p.runtime.version for p in svc.pipelines][:1]})
             print(f"swap {k}: {out['swaps'][-1]}", flush=True)

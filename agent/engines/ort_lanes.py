@@ -62,6 +62,7 @@ class _Lane:
     outputs: list[cuda.DeviceBuffer]
     binding: Any = None
     options: Any = None
+    plain: Any = None
     thread: threading.Thread | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -80,7 +81,7 @@ class OrtLanes:
         if count < 1:
             raise EngineError(f"graph lanes must be >= 1, got {count}")
         self.input_spec, self.output_specs = input_spec, list(output_specs)
-        self.capture_runs = max(2, capture_runs)  # ONNX Runtime runs once plainly, then captures
+        self.capture_runs = max(3, capture_runs)  # one plain run, then the capture and a replay
         self.name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lanes: list[_Lane] = []
@@ -125,12 +126,14 @@ class OrtLanes:
                 binding.bind_output(o.name, "cuda", 0, o.dtype.type, list(o.shape), buf.ptr)
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", _GRAPH_ID)
+            plain = ort.RunOptions()
+            plain.add_run_config_entry("gpu_graph_id", "-1")  # ONNX Runtime's "no graph" id
         except BaseException:
             for b in [inp, *outs]:
                 b.free()
             raise
         # the replay synchronises the lane's stream itself; the copies after it are synchronised by the lane
-        return _Lane(index, session, stream, inp, outs, binding, options)
+        return _Lane(index, session, stream, inp, outs, binding, options, plain)
 
     def _start(self, lane: _Lane) -> None:
         lane.thread = threading.Thread(target=self._loop, args=(lane,), name=f"ort-lane-{lane.index}", daemon=True)
@@ -143,10 +146,13 @@ class OrtLanes:
 
     def _loop(self, lane: _Lane) -> None:
         try:
-            with cuda.CAPTURE.shared():  # ONNX Runtime's first run is a plain one (memory, cuDNN's search)
+            # a plain run first (graph id -1: memory, cuDNN's algorithm search), beside the other
+            # cameras; then ONNX Runtime captures on one of the next runs, on this thread (which one
+            # depends on the session's earlier runs): those alone, so a swap stalls the others briefly
+            with cuda.CAPTURE.shared():
                 cuda.memset_async(lane.input, 0, lane.stream)
-                lane.session.run_with_iobinding(lane.binding, lane.options)
-            with cuda.CAPTURE.exclusive():  # then it captures on this thread: no other CUDA work meanwhile
+                lane.session.run_with_iobinding(lane.binding, lane.plain)
+            with cuda.CAPTURE.exclusive():
                 for _ in range(self.capture_runs - 1):
                     lane.session.run_with_iobinding(lane.binding, lane.options)
                 lane.stream.synchronize()

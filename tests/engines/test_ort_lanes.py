@@ -111,9 +111,12 @@ class FakeGraphSession:
         return FakeBinding()
 
     def run_with_iobinding(self, binding: FakeBinding, options: Any) -> None:
-        key = (threading.get_ident(), options.get_run_config_entry("gpu_graph_id"))
-        n = self.runs[key] = self.runs.get(key, 0) + 1
-        if key not in self.captured and n >= 2:
+        graph = options.get_run_config_entry("gpu_graph_id")
+        # every run counts towards the capture, "-1" ones too (seen on the H200: the first lane, whose
+        # session had run once for the placement report, captured on its first lane run)
+        self.total = getattr(self, "total", 0) + 1
+        key = (threading.get_ident(), graph)
+        if graph != "-1" and key not in self.captured and self.total >= 2:
             # a capture while anything else runs on the GPU fails ("operation not permitted when stream is capturing")
             assert CAPTURE._writer and CAPTURE._readers == 0, "capture outside the exclusive capture lock"
             if self.fail_capture:
