@@ -244,6 +244,13 @@ class OrtLanes:
             except EngineError as exc:
                 log.warning("closing a graph lane stream: %s", exc)
         self._lanes = []
+        while True:  # a job queued behind the stop markers would wait for ever: fail it
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineError(f"graph lanes of {self.name} are closed"))
 
 
 def _nbytes(spec: TensorSpec) -> int:

@@ -314,3 +314,14 @@ def test_a_threads_first_graph_runs_hold_the_gpu_alone_later_runs_share_it(tmp_p
                               device="cpu")
     with engine._capture_guard():  # the CPU EP takes no lock at all
         assert not CAPTURE._writer and CAPTURE._readers == 0
+
+
+def test_a_job_queued_as_the_lanes_close_fails_instead_of_waiting_for_ever(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, _ = make_lanes(fake, 1, log)
+    lanes.close()
+    late = ort_lanes._Job(ort_lanes.Future(), input_ptr=1, output_ptrs=[2, 3])
+    lanes._jobs.put(late)  # as if put between the closed check and the stop markers
+    lanes.close()
+    with pytest.raises(EngineError, match="closed"):
+        late.future.result(timeout=1)
