@@ -15,6 +15,7 @@ and every result carries the runtime that produced it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -138,7 +139,8 @@ class _Item:
 
 
 _STOP = object()
-_SWITCH_INTERVAL_S = 0.001
+# the GIL switch interval the pipelines set; the variable is for measurement only (many cameras)
+_SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
 
 
 class Pipeline:
@@ -180,7 +182,7 @@ class Pipeline:
         # Four Python threads share the GIL; at the default 5 ms switch interval a thread woken by
         # its queue may wait that long behind a busy one. 1 ms bounds that; on the H200 bench 0.1,
         # 0.25 and 1 ms gave the same throughput and p99 (docs/measurements/h200-2026-11-30).
-        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S or "EDGE_AGENT_SWITCH_INTERVAL_MS" in os.environ:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self.capture.start()
         self._infer_thread.start()

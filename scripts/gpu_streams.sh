@@ -37,5 +37,11 @@ case $step in
     OUT=$out timeout 400 python3 scripts/streams_check.py --clips "$(dirname "$clip")" --model "$model" --only "${1:-nv12_kernel,nvdec_frames,detections}" \
       > "$out/check.txt" 2>&1
     echo "check rc=$?"; grep -vE "^(INFO|WARNING)|PyNvVideoCodec" "$out/check.txt" | tail -30;;
+  switch)  # the GIL switch interval at N streams: 1 ms (the agent's) vs the MS given
+    cfg=$1; n=$2; ms=$3; name=$(basename "$cfg" .yaml)
+    EDGE_AGENT_SWITCH_INTERVAL_MS=$ms timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" \
+      --streams "$n" --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
+      --json "$out/switch${ms}ms_streams${n}_$name.json" > "$out/switch${ms}ms_streams${n}_$name.txt" 2>&1
+    echo "switch $ms ms, $n streams, $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/switch${ms}ms_streams${n}_$name.txt" | head -2;;
   *) echo "unknown step $step" >&2; exit 2;;
 esac
