@@ -48,11 +48,6 @@ class ResultPublisher:
         self._last_counts: dict[str, int] = {}
         self._det_topic = topics.detections(camera)
 
-    def set_topics(self, topics: Topics) -> None:
-        self.topics = topics
-        self._det_topic = topics.detections(self.camera)
-        self._last_counts.clear()  # republish every count under the new prefix
-
     def __call__(self, result: Result) -> None:
         line = dumps(detections_payload(result, self.camera))
         if self.client is not None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.capture.reader import CaptureThread
@@ -30,6 +30,9 @@ from agent.publish import ResultPublisher, dumps
 from agent.sdnotify import Notifier, Watchdog
 from agent.telemetry.system import SystemReader, check_thresholds
 from agent.vision.types import Result
+
+if TYPE_CHECKING:
+    from agent.models.layout import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +183,9 @@ class Service:
             self.emit("model_store_unusable", {"error": str(exc)[:200]})
             self.store = None
             return cfg.path, cfg.name, cfg.version, cfg
-        if active is None:
-            return cfg.path, cfg.name, cfg.version, cfg
-        model = active.manifest.get("model", {})
-        mcfg = cfg.model_copy(update={"labels": active.labels or cfg.labels,
-                                      "decoder": model.get("decoder", cfg.decoder)})
-        log.info("serving installed model %s", active.key)
-        return active.model_path, active.name, active.version, mcfg
+        if active is not None:
+            log.info("serving installed model %s", active.key)
+        return resolve_model(self.cfg, active)
 
     def _graphs_for_cameras(self, cameras: int) -> None:
         """Several cameras on one ONNX Runtime model: CUDA-graph lanes, or graphs off and a stream per
@@ -536,6 +535,18 @@ class Service:
             self._prometheus.close()
 
 
+def resolve_model(cfg: AgentConfig, active: ModelVersion | None) -> tuple[Path, str, str, ModelConfig]:
+    """(path, name, version, model config) to serve: the installed `active` version (its file, name and
+    version; labels and decoder from its manifest, the configured ones where it has none), or the
+    configured model when none is installed. Pure: `edge-agent snapshot` resolves through it too."""
+    m = cfg.model
+    if active is None:
+        return m.path, m.name, m.version, m
+    model = active.manifest.get("model", {})
+    mcfg = m.model_copy(update={"labels": active.labels or m.labels, "decoder": model.get("decoder", m.decoder)})
+    return active.model_path, active.name, active.version, mcfg
+
+
 def _camera_hooks(table: dict[str, list[Callable[[Result], None]]], camera_id: str) -> list[Callable[[Result], None]]:
     """That camera's list in `table`; a camera the config does not have is a ConfigError naming those it has."""
     if camera_id not in table:
@@ -555,10 +566,10 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
             p.runtime.post.set_thresholds(m_new.score_threshold, m_new.class_thresholds, m_new.iou_threshold)
         applied.append("model thresholds")
     if old.mqtt.topic_prefix != new.mqtt.topic_prefix:
-        svc.topics = Topics(new.mqtt.topic_prefix, old.device_id)
-        for pub in svc.publishers:
-            pub.set_topics(svc.topics)
-        applied.append("mqtt.topic_prefix")
+        # Not live: the inspection and line-reset subscriptions, the update topics, the last will and
+        # the retained status were all set on the old prefix at start; moving only the outgoing topics
+        # would leave PLC triggers on the new prefix unanswered. One restart moves them all together.
+        restart.append("mqtt.topic_prefix")
     if old.mqtt.detections_qos != new.mqtt.detections_qos:
         for pub in svc.publishers:
             pub.qos = new.mqtt.detections_qos
@@ -589,9 +600,13 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
     if (m_old.path, m_old.labels, m_old.decoder, m_old.name, m_old.version) != (
             m_new.path, m_new.labels, m_new.decoder, m_new.name, m_new.version):
         restart.append("model (path, labels, decoder, name, version)")
-    # Keep the new config for what was applied (and for the next reload's comparison).
+    # Keep the new config for what was applied and the old for what was not (the next reload compares
+    # with what is in force, so it lists an unapplied change again until a restart).
+    unapplied_model = {k: getattr(m_old, k) for k in ("path", "labels", "decoder", "name", "version")}
     svc.cfg = new.model_copy(update={"device_id": old.device_id, "engine": old.engine, "cache": old.cache,
-                                     "updates": old.updates, "service": old.service, "sparkplug": old.sparkplug})
+                                     "updates": old.updates, "service": old.service, "sparkplug": old.sparkplug,
+                                     "mqtt": old.mqtt.model_copy(update={"detections_qos": new.mqtt.detections_qos}),
+                                     "model": m_new.model_copy(update=unapplied_model)})
     if restart:
         log.warning("reload: these changes need a restart and were not applied: %s", ", ".join(restart))
     return applied, restart
@@ -599,4 +614,4 @@ def apply_live(svc: Service, new: AgentConfig) -> tuple[list[str], list[str]]:
 
 
 
-__all__ = ["Service", "apply_live"]
+__all__ = ["Service", "apply_live", "resolve_model"]

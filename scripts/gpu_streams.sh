@@ -2,7 +2,8 @@
 # Issue 17's stream measurements on the GPU machine, one step per call (each under `timeout`):
 #   scripts/gpu_streams.sh STEP MODEL CLIP OUTDIR [N]
 # STEP: smoke (2 streams, 2 s, lanes); findmax CONFIG [N] (find-max up to N); streams CONFIG N (one run);
-#       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py).
+#       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py);
+#       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
@@ -43,5 +44,10 @@ case $step in
       --streams "$n" --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
       --json "$out/switch${ms}ms_streams${n}_$name.json" > "$out/switch${ms}ms_streams${n}_$name.txt" 2>&1
     echo "switch $ms ms, $n streams, $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/switch${ms}ms_streams${n}_$name.txt" | head -2;;
+  onestream)  # one camera, frames in memory and paced: the pipeline vs the bare limits (agent/bench.py)
+    cfg=$1; name=$(basename "$cfg" .yaml)
+    timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --size 1920x1080 --frames 500 \
+      --json "$out/onestream_$name.json" > "$out/onestream_$name.txt" 2>&1
+    echo "onestream $name rc=$?"; grep -E "^path|^bare|^pipeline|^ultra|^ratios" "$out/onestream_$name.txt";;
   *) echo "unknown step $step" >&2; exit 2;;
 esac

@@ -2,10 +2,11 @@
 
 Two ways in, one drawing (`draw_overlay`):
 - `edge-agent snapshot -c FILE [--camera ID] -o out.jpg`: opens the configured camera itself, reads
-  a few frames (so the tracker can give ids), runs the configured model on them (ONNX Runtime on the
-  CPU, no engine cache), draws the last frame with the counters saved by the running service, and
-  writes the picture. While the service holds a V4L2 / CSI camera that cannot be opened twice,
-  use the HTTP endpoint instead.
+  a few frames (so the tracker can give ids), runs the model the service serves on them (the one an
+  update installed, else the configured one: `snapshot_model`; ONNX Runtime on the CPU, no engine
+  cache), draws the last frame with the counters saved by the running service, writes the picture
+  and says which model it used. While the service holds a V4L2 / CSI camera that cannot be opened
+  twice, use the HTTP endpoint instead.
 - `commissioning.http_port`: the running service serves, on loopback only, `/snapshot.jpg?camera=ID`
   (the newest frame given to the detector, with the latest detections and counters) and
   `/counters` (JSON, every counting camera). Stdlib http.server in one daemon thread; off by default.
@@ -17,18 +18,23 @@ import argparse
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from agent.config import AgentConfig, CameraConfig, CountingConfig
+from agent.config import AgentConfig, CameraConfig, CountingConfig, ModelConfig
 from agent.errors import AgentError, ConfigError, SourceError
 from agent.plc.counting import UINT32, CounterStore, Tracked, ZoneCounter, anchor_of
 from agent.vision.types import Detection, Result
+
+if TYPE_CHECKING:
+    from agent.models.layout import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +138,74 @@ def saved_counters(cfg: AgentConfig, cam: CameraConfig) -> dict[str, int]:
     return out
 
 
-def take_snapshot(cfg: AgentConfig, camera_id: str | None = None, frames: int = 5) -> tuple[np.ndarray, Result]:
-    """Read `frames` frames of the camera, detect (and track) on each; the last frame drawn, and its result."""
+@dataclass(frozen=True)
+class SnapshotModel:
+    """The model a snapshot runs, and where it came from."""
+
+    path: Path
+    name: str
+    version: str
+    model_cfg: ModelConfig
+    source: str  # "installed" (by a fleet update, from the model store) or "configured" (model.path)
+    note: str = ""  # why this one, where it is not plain
+
+    def describe(self) -> str:
+        note = f"; {self.note}" if self.note else ""
+        return f"model {self.name} {self.version} ({self.source}{note}): {self.path}"
+
+
+def snapshot_model(cfg: AgentConfig) -> SnapshotModel:
+    """The model the service serves, resolved as it does at start (agent.service.resolve_model): the
+    store's active version when updates are on and one is installed, else the configured model."""
+    from agent.service import resolve_model
+
+    active, note = (None, "updates off") if not cfg.updates.enabled else _installed_version(cfg)
+    path, name, version, mcfg = resolve_model(cfg, active)
+    return SnapshotModel(path, name, version, mcfg, "configured" if active is None else "installed", note)
+
+
+def _installed_version(cfg: AgentConfig) -> tuple[ModelVersion | None, str]:
+    """The version the service's start would pick (ModelStore.recover), chosen READ ONLY: recover()
+    empties `staging/` (a running service's download in progress) and rolls back a model on trial,
+    neither of which a snapshot may do to the service beside it."""
+    from agent.models.layout import STATE_FILE
+    from agent.models.store import ModelStore
+
+    root = cfg.updates.models_dir
+    try:
+        with open(root / STATE_FILE, "rb"):
+            pass
+        store = ModelStore(root, cfg.updates.keep_versions)  # the service made its folders: nothing created
+    except FileNotFoundError:
+        return None, f"no model installed in {root}"
+    except PermissionError as exc:  # most likely not the service's user: guessing would risk the wrong model
+        raise AgentError(f"cannot read the model store {root} ({exc.strerror}): the service may serve a model "
+                         "installed there; run the snapshot as the service's user (sudo -u edge-agent ...)") from None
+    except OSError as exc:  # the service cannot use it either, and serves the configured model
+        return None, f"model store {root} unusable ({exc.strerror or exc})"
+    active = store.active()
+    if active is not None and store.is_complete(active):
+        return active, "on trial" if store.on_trial() == active.key else ""
+    previous = store.previous()
+    if previous is not None and store.is_complete(previous):
+        return previous, "the active version is missing or damaged: its previous one, as the service's start picks"
+    return None, f"no complete model installed in {root}"
+
+
+def take_snapshot(cfg: AgentConfig, camera_id: str | None = None, frames: int = 5,
+                  model: SnapshotModel | None = None) -> tuple[np.ndarray, Result]:
+    """Read `frames` frames of the camera, detect (and track) on each; the last frame drawn, and its result.
+    `model`: what to run (default: `snapshot_model(cfg)`, the model the service serves)."""
     from agent.capture.sources import open_source
     from agent.engines.factory import create_engine
     from agent.pipeline import build_runtime
 
     cam = pick_camera(cfg, camera_id)
-    engine = create_engine(cfg.model.path, cfg.engine.model_copy(update={"cuda_graph": False}), None)
+    model = model or snapshot_model(cfg)
+    engine = create_engine(model.path, cfg.engine.model_copy(update={"cuda_graph": False}), None)
     try:
-        rt = build_runtime(engine, cfg.model, cfg.model.path, preprocess="cpu")
+        rt = build_runtime(engine, model.model_cfg, model.path, name=model.name, version=model.version,
+                           preprocess="cpu")
     except AgentError:
         engine.close()
         raise
@@ -204,14 +268,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ConfigError([f"-o: folder {out.parent} does not exist"])
     cfg = load_config(args.config)
-    image, result = take_snapshot(cfg, args.camera, args.frames)
+    model = snapshot_model(cfg)
+    print(model.describe())  # first: a commissioning record must say which model judged the picture
+    image, result = take_snapshot(cfg, args.camera, args.frames, model)
     data = encode_jpeg(image)
     try:
         out.write_bytes(data)
     except OSError as exc:
         raise AgentError(f"cannot write {out}: {exc.strerror or exc}") from None
     tracked = sum(1 for d in result.detections if d.track_id is not None)
-    print(f"{out}: {result.frame_w}x{result.frame_h}, {len(result.detections)} detection(s), {tracked} tracked")
+    labels = ", ".join(f"{label} {n}" for label, n in sorted(Counter(d.label for d in result.detections).items()))
+    print(f"{out}: {result.frame_w}x{result.frame_h}, {len(result.detections)} detection(s)"
+          f"{f' ({labels})' if labels else ''}, {tracked} tracked")
     return 0
 
 
@@ -340,4 +408,5 @@ def _make_handler(server: CommissioningServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-__all__ = ["CommissioningServer", "add_parser", "draw_overlay", "encode_jpeg", "take_snapshot"]
+__all__ = ["CommissioningServer", "SnapshotModel", "add_parser", "draw_overlay", "encode_jpeg", "snapshot_model",
+           "take_snapshot"]

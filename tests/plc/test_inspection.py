@@ -9,12 +9,14 @@ verdict is known in advance.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.config import DEMO_MODEL, DEMO_VIDEO, AgentConfig, parse_config
 from agent.plc.inspection import Inspection
@@ -447,6 +449,49 @@ def test_reload_with_changed_inspection_needs_restart(rig: tuple[Broker, Service
         apply_live(svc, old)
 
 
+def test_reload_with_changed_topic_prefix_needs_restart(rig: tuple[Broker, Service, Plc311, Plc5], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A prefix change is not applied live (subscriptions, update topics, the last will were set on the
+    old one at start): the reload lists it as needing a restart and every topic stays where it was."""
+    from agent.service import apply_live
+
+    broker, svc, plc, _ = rig
+    old = svc.cfg
+    data = old.model_dump(mode="json")
+    data["mqtt"]["topic_prefix"] = "plant7"
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(data))
+    col = Collector(broker.host, broker.port, ["edge/dev1/events", "edge/dev1/cam0/detections", "plant7/#"])
+    moved = Plc311(broker.host, broker.port, "plant7/dev1/cam0/inspect")
+    svc.config_path = path
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.service"):
+            svc.reload()  # what SIGHUP runs
+        warning = next(r.getMessage() for r in caplog.records if "need a restart" in r.getMessage())
+        assert "mqtt.topic_prefix" in warning
+        col.wait_for(lambda m: any(b"config_reloaded" in x.payload for x in m if x.topic == "edge/dev1/events"))
+        event = next(json.loads(x.payload) for x in col.on("edge/dev1/events") if b"config_reloaded" in x.payload)
+        assert "mqtt.topic_prefix" in event["needs_restart"] and "mqtt.topic_prefix" not in event["applied"]
+        # the old topics keep answering: the PLC's trigger, the detections
+        plc.trigger("4444")
+        assert plc.wait_result(4444)[0]["code"] == 0
+        n = len(col.on("edge/dev1/cam0/detections"))
+        col.wait_for(lambda m: len([x for x in m if x.topic == "edge/dev1/cam0/detections"]) >= n + 3)
+        # nothing half-moved: the new prefix carries nothing of the agent's, a trigger there is not answered
+        moved.trigger("4445")
+        time.sleep(1.0)
+        assert moved.answers == []
+        assert {x.topic for x in col.on("plant7/#")} == {"plant7/dev1/cam0/inspect/trigger"}
+        # the running prefix is kept, so the next reload still lists the change until a restart
+        assert svc.cfg.mqtt.topic_prefix == "edge" and svc.topics.prefix == "edge"
+        assert "mqtt.topic_prefix" in apply_live(svc, parse_config(data))[1]
+    finally:
+        svc.config_path = None
+        apply_live(svc, old)
+        moved.close()
+        col.close()
+
+
 def test_topics() -> None:
     from agent.mqtt.topics import Topics
 
@@ -457,3 +502,25 @@ def test_topics() -> None:
     assert t.inspect_last("cam0", "count/a/b+#") == f"{BASE}/last/count/a_b__"
     with pytest.raises(ValueError):
         t.inspect_last("cam0", "a/b")
+
+
+def test_a_change_not_applied_is_listed_again_at_the_next_reload(rig: tuple[Broker, Service, Plc311, Plc5]) -> None:
+    """What is in force after a reload keeps the old broker and model settings (not applied live), so
+    a second reload of the same file still says they need a restart; thresholds are applied."""
+    from agent.service import apply_live
+
+    _, svc, _, _ = rig
+    old = svc.cfg
+    data = old.model_dump(mode="json")
+    data["mqtt"]["keepalive_s"] = old.mqtt.keepalive_s + 7
+    data["model"]["version"] = "99"
+    data["model"]["score_threshold"] = 0.4
+    new = parse_config(data)
+    try:
+        for _ in range(2):
+            _, restart = apply_live(svc, new)
+            assert "mqtt connection" in restart and any(r.startswith("model (") for r in restart)
+            assert svc.cfg.mqtt.keepalive_s == old.mqtt.keepalive_s and svc.cfg.model.version == old.model.version
+            assert svc.cfg.model.score_threshold == 0.4
+    finally:
+        apply_live(svc, old)

@@ -3,7 +3,10 @@ HTTP endpoint of a running service (real sockets)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,12 +18,14 @@ import pytest
 import yaml
 
 from agent.cli import main
-from agent.config import parse_config
-from agent.plc.snapshot import draw_overlay
+from agent.config import load_config, parse_config
+from agent.models.store import ModelStore, ModelVersion
+from agent.plc.snapshot import draw_overlay, snapshot_model
 from agent.service import Service
 from agent.vision.types import Detection
 from scripts import scenes
 from tests.support.broker import free_port
+from tests.support.models import fixed_yolov8_model
 
 COUNTING = {"anchor": "center",
             "lines": [{"name": "l1", "points": [[320, 0], [320, 360]], "labels": ["part"]}],
@@ -98,6 +103,98 @@ def test_snapshot_of_a_camera_that_cannot_open_says_why(tmp_path: Path, capsys: 
     assert main(["snapshot", "-c", str(cfg), "-o", str(tmp_path / "a.jpg")]) == 1
     err = capsys.readouterr().err
     assert "nowhere.avi" in err and "Traceback" not in err
+
+
+def install_model(models: Path, work: Path, version: str, trial: bool = False) -> ModelVersion:
+    """A real ONNX model installed and activated in the model store, as a fleet update leaves it: one
+    "widget" (score 0.9) in the middle of every frame, labels and decoder from its manifest only."""
+    src = fixed_yolov8_model(work / f"widgets-{version}.onnx", [(32, 32, 16, 16, 0, 0.9)], labels=["x0", "x1"])
+    data = src.read_bytes()
+    manifest = {"schema": 1, "id": f"id-widgets-{version}",
+                "model": {"name": "widgets", "version": version, "sha256": hashlib.sha256(data).hexdigest(),
+                          "size": len(data), "input": {"width": 64, "height": 64},
+                          "labels": ["widget", "gizmo"], "decoder": "yolov8"}}
+    store = ModelStore(models)
+    mv = store.install(store.stage(src, json.dumps(manifest).encode(), move=False))
+    return store.activate(mv, trial=trial)
+
+
+def test_snapshot_uses_the_model_an_update_installed(tmp_path: Path, clip: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "models"
+    install_model(models, tmp_path, "9")
+    download = models / "staging" / "widgets-10.partial"  # a running service's download in progress
+    download.mkdir()
+    state = (models / "state.json").read_bytes()
+    cfg = write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(models)})
+    assert main(["snapshot", "-c", str(cfg), "-o", str(tmp_path / "snap.jpg"), "--frames", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"model widgets 9 (installed): {models / 'versions' / 'widgets-9' / 'model.onnx'}" in said
+    assert "1 detection(s) (widget 1)" in said and "part" not in said  # its labels, not the demo model's
+    # read only: the service's download and its pointers are left as they were
+    assert download.is_dir() and (models / "state.json").read_bytes() == state
+
+
+def test_snapshot_without_an_installed_model_uses_the_configured_one(tmp_path: Path, clip: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "models"
+    cfg = write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(models)})
+    assert main(["snapshot", "-c", str(cfg), "-o", str(tmp_path / "snap.jpg"), "--frames", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"model demo 1 (configured; no model installed in {models}): {load_config(cfg).model.path}" in said
+    assert re.search(r"[( ]part \d", said.splitlines()[-1]) and "widget" not in said  # the demo model's plates
+    assert not models.exists()  # nothing created where the service keeps its store
+    cfg = write_cfg(tmp_path, clip)  # updates off: the configured model whatever the store holds
+    install_model(models, tmp_path, "9")
+    assert main(["snapshot", "-c", str(cfg), "-o", str(tmp_path / "snap.jpg"), "--frames", "1"]) == 0
+    assert "model demo 1 (configured; updates off)" in capsys.readouterr().out
+
+
+def test_snapshot_model_is_the_one_the_service_starts_with(tmp_path: Path, clip: Path) -> None:
+    models = tmp_path / "models"
+    cfg = load_config(write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(models)}))
+    install_model(models, tmp_path, "8")
+    v9 = install_model(models, tmp_path, "9")
+    v9.model_path.write_bytes(b"damaged")  # the active version damaged: the service's start takes the previous
+    snap = snapshot_model(cfg)
+    assert (snap.source, snap.version) == ("installed", "8") and "damaged" in snap.note
+    assert (snap.path, snap.name, snap.version, snap.model_cfg) == Service(cfg)._initial_model()
+    assert snap.model_cfg.labels == ["widget", "gizmo"] and snap.model_cfg.decoder == "yolov8"
+
+
+def test_snapshot_model_on_trial_and_unusable_store(tmp_path: Path, clip: Path) -> None:
+    models = tmp_path / "models"
+    install_model(models, tmp_path, "9", trial=True)
+    state = (models / "state.json").read_bytes()
+    cfg = load_config(write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(models)}))
+    snap = snapshot_model(cfg)  # what the running service serves during the health window
+    assert (snap.source, snap.version, snap.note) == ("installed", "9", "on trial")
+    assert (models / "state.json").read_bytes() == state  # no rollback done by the snapshot
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    cfg = load_config(write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(not_a_dir)}))
+    snap = snapshot_model(cfg)  # the service cannot use it either and serves the configured model
+    assert snap.source == "configured" and "unusable" in snap.note
+    assert (snap.path, snap.name, snap.version, snap.model_cfg) == Service(cfg)._initial_model()
+
+
+def test_snapshot_of_a_store_it_cannot_read_says_so(tmp_path: Path, clip: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "models"
+    install_model(models, tmp_path, "9")
+    cfg = write_cfg(tmp_path, clip, updates={"enabled": True, "models_dir": str(models)})
+    models.chmod(0)  # as the service's 0700 store looks to another user
+    try:
+        try:
+            os.listdir(models)
+            pytest.skip("this user reads a mode-0 folder anyway (root with CAP_DAC_OVERRIDE)")
+        except PermissionError:
+            pass
+        assert main(["snapshot", "-c", str(cfg), "-o", str(tmp_path / "snap.jpg")]) == 1
+    finally:
+        models.chmod(0o700)
+    err = capsys.readouterr().err
+    assert "cannot read the model store" in err and "service's user" in err and "Traceback" not in err
 
 
 def _get(url: str) -> tuple[int, bytes, str]:
