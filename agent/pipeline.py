@@ -190,19 +190,27 @@ class Pipeline:
         self._post_thread.start()
 
     def request_stop(self) -> None:
-        """Tell every thread to stop, without waiting (a service stops all cameras at once, then joins)."""
+        """Tell every thread to stop, without waiting (a service stops all cameras at once, then joins).
+
+        The inference thread takes no new frame after this: frames still waiting in the capture queue
+        (a file's next few, up to FILE_QUEUE) are dropped, so "every frame" holds for files while the
+        pipeline runs, not across a stop. Every frame already taken is inferred and published."""
         self._stop.set()
         self._frozen.clear()
         self.capture.request_stop()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop capture, finish the frame in flight, publish what was inferred, join the threads."""
+        """Stop capture, finish the frame in flight, publish what was inferred, join the threads.
+
+        `timeout` bounds the whole stop, capture and the three threads together (it was each of the
+        four): a thread still blocked after it (a wedged read) is a daemon and is left behind."""
         self.request_stop()
+        deadline = time.monotonic() + timeout
         self.capture.stop(timeout)
         threads = (self._infer_thread, self._launch_thread, self._post_thread)
         for t in threads:
             if t.ident is not None:  # a service failing at start stops pipelines never started
-                t.join(timeout)
+                t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in threads):
             log.warning("pipeline %s did not stop within %.1f s", self.camera_id, timeout)
 

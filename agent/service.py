@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, object]], None]
 
+STOP_CAMERAS_S = 10.0  # shutdown: all cameras' pipelines together, leaving room for the MQTT drain
+_LAST_JOIN_S = 0.1  # a camera reached after the budget ran out: threads on their way out still end
+
 
 class HookFailureLog:
     """Logs a failing result hook's traceback the first time, then at most once per `every_s` with the
@@ -516,8 +519,13 @@ class Service:
             self._watchdog.stop()
         for p in self.pipelines:  # all cameras at once: one slow to stop does not delay the others' stop
             p.request_stop()
+        # One budget for all cameras together (all have been stopping since the line above): each
+        # camera stuck in a read used to cost its own 10 s (more: capture, then each thread), so a
+        # few of them could run past systemd's TimeoutStopSec (30 s) before the MQTT drain and be
+        # SIGKILLed. After the budget, a camera gets only a last short join.
+        deadline = time.monotonic() + STOP_CAMERAS_S
         for p in self.pipelines:
-            p.stop()
+            p.stop(max(_LAST_JOIN_S, deadline - time.monotonic()))
         for component in self.plc:
             try:
                 component.close()

@@ -566,9 +566,10 @@ class OnnxRuntimeEngine(Engine):
         return self._shared.graph_id() if self._shared is not None else default
 
     def _close_impl(self) -> None:
-        self._binding, self._bound_in, self._bound_out = None, None, []
-        self._device_bindings, self._lane_bindings = [], []
-        self._session = None
+        with cuda.CAPTURE.shared():  # dropping the last reference frees the session's device memory
+            self._binding, self._bound_in, self._bound_out = None, None, []
+            self._device_bindings, self._lane_bindings = [], []
+            self._session = None
         lanes, self._lanes = self._lanes, None
         shared, self._shared = self._shared, None
         if shared is None and lanes is not None:
@@ -586,8 +587,9 @@ class OnnxRuntimeEngine(Engine):
                 return
         if self._stream is not None:
             try:
-                self._stream.synchronize()
-                self._stream.free()
+                with cuda.CAPTURE.shared():
+                    self._stream.synchronize()
+                    self._stream.free()
             except EngineError as exc:
                 log.warning("closing the engine's CUDA stream: %s", exc)
             self._stream = None

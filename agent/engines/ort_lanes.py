@@ -232,17 +232,18 @@ class OrtLanes:
                     log.warning("graph lane %d of %s did not stop; its buffers are left allocated",
                                 lane.index, self.name)
                     continue
-            lane.binding, lane.session = None, None
-            for buf in [lane.input, *lane.outputs]:
+            with cuda.CAPTURE.shared():  # frees (and the session's) are CUDA calls: not during a capture
+                lane.binding, lane.session = None, None
+                for buf in [lane.input, *lane.outputs]:
+                    try:
+                        buf.free()
+                    except EngineError as exc:
+                        log.warning("freeing a graph lane buffer: %s", exc)
                 try:
-                    buf.free()
+                    lane.stream.synchronize()
+                    lane.stream.free()
                 except EngineError as exc:
-                    log.warning("freeing a graph lane buffer: %s", exc)
-            try:
-                lane.stream.synchronize()
-                lane.stream.free()
-            except EngineError as exc:
-                log.warning("closing a graph lane stream: %s", exc)
+                    log.warning("closing a graph lane stream: %s", exc)
         self._lanes = []
         while True:  # a job queued behind the stop markers would wait for ever: fail it
             try:

@@ -462,8 +462,7 @@ class GpuFrontend:
         if self._size_state is not None and self._size_state[0] == (src_w, src_h, staging):
             return self._size_state[1]
         if self._size_state is not None:  # a camera changed resolution: retire the old buffers
-            if not self._drain():
-                raise EngineError("GPU results of earlier frames were never collected")
+            # (stage() drained every slot first: no result still reads them)
             self._size_state[1].free()
             self._size_state = None
         new_w, new_h, left, top, r = letterbox_geometry(src_w, src_h, self.width, self.height)
@@ -521,55 +520,56 @@ class GpuFrontend:
     def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
         slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
-        with cuda.CAPTURE.shared():  # no CUDA call of ours while another thread captures a graph
-            return self._stage(image)
-
-    def _stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         if isinstance(image, Nv12Frame):
-            return self._stage_nv12(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
-        self._on_thread()
-        src_h, src_w = int(image.shape[0]), int(image.shape[1])
-        if src_h == 0 or src_w == 0:
-            raise SourceError(f"empty frame {image.shape}")
-        s, prep = self._size(src_w, src_h), self.copy_stream
+            if image.width < 2 or image.height < 2 or image.width % 2 or image.height % 2:
+                raise SourceError(f"NV12 frame needs an even size, got {image.width}x{image.height}")
+            size = (image.width, image.height, False)  # read where the decoder left it: no staging
+        else:
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise SourceError(f"expected a BGR uint8 HxWx3 frame, got {image.dtype} {image.shape}")
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                raise SourceError(f"empty frame {image.shape}")
+            size = (int(image.shape[1]), int(image.shape[0]), True)
+        # Waiting for the post thread (a new resolution drains every slot; a full set waits for one)
+        # happens outside the capture lock: the post thread needs that lock to collect results.
+        if self._size_state is not None and self._size_state[0] != size and not self._drain():
+            raise EngineError("GPU results of earlier frames were never collected")
         slot, k = self._acquire()
         try:
-            frame = s.frames[slot.index]
-            if image.flags.c_contiguous and cuda.is_pinned(image.ctypes.data):
-                cuda.copy_htod_async(frame, image, prep)  # decoded into page-locked memory: DMA only
-            else:
-                np.copyto(s.pinned[slot.index].array, image)  # the one host copy: pageable -> pinned
-                cuda.copy_htod_async(frame, s.pinned[slot.index], prep)
-            prep.wait(self._input_free[k])  # the inference that last read buffer k has finished
-            s.letterbox[slot.index][k](prep)
-            slot.uploaded.record(prep)
+            with cuda.CAPTURE.shared():  # no CUDA call of ours while another thread captures a graph
+                self._on_thread()
+                s = self._size(*size)
+                if isinstance(image, Nv12Frame):
+                    self._stage_nv12(image, s, slot, k)
+                else:
+                    self._stage_host(image, s, slot, k)
         except BaseException:
             slot.free.set()
             raise
         self._staged += 1
         return Staged(slot, k, s.lb)
 
-    def _stage_nv12(self, frame: Nv12Frame) -> Staged:
+    def _stage_host(self, image: np.ndarray, s: _SourceSize, slot: _Slot, k: int) -> None:
+        prep = self.copy_stream
+        frame = s.frames[slot.index]
+        if image.flags.c_contiguous and cuda.is_pinned(image.ctypes.data):
+            cuda.copy_htod_async(frame, image, prep)  # decoded into page-locked memory: DMA only
+        else:
+            np.copyto(s.pinned[slot.index].array, image)  # the one host copy: pageable -> pinned
+            cuda.copy_htod_async(frame, s.pinned[slot.index], prep)
+        prep.wait(self._input_free[k])  # the inference that last read buffer k has finished
+        s.letterbox[slot.index][k](prep)
+        slot.uploaded.record(prep)
+
+    def _stage_nv12(self, frame: Nv12Frame, s: _SourceSize, slot: _Slot, k: int) -> None:
         """Letterbox an NV12 frame already on the device (no upload): the kernel converts colour itself."""
-        self._on_thread()
-        if frame.width < 2 or frame.height < 2 or frame.width % 2 or frame.height % 2:
-            raise SourceError(f"NV12 frame needs an even size, got {frame.width}x{frame.height}")
-        s, prep = self._size(frame.width, frame.height, staging=False), self.copy_stream
-        slot, k = self._acquire()
-        try:
-            key = (frame.y_ptr, frame.uv_ptr, frame.pitch, k, frame.matrix, frame.full_range)
-            launch = s.nv12.get(key) or self._nv12_launch(s, frame, k, key)
-            prep.wait(self._input_free[k])
-            launch(prep)
-            slot.uploaded.record(prep)
-            slot.keep = frame  # its device memory is read by the kernel just queued
-        except BaseException:
-            slot.free.set()
-            raise
-        self._staged += 1
-        return Staged(slot, k, s.lb)
+        prep = self.copy_stream
+        key = (frame.y_ptr, frame.uv_ptr, frame.pitch, k, frame.matrix, frame.full_range)
+        launch = s.nv12.get(key) or self._nv12_launch(s, frame, k, key)
+        prep.wait(self._input_free[k])
+        launch(prep)
+        slot.uploaded.record(prep)
+        slot.keep = frame  # its device memory is read by the kernel just queued
 
     def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, k: int, key: tuple[object, ...]) -> cuda.Launch:
         if len(s.nv12) >= _NV12_LAUNCHES:  # a decoder that keeps handing out new buffers: start over
@@ -629,19 +629,20 @@ class GpuFrontend:
         return self.submit(image).result()
 
     def close(self) -> None:
-        if self._slots and not self._drain(5.0):
+        if self._slots and not self._drain(5.0):  # waits for the post thread: not under the capture lock
             log.warning("closing GPU preprocessing with results still in flight")
-        try:
-            self.stream.synchronize()
-        except EngineError:
-            pass
-        if self._size_state is not None:
-            self._size_state[1].free()
-            self._size_state = None
-        for obj in reversed(self._owned):
+        with cuda.CAPTURE.shared():  # frees are CUDA calls too: never during another thread's capture
             try:
-                obj.free()
-            except EngineError as exc:
-                log.warning("freeing a GPU preprocessing buffer: %s", exc)
+                self.stream.synchronize()
+            except EngineError:
+                pass
+            if self._size_state is not None:
+                self._size_state[1].free()
+                self._size_state = None
+            for obj in reversed(self._owned):
+                try:
+                    obj.free()
+                except EngineError as exc:
+                    log.warning("freeing a GPU preprocessing buffer: %s", exc)
         self._owned.clear()
         self._slots.clear()
