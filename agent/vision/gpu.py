@@ -30,7 +30,10 @@ CPU fallback.
 
 Up to SLOTS frames are in flight; each slot owns its staging, device frame and result buffers, so
 nothing is reused before its result was read. The two input buffers alternate; events order the
-streams on the device (a buffer is letterboxed again only after the inference that read it).
+streams on the device (a buffer is letterboxed again only after the inference that read it), and
+the host stages a frame into a buffer only once the frame before it there was launched, so that
+the event it waits on is that frame's (without this, the third frame could overwrite the first's
+input before its inference ran: seen on the H200 as results of frame N+2 reported for frame N).
 
 Kernels are compiled by NVRTC at start (agent.engines.cuda.Kernel), not shipped as binaries.
 """
@@ -417,6 +420,12 @@ class GpuFrontend:
             self._bindings = [engine.bind_device(i.ptr, [o.ptr for o in self.outputs]) for i in self.inputs]
             # recorded after each inference: its input buffer may be letterboxed again
             self._input_free = [self._own(cuda.Event(timing=False)) for _ in self.inputs]
+            # set once the frame that last used input buffer k was launched (its _input_free[k] is
+            # recorded): before that, a stream waiting on _input_free[k] would wait on the frame
+            # before it and the letterbox could overwrite the buffer before the inference read it
+            self._input_launched = [threading.Event() for _ in self.inputs]
+            for ev in self._input_launched:
+                ev.set()
             self._staged = 0
             self._setup_decode()
         except BaseException:
@@ -535,6 +544,10 @@ class GpuFrontend:
         if self._size_state is not None and self._size_state[0] != size and not self._drain():
             raise EngineError("GPU results of earlier frames were never collected")
         slot, k = self._acquire()
+        if not self._input_launched[k].wait(10.0):
+            slot.free.set()
+            raise EngineError("GPU input buffer not released in 10 s: staged frames are not being launched")
+        self._input_launched[k].clear()
         try:
             with cuda.CAPTURE.shared():  # no CUDA call of ours while another thread captures a graph
                 self._on_thread()
@@ -545,6 +558,7 @@ class GpuFrontend:
                     self._stage_host(image, s, slot, k)
         except BaseException:
             slot.free.set()
+            self._input_launched[k].set()  # nothing was queued on buffer k
             raise
         self._staged += 1
         return Staged(slot, k, s.lb)
@@ -595,9 +609,13 @@ class GpuFrontend:
                 stream.wait(slot.uploaded)
                 if self.on_device_decode:
                     cuda.memset_async(self._count, 0, stream)
-            self.engine.run_device(self._bindings[k])  # guards its own CUDA calls (it may wait on a lane)
+            try:
+                self.engine.run_device(self._bindings[k])  # guards its own CUDA calls (it may wait on a lane)
+                with cuda.CAPTURE.shared():
+                    self._input_free[k].record(stream)
+            finally:
+                self._input_launched[k].set()  # the next frame on buffer k now waits on this one's event
             with cuda.CAPTURE.shared():
-                self._input_free[k].record(stream)
                 if self.on_device_decode:
                     self._candidates_launch()(stream)
                     # every row slot, not just the kept ones: the count is not known on the host yet,
@@ -610,6 +628,7 @@ class GpuFrontend:
                 slot.done.record(stream)
         except BaseException:
             slot.free.set()
+            self._input_launched[k].set()
             raise
         return Pending(self, slot, staged.lb)
 
