@@ -88,16 +88,17 @@ class OrtLanes:
         self._closed = False
         try:
             for i in range(count):
-                if i == 0 and first is not None:
-                    session, stream = first
-                else:
-                    stream = cuda.Stream()
-                    try:
-                        session = make_session(stream)
-                    except BaseException:
-                        stream.free()
-                        raise
-                lane = self._lane(i, session, stream)
+                with cuda.CAPTURE.shared():  # allocations are CUDA calls: not during another capture
+                    if i == 0 and first is not None:
+                        session, stream = first
+                    else:
+                        stream = cuda.Stream()
+                        try:
+                            session = make_session(stream)
+                        except BaseException:
+                            stream.free()
+                            raise
+                    lane = self._lane(i, session, stream)
                 self._lanes.append(lane)
                 self._start(lane)  # captured before the next lane is made: one capture at a time
         except BaseException:

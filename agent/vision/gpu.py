@@ -400,34 +400,35 @@ class GpuFrontend:
         self._slots: list[_Slot] = []
         self._next = 0
         try:
-            self.kernels = _kernels(device)
-            self.copy_stream = self._own(cuda.Stream())
-            levels = np.arange(256, dtype=np.float32) / np.float32(255.0)  # the CPU path's table
-            if spec.dtype == np.dtype(np.float32):
-                lut, self._letterbox = levels, "letterbox_f32"
-            elif spec.dtype == np.dtype(np.float16):
-                lut, self._letterbox = levels.astype(np.float16).view(np.uint16), "letterbox_u16"
-            elif spec.dtype == np.dtype(np.uint8):
-                lut, self._letterbox = np.arange(256, dtype=np.uint8), "letterbox_u8"
-            else:
-                raise EngineError(f"GPU preprocessing does not support input dtype {spec.dtype}")
-            self._letterbox_nv12 = self._letterbox.replace("letterbox_", "letterbox_nv12_")
-            self._lut = self._own(_upload(lut, stream))
-            nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
-            self.inputs = [self._own(cuda.DeviceBuffer(nbytes)) for _ in range(INPUTS)]
-            self.outputs = [self._own(cuda.DeviceBuffer(int(np.prod(o.shape)) * o.dtype.itemsize))
-                            for o in engine.output_specs]
-            self._bindings = [engine.bind_device(i.ptr, [o.ptr for o in self.outputs]) for i in self.inputs]
-            # recorded after each inference: its input buffer may be letterboxed again
-            self._input_free = [self._own(cuda.Event(timing=False)) for _ in self.inputs]
-            # set once the frame that last used input buffer k was launched (its _input_free[k] is
-            # recorded): before that, a stream waiting on _input_free[k] would wait on the frame
-            # before it and the letterbox could overwrite the buffer before the inference read it
-            self._input_launched = [threading.Event() for _ in self.inputs]
-            for ev in self._input_launched:
-                ev.set()
-            self._staged = 0
-            self._setup_decode()
+            with cuda.CAPTURE.shared():  # allocations are CUDA calls: not during another thread's capture
+                self.kernels = _kernels(device)
+                self.copy_stream = self._own(cuda.Stream())
+                levels = np.arange(256, dtype=np.float32) / np.float32(255.0)  # the CPU path's table
+                if spec.dtype == np.dtype(np.float32):
+                    lut, self._letterbox = levels, "letterbox_f32"
+                elif spec.dtype == np.dtype(np.float16):
+                    lut, self._letterbox = levels.astype(np.float16).view(np.uint16), "letterbox_u16"
+                elif spec.dtype == np.dtype(np.uint8):
+                    lut, self._letterbox = np.arange(256, dtype=np.uint8), "letterbox_u8"
+                else:
+                    raise EngineError(f"GPU preprocessing does not support input dtype {spec.dtype}")
+                self._letterbox_nv12 = self._letterbox.replace("letterbox_", "letterbox_nv12_")
+                self._lut = self._own(_upload(lut, stream))
+                nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
+                self.inputs = [self._own(cuda.DeviceBuffer(nbytes)) for _ in range(INPUTS)]
+                self.outputs = [self._own(cuda.DeviceBuffer(int(np.prod(o.shape)) * o.dtype.itemsize))
+                                for o in engine.output_specs]
+                self._bindings = [engine.bind_device(i.ptr, [o.ptr for o in self.outputs]) for i in self.inputs]
+                # recorded after each inference: its input buffer may be letterboxed again
+                self._input_free = [self._own(cuda.Event(timing=False)) for _ in self.inputs]
+                # set once the frame that last used input buffer k was launched (its _input_free[k] is
+                # recorded): before that, a stream waiting on _input_free[k] would wait on the frame
+                # before it and the letterbox could overwrite the buffer before the inference read it
+                self._input_launched = [threading.Event() for _ in self.inputs]
+                for ev in self._input_launched:
+                    ev.set()
+                self._staged = 0
+                self._setup_decode()
         except BaseException:
             self.close()
             raise
