@@ -123,6 +123,7 @@ class CaptureThread:
         self._box = _Mailbox()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._reading: FrameSource | None = None  # the source being read, for request_stop to interrupt
         self._wake = threading.Event()
         self._pending: CameraConfig | None = None
         self._thread: threading.Thread | None = None
@@ -153,6 +154,9 @@ class CaptureThread:
         self._stop.set()
         self._wake.set()
         self._box.wake()
+        src = self._reading
+        if src is not None:  # a paced file waiting for its next frame time returns at once
+            src.interrupt()
 
     def stop(self, timeout: float = 5.0) -> None:
         self.request_stop()
@@ -269,7 +273,13 @@ class CaptureThread:
                     retry = True
                     self._sleep(next(delays))
                     continue
-                outcome, reason, got_frames = self._stream(src)
+                self._reading = src
+                if self._stop.is_set():  # stopped while opening: request_stop saw no source
+                    src.interrupt()
+                try:
+                    outcome, reason, got_frames = self._stream(src)
+                finally:
+                    self._reading = None
                 self._close(src)
                 if got_frames:  # frames flowed: the next outage starts from initial_s again
                     delays = backoff_delays(self._cfg.reconnect, self._rng)

@@ -274,3 +274,15 @@ def test_rtsp_camera_lost_and_restored(running: Callable) -> None:
         assert len(after) == 2 and after[0].seq > before[-1].seq
     finally:
         srv.stop()
+
+
+def test_stop_does_not_wait_out_a_slow_frame_rate() -> None:
+    # one frame every 5 s: the capture thread sleeps in the pacer between frames; a stop wakes it
+    c = CaptureThread(CameraConfig(source="synthetic:64x48@0.2"))
+    c.start()
+    assert c.get(timeout=5) is not None  # the first frame comes at once, the next one is 5 s away
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    c.stop(10)
+    assert time.monotonic() - t0 < 1.0
+    assert c.stats()["state"] == "stopped"

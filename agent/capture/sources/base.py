@@ -7,6 +7,7 @@ to the capture thread (agent.capture.reader), which stamps and queues it.
 from __future__ import annotations
 
 import re
+import threading
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
@@ -65,7 +66,7 @@ def ffmpeg_available() -> bool:
 
 
 class FrameSource(ABC):
-    """One camera or video. Not thread-safe: the capture thread is its only user."""
+    """One camera or video. Not thread-safe: the capture thread is its only user (but interrupt())."""
 
     decode_path = "cpu"  # where frames are decoded: cpu, jetson, nvdec (and why, when it was chosen)
 
@@ -95,6 +96,13 @@ class FrameSource(ABC):
     def describe(self) -> str:
         """A human description without credentials."""
 
+    def interrupt(self) -> None:
+        """Any thread: the capture is stopping; a read waiting on its frame rate returns now (and later
+        reads are no longer paced)."""
+        pacer = getattr(self, "_pacer", None)
+        if isinstance(pacer, _Pacer):
+            pacer.stopped.set()
+
 
 def _as_bgr(img: np.ndarray | None) -> np.ndarray | None:
     """Normalise what a backend returned to BGR uint8 HxWx3 (None stays None)."""
@@ -122,6 +130,8 @@ class _Pacer:
         self.max_lag = max_lag
         self._t0: float | None = None
         self._i = 0
+        self.stopped = threading.Event()  # set when the capture stops: no more waiting (a 0.2 fps file
+        # would otherwise hold its thread up to 5 s at shutdown)
 
     def wait(self) -> None:
         now = time.monotonic()
@@ -131,7 +141,7 @@ class _Pacer:
         if now - due > self.max_lag * self.period:
             self._t0, self._i, due = now, 0, now
         if due > now:
-            time.sleep(due - now)
+            self.stopped.wait(due - now)
         self._i += 1
 
 

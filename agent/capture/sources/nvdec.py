@@ -266,6 +266,11 @@ class NvdecSource(FrameSource):
             self._pool = None
 
     # ---- frames -------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        super().interrupt()
+        if self._fallback is not None:
+            self._fallback.interrupt()
+
     def read(self) -> Any:
         if self._fallback is not None:
             return self._fallback.read()
