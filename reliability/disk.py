@@ -114,8 +114,9 @@ def _cycle(ctx: Context, case: str, k: int, broker: Broker, signer: Signer, free
     size = (free_bytes if case == "models" else ENGINE_BYTES + free_bytes) + 256 * 1024  # + layout, state, locks
     row: dict[str, Any] = {"case": case, "cycle": k + 1, "tmpfs_bytes": size, "ballast": fill}
     with tmpfs(mnt, size):
-        kw = {"models_dir": mnt} if case == "models" else {"cache_dir": mnt}
-        agent = DemoAgent(work, broker, signer, device_id=dev, **kw)  # type: ignore[arg-type]
+        # the tmpfs holds the model store or the engine cache; the other stays at its default (None)
+        agent = DemoAgent(work, broker, signer, device_id=dev, models_dir=mnt if case == "models" else None,
+                          cache_dir=None if case == "models" else mnt)
         try:
             agent.start()
             if not agent.wait_ready(90) or not agent.wait_dets(3, since=agent.mark, timeout=30):

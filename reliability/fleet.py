@@ -358,10 +358,10 @@ def fleet(ctx: Context) -> ScenarioResult:
         t_launch0 = time.monotonic()
         for i in range(n):
             dev = f"fleet-{i:03d}"
-            d = ctx.work / dev
-            d.mkdir()
+            adir = ctx.work / dev
+            adir.mkdir()
             cfg = write_config(
-                d / "agent.yaml", broker.port, DEMO_MODEL, f"synthetic:320x240@{fps:g}", device_id=dev,
+                adir / "agent.yaml", broker.port, DEMO_MODEL, f"synthetic:320x240@{fps:g}", device_id=dev,
                 cameras=[{"id": "cam0", "source": f"synthetic:320x240@{fps:g}"}],
                 model={"name": "demo", "version": "1"},
                 engine={"intra_op_threads": 1, "warmup_runs": 1},
@@ -369,8 +369,8 @@ def fleet(ctx: Context) -> ScenarioResult:
                 # no drain wait at stop: 50 agents stopping together need not each wait for the broker
                 service={"drain_s": 1},
                 updates={"enabled": True, "trusted_keys": {"ops": keys.public_b64}, "groups": [GROUP],
-                         "models_dir": str(d / "models"), "health_window_s": health_s, **budget})
-            agents.append(Agent(dev, d, cfg))
+                         "models_dir": str(adir / "models"), "health_window_s": health_s, **budget})
+            agents.append(Agent(dev, adir, cfg))
         pending = list(agents)
         starting: list[Agent] = []
         logged = 0

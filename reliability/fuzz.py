@@ -88,10 +88,11 @@ def _mqtt_cases(ctx: Context, tally: _Tally, mut: fz.Mutator, counts: dict[str, 
     try:
         for i, handler in enumerate(order):
             t0 = time.monotonic()
+            topic: str | bytes  # a chunk's topic may be raw bytes (not UTF-8)
             if handler == "manifest":
                 topic, payload, kind = harness.manifest_case(mut)
             else:
-                topic, payload, kind = harness.chunk_case(mut)  # type: ignore[assignment]
+                topic, payload, kind = harness.chunk_case(mut)
             out = harness.deliver(handler, topic, payload, traces)
             tally.add(out, kind, i, payload)
             tally.handlers[handler]["wall_s"] += time.monotonic() - t0

@@ -282,7 +282,7 @@ def _analyse(rig: NetRig, fig: CycleFig, t_start: float, t_fault: float, t_heal:
     fig.frames = hi - lo + 1
     fig.lost = sum(1 for s in range(lo, hi + 1) if s not in seqs)
     fig.duplicates = sum(c - 1 for c in seqs.values())
-    first = {}
+    first: dict[int, Det] = {}
     for d in ds:
         first.setdefault(d.seq, d)
     # inference continuity: frames captured while the link was down
@@ -488,8 +488,8 @@ def network_delay(ctx: Context) -> ScenarioResult:
     p99 = percentile(rec, 99)
     met = (len(figs) == cycles and alive and stalls == 0 and lost == 0 and not backlog and len(rec) == len(figs)
            and p99 is not None and p99 <= DELAY_LIVE_GOAL_S)
-    lat50 = [f.latency["p50"] for f in figs if f.latency.get("p50") is not None]
-    lat99 = [f.latency["p99"] for f in figs if f.latency.get("p99") is not None]
+    lat50 = [x for f in figs if (x := f.latency.get("p50")) is not None]
+    lat99 = [x for f in figs if (x := f.latency.get("p99")) is not None]
     note = (f"detection latency (capture -> subscriber) under {delay * 1000:g} ms each way: p50 "
             f"{percentile(lat50, 50)} s, worst cycle p99 {max(lat99, default=None)} s (baseline p50 "
             f"{rig.base.get('latency_p50_s')} / p99 {rig.base.get('latency_p99_s')} s; bound {bound:.3f} s); "

@@ -45,7 +45,7 @@ SCORE = {"default": 0.25}  # models without trained weights get a lower threshol
 
 def runtime(model: Path, gpu: bool, cuda_graph: bool = False, preprocess: str = "gpu") -> ModelRuntime:
     if gpu:
-        ecfg = EngineConfig(providers=CUDA_EP, cuda_graph=cuda_graph, preprocess=preprocess)  # type: ignore[arg-type]
+        ecfg = EngineConfig(providers=CUDA_EP, cuda_graph=cuda_graph, preprocess=preprocess)
     else:
         ecfg = EngineConfig(preprocess="cpu")
     mcfg = ModelConfig(path=model, score_threshold=SCORE.get(model.name, SCORE["default"]))

@@ -172,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                "supervision_linezone_accuracy": round(1 - sv_errors / true_total, 4) if true_total else None,
                "goal": 0.99}
     dirty = " (with uncommitted changes)" if _git("status", "--porcelain") else ""
-    meta = {"command": "python3 scripts/measure_counting.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": _machine(),
-            "commit": _git("rev-parse", "HEAD") + dirty, "versions": _versions(),
-            "settings": {"anchor": "center", "min_frames": MIN_FRAMES, "band_px": 2.0, "line_x": LINE_X,
-                         "labels": ["part"], "model": "agent/data/demo/model.onnx (ONNX Runtime, CPU)"}}
+    command = "python3 scripts/measure_counting.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta: dict[str, Any] = {
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": _machine(),
+        "commit": _git("rev-parse", "HEAD") + dirty, "versions": _versions(),
+        "settings": {"anchor": "center", "min_frames": MIN_FRAMES, "band_px": 2.0, "line_x": LINE_X,
+                     "labels": ["part"], "model": "agent/data/demo/model.onnx (ONNX Runtime, CPU)"}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({**meta, "summary": summary, "clips": rows}, indent=1) + "\n")
     lines = [f"# Counting accuracy, {meta['date'][:10]}", "",

@@ -46,7 +46,7 @@ from agent.config import DEMO_MODEL  # noqa: E402
 from tests.support.agent_proc import AgentProcess, write_config  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.mqtt import Collector  # noqa: E402
-from tests.support.plc_sim import Plc311  # noqa: E402
+from tests.support.plc_sim import Answer, Plc311  # noqa: E402
 
 BASE = "edge/dev1/cam0/inspect"
 NODELAY = "set_tcp_nodelay true\n"  # docs/plc.md recommends it; --broker-nagle measures without
@@ -157,7 +157,11 @@ def run_restarts(tmp: Path, restarts: int, size: str, broker_conf: str, fps: int
             plc.trigger(f"{id_},three")
             sent.append(id_)
             key = str(id_).encode()
-            plc.wait_for(lambda a, k=key: any(x.payload == k for x in a), timeout=10)
+
+            def echoed(answers: list[Answer], k: bytes = key) -> bool:
+                return any(x.payload == k for x in answers)
+
+            plc.wait_for(echoed, timeout=10)
             t0 = time.monotonic()
             broker.stop()  # the 3-frame answer is decided while the broker is away
             time.sleep(0.3)
@@ -199,6 +203,13 @@ def run_nagle_check(tmp: Path, n: int = 50) -> dict[str, float]:
 
     import paho.mqtt.client as mqtt
 
+    def nodelay(client: mqtt.Client, userdata: object, sock: object) -> None:
+        if isinstance(sock, socket.socket):  # paho's type is its SocketLike protocol; plain TCP gives a socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def echo(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        client.publish("pong", msg.payload, qos=1)
+
     out: dict[str, float] = {}
     for name, broker_nd, client_nd in (("defaults", False, False), ("clients_nodelay", False, True),
                                        ("broker_nodelay", True, False), ("both_nodelay", True, True)):
@@ -211,9 +222,9 @@ def run_nagle_check(tmp: Path, n: int = 50) -> dict[str, float]:
             for role in ("echo", "ping"):
                 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{role}-{name}")
                 if client_nd:
-                    c.on_socket_open = lambda cl, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    c.on_socket_open = nodelay
                 if role == "echo":
-                    c.on_message = lambda cl, u, m: cl.publish("pong", m.payload, qos=1)
+                    c.on_message = echo
                 else:
                     c.on_message = lambda cl, u, m, ev=got: ev.set()
                 c.connect(broker.host, broker.port)

@@ -108,7 +108,7 @@ def _swap(raw: bytes, old: bytes, new: bytes) -> bytes:
 def build_corpus(spec: CorpusSpec) -> list[Attack]:
     k, kid = spec.key, spec.key_id
 
-    def signed(mutate: Callable[[dict[str, Any]], None] | None = None, key: Ed25519PrivateKey | None = None,
+    def signed(mutate: Callable[[dict[str, Any]], object] | None = None, key: Ed25519PrivateKey | None = None,
                key_id: str | None = None, **over: Any) -> bytes:
         doc = base_manifest(spec, **over)
         if mutate is not None:

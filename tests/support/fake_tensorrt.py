@@ -52,7 +52,7 @@ import types
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class FakeState:
 def plan_header(plan: bytes) -> dict[str, Any]:
     """The JSON header of a fake plan (for tests that look inside)."""
     end = plan.index(b"\n", len(_PLAN_MAGIC))
-    return json.loads(plan[len(_PLAN_MAGIC):end])  # type: ignore[no-any-return]
+    return json.loads(plan[len(_PLAN_MAGIC):end])
 
 
 # ---- CUDA runtime memory (the part of cuda-python agent.engines.cuda uses) --------------------
@@ -171,16 +171,30 @@ class FakeCudart:
 
 
 # ---- the TensorRT module -------------------------------------------------------------------------
-def _enum(state: FakeState, name: str, members: dict[str, int], deprecated: tuple[str, ...] = ()) -> type:
+class _EnumValue(int):
+    """A member of a fake enum: an int with a `.name` (each enum subclasses it for its repr)."""
+
+    name: str
+
+
+class _EnumType(type):
+    """The metaclass of a fake enum (each enum subclasses it to record deprecated reads)."""
+
+    __members__: dict[str, _EnumValue]
+
+    if TYPE_CHECKING:
+        # the members are class attributes made at run time, one per name given to _enum
+        def __getattr__(cls, attr: str) -> _EnumValue: ...
+
+
+def _enum(state: FakeState, name: str, members: dict[str, int], deprecated: tuple[str, ...] = ()) -> _EnumType:
     """An enum like pybind11's: members are ints with a `.name`; reading a deprecated one is recorded."""
 
-    class _Value(int):
-        name: str
-
+    class _Value(_EnumValue):
         def __repr__(self) -> str:
             return f"<{name}.{self.name}: {int(self)}>"
 
-    class _Meta(type):
+    class _Meta(_EnumType):
         def __getattribute__(cls, attr: str) -> Any:
             if attr in deprecated:
                 state.deprecated.append(f"{name}.{attr}")
@@ -277,7 +291,10 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
             return self._d[i]
 
         def __eq__(self, other: object) -> bool:
-            return list(self) == list(other) if isinstance(other, (list, tuple, Dims)) else NotImplemented
+            # the real Dims iterates by __getitem__ alone (no __iter__, as here), so compare the lists
+            if isinstance(other, Dims):
+                return self._d == other._d
+            return self._d == list(other) if isinstance(other, (list, tuple)) else NotImplemented
 
         __hash__ = None  # type: ignore[assignment]
 
@@ -454,6 +471,11 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
     class IBuilderConfig:
         __slots__ = ("DLA_core", "_flags", "_pools", "_profiles", "_timing", "builder_optimization_level",
                      "default_device_type", *(("progress_monitor",) if v10 else ()))
+        # the public slots, set through object.__setattr__ below (annotations only: no class attribute)
+        DLA_core: int
+        builder_optimization_level: int
+        default_device_type: _EnumValue
+        progress_monitor: Any  # 10.x only (an IProgressMonitor or None); 8.6 has no such slot
 
         def __init__(self) -> None:
             self._flags = {int(BuilderFlag.TF32)}  # on by default, as in TensorRT
@@ -521,12 +543,13 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
 
     class IExecutionContext:
         __slots__ = ("__weakref__", "_addr", "_engine", "_profile", "_session", "_shapes")
+        _session: Any  # an onnxruntime.InferenceSession, made on the first execute_async_v3
 
         def __init__(self, engine: ICudaEngine, profile: int) -> None:
             self._engine = engine  # the bindings' keep_alive: a context keeps its engine alive
             self._addr: dict[str, int] = {}
             self._shapes: dict[str, list[int]] = {}
-            self._session: Any = None
+            self._session = None
             self._profile = profile  # -1: "Could not set default profile 0 for execution context"
             state.contexts.add(self)
 
@@ -573,7 +596,7 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
                 self._session = ort.InferenceSession(self._engine._model, providers=["CPUExecutionProvider"])
             feeds = {}
             for name in self._engine._inputs():
-                shape = [int(d) for d in self.get_tensor_shape(name)]
+                shape = [int(d) for d in self.get_tensor_shape(name)._d]
                 if any(d < 0 for d in shape):
                     return False
                 dtype = np.dtype(_NP[self._engine._io[name]["dtype"]])
@@ -581,7 +604,7 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
                 feeds[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
             for name, value in zip([o.name for o in self._session.get_outputs()], self._session.run(None, feeds),
                                    strict=True):
-                arr = np.ascontiguousarray(value, dtype=_NP[self._engine._io[name]["dtype"]])
+                arr: np.ndarray = np.ascontiguousarray(value, dtype=_NP[self._engine._io[name]["dtype"]])
                 ctypes.memmove(self._addr[name], arr.ctypes.data, arr.nbytes)
             return True
 
@@ -688,9 +711,9 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
             for t in network._inputs:
                 if t.shape[0] == -1 and t.name not in profiles:
                     return None  # "Network has dynamic or shape inputs, but no optimization profile"
-                io.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype.name, "mode": "INPUT"})
+                io.append({"name": t.name, "shape": list(t.shape._d), "dtype": t.dtype.name, "mode": "INPUT"})
             for t in network._outputs:
-                shape = list(t.shape)
+                shape = list(t.shape._d)
                 if state.data_dependent_output:
                     shape = [shape[0], -1, *shape[2:]]
                 io.append({"name": t.name, "shape": shape, "dtype": t.dtype.name, "mode": "OUTPUT"})
@@ -719,6 +742,7 @@ def make_tensorrt(version: str = "10.3.0.26", **knobs: Any) -> types.ModuleType:
 
     class Runtime:
         __slots__ = ("DLA_core", "_logger")
+        DLA_core: int  # set through object.__setattr__ (annotation only: no class attribute)
 
         def __init__(self, logger: ILogger) -> None:
             assert isinstance(logger, ILogger)

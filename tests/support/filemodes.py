@@ -213,8 +213,8 @@ def run_file_audit(work: Path, log: Callable[[str], None] = lambda s: None) -> A
         log(f"run 3 (wrong password): refused {refused}")
     finally:
         a.log_tail = logs[-1].output()[-3000:] if logs else ""
-        for p in logs:
-            p.stop()
+        for proc in logs:
+            proc.stop()
         mon.close()
         broker.stop()
 

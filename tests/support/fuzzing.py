@@ -507,9 +507,9 @@ class UpdateHarness:
         with m._cv:
             asms = {tid: (a.received, hashlib.blake2b(bytes(a._bits), digest_size=8).hexdigest(), a._fd is None)
                     for tid, a in m._chunks.assemblers.items()}
-            mem = {"queued": None if m._queued is None else m._queued.manifest.id,
-                   "current": None if m._current is None else m._current.manifest.id,
-                   "assemblers": asms, "seen": tuple(m._seen), "chunk_error": repr(m._chunks.error)}
+            mem: dict[str, object] = {"queued": None if m._queued is None else m._queued.manifest.id,
+                                      "current": None if m._current is None else m._current.manifest.id,
+                                      "assemblers": asms, "seen": tuple(m._seen), "chunk_error": repr(m._chunks.error)}
         r = m.reporter
         mem["reporter"] = (r.state, r.version, r.name, r.manifest_id, r.error, r.progress)
         return {"files": files, "memory": mem}

@@ -43,7 +43,7 @@ def _nodelay(client: mqtt.Client, userdata: object, sock: Any) -> None:
 
 
 class _Base:
-    def __init__(self, host: str, port: int, protocol: int, client_id: str, clean: bool,
+    def __init__(self, host: str, port: int, protocol: mqtt.MQTTProtocolVersion, client_id: str, clean: bool,
                  subscriptions: list[str]) -> None:
         self.answers: list[Answer] = []
         self.sent_at: dict[Any, float] = {}  # key -> time.time() just before the publish

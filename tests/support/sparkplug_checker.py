@@ -121,7 +121,7 @@ class SparkplugChecker:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # paho annotates int, takes float seconds
         self.client.connect(host, port, keepalive=10)
         self.client.loop_start()
         if not self._subscribed.wait(10):

@@ -99,7 +99,8 @@ class DelayProxy:
             loop.close()
 
     def _shutdown(self) -> None:
-        assert self._loop is not None
+        loop = self._loop  # a local: the closure below keeps the narrowed type
+        assert loop is not None
         if self._server is not None:
             self._server.close()
         for t in list(self._conns):
@@ -108,9 +109,9 @@ class DelayProxy:
         async def _finish() -> None:
             if self._conns:
                 await asyncio.gather(*self._conns, return_exceptions=True)
-            self._loop.stop()  # type: ignore[union-attr]
+            loop.stop()
 
-        self._loop.create_task(_finish())
+        loop.create_task(_finish())
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -121,10 +122,12 @@ class DelayProxy:
         t_writer: asyncio.StreamWriter | None = None
         try:
             try:
-                t_reader, t_writer = await asyncio.wait_for(asyncio.open_connection(*self.target), 10)
+                t_reader, target_writer = await asyncio.wait_for(asyncio.open_connection(*self.target), 10)
             except (OSError, asyncio.TimeoutError):
                 return  # the target is down: the client sees its connection closed, as with a dead broker
-            await asyncio.gather(self._pump(c_reader, t_writer, up=True), self._pump(t_reader, c_writer, up=False))
+            t_writer = target_writer  # for the finally below
+            await asyncio.gather(self._pump(c_reader, target_writer, up=True),
+                                 self._pump(t_reader, c_writer, up=False))
         except asyncio.CancelledError:
             pass
         finally:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.fleet.push import build_manifest, model_info, push_model
 from agent.updates.manifest import generate_keypair, load_private_key, sign_manifest
@@ -183,8 +185,8 @@ class TlsClient:
         self.connect_rc = rc
         self._connack.set()
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[object],
-                      props: object = None) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, rcs: list[ReasonCode],
+                      props: Properties | None = None) -> None:
         self.suback = list(rcs)
         self._subscribed.set()
 
@@ -403,7 +405,11 @@ def run_tls_acl(work: Path, rounds: int = 1, log: Callable[[str], None] = lambda
         while time.monotonic() < deadline and not set(states(m3_id)) & {"active", "failed"}:
             time.sleep(0.05)
         final = [s for s in states(m3_id) if s in ("active", "failed")]
-        rep.update_state = final[0] if final else (states(m3_id) or [None])[-1]
+        if final:
+            rep.update_state = final[0]
+        else:  # the last state it reached, if any
+            reached = states(m3_id)
+            rep.update_state = reached[-1] if reached else None
         if cli.returncode != 0:
             rep.log_tail = f"push-model: {cli.stdout[-1500:]} {cli.stderr[-1500:]}"
         if rep.update_state == "active":
