@@ -186,7 +186,12 @@ def engine_limit(cfg: AgentConfig, n: int, width: int, height: int, seconds: flo
             stream.synchronize()
         frame = Nv12Frame(device_frame.ptr, device_frame.ptr + width * height, width, width, height)
     gpu0 = _gpu_used()
-    first = create_engine(cfg.model.path, ecfg, None)
+    try:
+        first = create_engine(cfg.model.path, ecfg, None)
+    except BaseException:
+        if device_frame is not None:
+            device_frame.free()
+        raise
     runtimes: list[ModelRuntime] = []
     try:
         # GPU memory of the engine alone (no decoders): the first context after a few frames, then all

@@ -46,6 +46,33 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, nee
     raise RuntimeError(f"RTSP server did not listen on {port} within {timeout} s")
 
 
+def start_server(args: list[str], port: int, timeout: float, needs: str,
+                 stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start a server process and return it once it listens on `port`; RuntimeError (saying what to
+    install: `needs`) when it cannot start, exits or never listens (then it is stopped)."""
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr)
+    except OSError as exc:
+        raise RuntimeError(f"cannot start the RTSP server with {args[0]} ({exc}); install: {needs}") from None
+    try:
+        wait_listening(proc, port, timeout, needs)
+    except RuntimeError:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill a server started by start_server and close its pipes (None: nothing to do)."""
+    if proc is None:
+        return
+    proc.kill()
+    proc.wait(10)
+    for fh in (proc.stdout, proc.stderr):
+        if fh is not None:
+            fh.close()
+
+
 class RtspStreams:
     """N RTSP mounts on one loopback server, each serving `clip` from its start for every client."""
 
@@ -63,27 +90,12 @@ class RtspStreams:
     def start(self, timeout: float = 15.0) -> RtspStreams:
         args = [SYSTEM_PYTHON, str(Path(__file__).resolve()), str(self.port), self.codec, str(self.clip.resolve()),
                 str(self.count)]
-        try:
-            self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise RuntimeError(f"cannot start the RTSP server with {SYSTEM_PYTHON} ({exc}); install: {APT_LINE}") \
-                from None
-        try:
-            wait_listening(self._proc, self.port, timeout, APT_LINE)
-        except RuntimeError:
-            self.stop()
-            raise
+        self._proc = start_server(args, self.port, timeout, APT_LINE)
         return self
 
     def stop(self) -> None:
         p, self._proc = self._proc, None
-        if p is None:
-            return
-        p.kill()
-        p.wait(10)
-        for fh in (p.stdout, p.stderr):
-            if fh is not None:
-                fh.close()
+        stop_server(p)
 
     def __enter__(self) -> RtspStreams:
         return self.start()

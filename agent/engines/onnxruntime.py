@@ -94,7 +94,6 @@ class _SharedSession:
         self.lock = threading.Lock()
         self.run_lock = threading.Lock()  # taken around runs only when CUDA graphs are on
         self.workers = ThreadPoolExecutor(MAX_CONCURRENT_RUNS, thread_name_prefix="ort-run")
-        self.lanes: OrtLanes | None = None  # CUDA-graph lanes, when the model runs on them
         self._next_graph = 100
 
     def graph_id(self) -> int:
@@ -180,8 +179,6 @@ class OnnxRuntimeEngine(Engine):
         # on one session overlap on the GPU); the frontend's stream is then ordered by the host
         own_streams = opts.get("has_user_compute_stream") == "0"
         if self.cfg.preprocess != "cpu" and "user_compute_stream" not in opts:
-            from agent.engines import cuda
-
             try:
                 cuda.set_sync_mode(self.cfg.gpu_sync)  # before anything makes the CUDA context
                 self._stream = cuda.Stream()
@@ -522,7 +519,6 @@ class OnnxRuntimeEngine(Engine):
         assert self._info is not None
         if self._shared is None:
             self._shared = _SharedSession()
-            self._shared.lanes = self._lanes
         ctx = OnnxRuntimeEngine(self.model_path, self.cfg, on_event=self.on_event, precision=self.precision)
         with self._shared.lock:
             self._shared.refs += 1
@@ -532,8 +528,6 @@ class OnnxRuntimeEngine(Engine):
         ctx._stream_in_session = self._stream_in_session
         ctx._lanes = self._lanes
         if self._stream is not None and not self._stream_in_session:
-            from agent.engines import cuda
-
             ctx._stream = cuda.Stream()  # this camera's own stream (ONNX Runtime uses none of ours)
         ctx._input, ctx._outputs, ctx._output_names = self._input, self._outputs, self._output_names
         ctx.metadata, ctx.placement, ctx._plain_options = self.metadata, self.placement, self._plain_options
@@ -570,21 +564,20 @@ class OnnxRuntimeEngine(Engine):
             self._binding, self._bound_in, self._bound_out = None, None, []
             self._device_bindings, self._lane_bindings = [], []
             self._session = None
-        lanes, self._lanes = self._lanes, None
+        lanes, self._lanes = self._lanes, None  # every context of the session holds the same lanes
         shared, self._shared = self._shared, None
-        if shared is None and lanes is not None:
-            lanes.close()
+        last = True
         if shared is not None:
             with shared.lock:
                 shared.refs -= 1
                 last = shared.refs == 0
             if last:
                 shared.workers.shutdown(wait=True)
-                if shared.lanes is not None:
-                    shared.lanes.close()
-            if not last and self._stream_in_session:  # another camera still runs on the session and its stream
-                self._stream = None
-                return
+        if last and lanes is not None:
+            lanes.close()
+        if not last and self._stream_in_session:  # another camera still runs on the session and its stream
+            self._stream = None
+            return
         if self._stream is not None:
             try:
                 with cuda.CAPTURE.shared():

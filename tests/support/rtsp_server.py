@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 if __name__ != "__main__":  # the server process runs under the system python3, which has no `agent`
-    from agent.streams_rtsp import free_port, wait_listening
+    from agent.streams_rtsp import free_port, start_server, stop_server
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 APT_LINE = (
@@ -59,22 +59,12 @@ class RtspServer:
     def start(self, timeout: float = 15.0) -> RtspServer:
         args = [SYSTEM_PYTHON, str(Path(__file__).resolve()), str(self.port), str(self.width), str(self.height),
                 str(self.fps)]
-        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        try:
-            wait_listening(self._proc, self.port, timeout, APT_LINE)
-        except RuntimeError:
-            self.stop()
-            raise
+        self._proc = start_server(args, self.port, timeout, APT_LINE, stderr=subprocess.DEVNULL)
         return self
 
     def stop(self) -> None:
         p, self._proc = self._proc, None
-        if p is None:
-            return
-        p.kill()
-        p.wait(10)
-        if p.stdout is not None:
-            p.stdout.close()
+        stop_server(p)
 
     def __enter__(self) -> RtspServer:
         return self.start()
