@@ -185,7 +185,10 @@ def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> di
 
 def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int, frames: list[np.ndarray] | None = None,
                    preprocess: str | None = None, paced_fps: float | None = None) -> dict[str, Any]:
-    ecfg = cfg.engine.model_copy(update={"preprocess": preprocess}) if preprocess else cfg.engine
+    from agent.engines.factory import shared_engine_settings
+
+    overrides, _ = shared_engine_settings(cfg.engine, 1)  # one camera, as the service arranges it
+    ecfg = cfg.engine.model_copy(update={**overrides, **({"preprocess": preprocess} if preprocess else {})})
     engine = OnnxRuntimeEngine(cfg.model.path, ecfg)
     rt = build_runtime(engine, cfg.model, cfg.model.path, preprocess=ecfg.preprocess)
     rt.warmup(10)
@@ -310,7 +313,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "size", None):
         frames, video = _resized(frames, args.size, work)
 
-    engine = OnnxRuntimeEngine(model, cfg.engine)
+    engine = OnnxRuntimeEngine(model, cfg.engine.model_copy(update={"graph_lanes": 0}))  # the bare limit: one session
     engine.load()
     tensor, _ = build_runtime(engine, cfg.model, model, preprocess="cpu").letterbox(frames[0])
     tensor = tensor.copy()

@@ -325,7 +325,7 @@ class EngineConfig(_Strict):
         0, ge=0, le=16,
         description="several cameras on one ONNX Runtime CUDA model with cuda_graph: sessions that each replay "
         "one captured graph on their own stream, taken by whichever camera's frame comes next; 0: "
-        "min(cameras, 4)",
+        "min(cameras, 4); one camera runs on lanes only when this is >= 2 (its frames overlap on the GPU)",
     )
     preprocess: Literal["auto", "cpu", "gpu"] = Field(
         "auto",

@@ -4,12 +4,14 @@ The inference thread takes the newest frame (live) or every frame (files). On th
 letterboxes it into the engine's preallocated input and runs the engine; on the GPU path it only
 queues the upload and the letterbox kernel (agent.vision.gpu), and the launch thread runs the
 engine on the frame before (ONNX Runtime's call blocks while the GPU infers, so the two overlap).
-CPU frames pass the launch thread untouched. Frames NVDEC left on the GPU (NV12) go to the GPU
-frontend as they are; on the CPU path they are fetched to the host first. Decoding, NMS and
-publishing happen on the post thread, so a slow broker or a burst of detections never stalls
-inference. Every hand-off is a FIFO: frames keep their order. A model swap happens between two
-frames on the inference thread: the old runtime serves until the new one takes the next frame,
-and every result carries the runtime that produced it.
+CPU frames pass the launch thread untouched. An engine that submits its runs (CUDA-graph lanes:
+agent.engines.ort_lanes) needs no launch thread: the inference thread stages the frame and hands
+it to a lane without waiting, and the frame goes straight to the post thread. Frames NVDEC left
+on the GPU (NV12) go to the GPU frontend as they are; on the CPU path they are fetched to the
+host first. Decoding, NMS and publishing happen on the post thread, so a slow broker or a burst
+of detections never stalls inference. Every hand-off is a FIFO: frames keep their order. A model
+swap happens between two frames on the inference thread: the old runtime serves until the new one
+takes the next frame, and every result carries the runtime that produced it.
 """
 
 from __future__ import annotations
@@ -139,6 +141,10 @@ class _Item:
 
 
 _STOP = object()
+
+
+def _submits(runtime: ModelRuntime) -> bool:
+    return runtime.frontend is not None and bool(getattr(runtime.frontend, "submits", False))
 # the GIL switch interval the pipelines set; the variable is for measurement only (many cameras)
 _SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
 
@@ -175,6 +181,9 @@ class Pipeline:
         self._swap_lock = threading.Lock()
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{camera_id}", daemon=True)
         self._launch_thread = threading.Thread(target=self._launch_loop, name=f"launch-{camera_id}", daemon=True)
+        # frames (and swap markers) go straight to the post thread while the runtime submits its runs;
+        # a swap to one that does not turns this off for good (FIFO order through the launch thread)
+        self._direct = _submits(runtime)
         self._post_thread = threading.Thread(target=self._post_loop, name=f"post-{camera_id}", daemon=True)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -238,7 +247,8 @@ class Pipeline:
             return
         ticket.old, self.runtime = self.runtime, ticket.runtime
         self._new_ticket = ticket  # completed by the first frame the new runtime infers
-        self._launch_q.put(ticket)  # a FIFO marker: the post thread sets `drained` when it gets there
+        self._direct = self._direct and _submits(ticket.runtime)
+        self._next_q.put(ticket)  # a FIFO marker: the post thread sets `drained` when it gets there
         ticket.applied.set()
         log.info("camera %s: now on model %s %s", self.camera_id, ticket.runtime.name, ticket.runtime.version)
 
@@ -287,13 +297,20 @@ class Pipeline:
         log.error("camera %s frame %d: %s", self.camera_id, seq, exc)
         self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
 
+    @property
+    def _next_q(self) -> queue.Queue[object]:
+        """Where the inference thread's frames go: the launch thread, or straight to the post thread."""
+        return self._handoff if self._direct else self._launch_q
+
     def _launch_loop(self) -> None:
         """GPU frames: run the engine on each staged frame, in order (its call blocks while the GPU
         infers, so staging the next frame happens on the inference thread meanwhile). CPU frames
-        arrive already inferred and pass straight on."""
+        arrive already inferred and pass straight on, as do frames already submitted."""
+        from agent.vision.gpu import Staged
+
         try:
             for item in self._items(self._launch_q, "launch_progress", self._handoff.put):
-                if item.runtime.frontend is not None and not isinstance(item.outputs, (list, Candidates)):
+                if item.runtime.frontend is not None and isinstance(item.outputs, Staged):
                     try:
                         item.outputs = item.runtime.frontend.launch(item.outputs)
                     except AgentError as exc:
@@ -317,6 +334,8 @@ class Pipeline:
             else:  # uploaded and letterboxed on the GPU; the launch thread runs the engine on it
                 staged = rt.frontend.stage(image)
                 outputs, lb = staged, staged.lb
+                if rt.frontend.submits:  # handed to a lane at once: nothing for the launch thread
+                    outputs = rt.frontend.launch(staged)
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
@@ -328,7 +347,7 @@ class Pipeline:
         if isinstance(image, np.ndarray):  # host frames only: device frames would pin decoder buffers
             self.recent_frames.append(image)
         self.submitted += 1
-        self._launch_q.put(_Item(frame, outputs, lb, rt, stage))
+        self._next_q.put(_Item(frame, outputs, lb, rt, stage))
         if self._new_ticket is not None:
             self._new_ticket.first_seq = frame.seq
             self._new_ticket.done.set()
@@ -347,7 +366,11 @@ class Pipeline:
         try:
             outputs = item.outputs
             if not isinstance(outputs, (list, Candidates)):  # a frame still on the GPU: wait for it
-                outputs, _ = outputs.result()
+                try:
+                    outputs, _ = outputs.result()
+                except AgentError as exc:  # a submitted run that failed on its lane
+                    self._inference_failed(item.frame.seq, exc)
+                    return
                 t0b = time.perf_counter()
                 item.stage_ms["gpu_wait"] = (t0b - t0) * 1e3
                 t0 = t0b

@@ -25,12 +25,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.config import DEMO_VIDEO, AgentConfig, load_config, parse_config
+from agent.streams_procs import barrier
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="--streams: measuring window per run")
     p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
     p.add_argument("--clip", default=None, help="--streams: serve this H.264 / HEVC file instead of encoding one")
+    p.add_argument("--processes", type=int, default=1, metavar="K",
+                   help="--streams: split the streams over K agent processes run at once (agent.streams_procs; "
+                        "on a discrete GPU start MPS first)")
 
 
 def _size(text: str | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -125,6 +130,7 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not all(p.processed > 0 for p in svc.pipelines):
             time.sleep(0.1)
+        barrier("window")  # --processes: every process's cameras run before any window starts
         time.sleep(warmup_s)
         for p in svc.pipelines:
             p.times = StageTimes()  # the window's latencies only
@@ -257,10 +263,33 @@ def nvdec_limit(clip: Path, n: int, seconds: float = 3.0) -> dict[str, Any]:
         return {"error": str(exc)[:300]}
 
 
+def find_max(n: int, trial: Callable[[int], bool], start: int = 1) -> int:
+    """The largest k in [start, n] for which trial(k) holds (0 if none): doubling from `start` until
+    it breaks, then halving between the last pass and the first failure."""
+    lo, hi, k = 0, n + 1, start
+    while k <= n:
+        if not trial(k):
+            hi = k
+            break
+        lo, k = k, k * 2
+    if lo == 0 and hi <= n:  # the first trial failed (below `start` nothing is tried)
+        return 0
+    if hi == n + 1 and lo < n:
+        lo, hi = (n, hi) if trial(n) else (lo, n)
+    while hi - lo > 1 and lo < n:
+        k = (lo + hi) // 2
+        lo, hi = (k, hi) if trial(k) else (lo, k)
+    return max(lo, 0)
+
+
 def run_streams(args: argparse.Namespace) -> int:
     n = int(args.streams)
     if n < 1:
         print("bench: --streams must be >= 1", file=sys.stderr)
+        return 2
+    k = int(getattr(args, "processes", 1) or 1)
+    if not 1 <= k <= n:
+        print(f"bench: --processes must be between 1 and --streams ({n}), got {k}", file=sys.stderr)
         return 2
     base = load_config(args.config) if args.config else parse_config({"cameras": [{"source": "synthetic:"}]})
     if args.model:
@@ -293,6 +322,9 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
                                "size": [width, height], "fps": fps, "seconds": seconds,
                                "model": str(base.model.path), "engine": base.engine.model_dump(mode="json"),
                                "ts": round(time.time(), 3)}
+    processes = int(getattr(args, "processes", 1) or 1)
+    if processes > 1:
+        return _run_processes(args, results, clip, n, processes, work)
 
     def measure(k: int) -> dict[str, Any]:
         if args.source == "rtsp":
@@ -311,18 +343,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
                 print(_thread_row(runs[k]), file=sys.stderr)
             return bool(runs[k]["goal_held"])
 
-        lo, hi, k = 0, n + 1, 1
-        while k <= n:  # doubling until the goal breaks
-            if not trial(k):
-                hi = k
-                break
-            lo, k = k, k * 2
-        if hi == n + 1 and lo < n:
-            lo, hi = (n, hi) if trial(n) else (lo, n)
-        while hi - lo > 1 and lo < n:  # then halving between the last pass and the first failure
-            k = (lo + hi) // 2
-            lo, hi = (k, hi) if trial(k) else (lo, k)
-        best = lo
+        best = find_max(n, trial)
         results["n_max"] = best
         n_limit = max(best, 1)
     else:
@@ -334,6 +355,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
         if a is not None and b is not None:
             results["gpu_mem_per_extra_camera_mb"] = round((b - a) / (n_limit - 1), 1)
             results["gpu_mem_first_camera_mb"] = a
+    barrier("limits")  # --processes: the limit rows of every process at once
     results["engine_limit"] = engine_limit(base, n_limit, width, height, nv12=args.decode == "nvdec")
     if args.decode in ("nvdec", "auto"):
         results["nvdec_limit"] = nvdec_limit(clip, n_limit)
@@ -346,10 +368,54 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     return 0
 
 
+def _run_processes(args: argparse.Namespace, results: dict[str, Any], clip: Path, n: int, k: int,
+                   work: Path) -> int:
+    """--processes K: each run is K children with the streams split between them (agent.streams_procs)."""
+    from agent.streams_procs import measure as measure_procs
+    from agent.streams_procs import mps_running
+
+    mps = mps_running()
+    results.update({"processes": k, "mps": mps})
+    print(f"bench: {k} processes, MPS {'running' if mps else 'NOT running (the processes time-slice the GPU)'}",
+          file=sys.stderr)
+    merged: dict[int, dict[str, Any]] = {}
+
+    def trial(total: int) -> bool:
+        if total not in merged:
+            merged[total] = measure_procs(args, clip, total, k, work)
+            print(_row(merged[total]["run"]), file=sys.stderr)
+            print(_thread_row(merged[total]["run"]), file=sys.stderr)
+        return bool(merged[total]["run"]["goal_held"])
+
+    try:
+        if args.find_max:
+            best = find_max(n, trial, start=k)
+            results["n_max"] = best
+            at = best if best in merged else min(merged)
+        else:
+            trial(n)
+            at = n
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    results["runs"] = {str(t): m["run"] for t, m in sorted(merged.items())}
+    results["engine_limit"] = merged[at]["engine_limit"]
+    if "nvdec_limit" in merged[at]:
+        results["nvdec_limit"] = merged[at]["nvdec_limit"]
+    lim = results["engine_limit"].get("inferences_per_s")
+    if lim:
+        results["streams_at_engine_limit"] = round(lim / float(args.fps), 1)
+    print(format_streams(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def _row(r: dict[str, Any]) -> str:
+    gpu = "-" if r["gpu_mem_mb"] is None else r["gpu_mem_mb"]  # None: several processes (each sees the others)
     return (f"N={r['streams']:<3} total {r['total_fps']:>8.1f} fps  min/stream {r['min_fps']:>6.1f}  "
             f"worst p99 {r['worst_p99_ms']:>7.1f} ms  dropped {r['dropped']:>4}  "
-            f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {r['gpu_mem_mb']} MB  loads {r['model_loads']}  "
+            f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {gpu} MB  loads {r['model_loads']}  "
             f"{'held' if r['goal_held'] else 'MISSED'}")
 
 
@@ -375,7 +441,11 @@ def format_streams(r: dict[str, Any]) -> str:
                 lines.append(f"  {s['camera']:<5} {s['fps']:>7.2f} fps  dropped {s['dropped']:>3}  "
                              f"p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  errors {s['errors']}  {s['state']}")
     el = r.get("engine_limit", {})
-    lines.append(f"limit: engine alone, {el.get('contexts')} contexts on one model: {el.get('inferences_per_s')} "
+    if r.get("processes", 1) > 1:
+        lines.append(f"processes: {r['processes']} (streams split between them), MPS "
+                     f"{'running' if r.get('mps') else 'not running'}; the limit rows: every process at once, summed")
+    where = f"in {r['processes']} processes" if r.get("processes", 1) > 1 else "on one model"
+    lines.append(f"limit: engine alone, {el.get('contexts')} contexts {where}: {el.get('inferences_per_s')} "
                  f"inferences/s ({el.get('preprocess')} preprocessing, {el.get('graph_lanes') or 'no'} graph lanes) "
                  f"= {r.get('streams_at_engine_limit')} streams")
     if "engine_mem_first_mb" in el:

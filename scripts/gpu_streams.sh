@@ -3,11 +3,12 @@
 #   scripts/gpu_streams.sh STEP MODEL CLIP OUTDIR [N]
 # STEP: smoke (2 streams, 2 s, lanes); findmax CONFIG [N] (find-max up to N); streams CONFIG N (one run);
 #       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py);
-#       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py).
+#       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py);
+#       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
-cfgdir=docs/measurements/h200-2026-12-01-lanes
+cfgdir=${CFGDIR:-docs/measurements/h200-2026-12-01-async}  # the engine configs (yaml) of one round
 case $step in
   smoke)
     timeout 150 python3 -m agent.cli bench -c "$cfgdir/cuda_graph.yaml" --model "$model" --streams 2 --decode nvdec \
@@ -34,6 +35,15 @@ case $step in
     done
     wait
     for i in $(seq 1 "$k"); do echo "process $i:"; grep -E "^N=|cpu ms/f" "$out/procs${k}x${n}_${name}_$i.txt" | head -2; done;;
+  split)  # bench --streams N --processes K (cameras grouped per process), with MPS running or not: $1 CONFIG $2 N $3 K $4 mps|nomps [$5 find]
+    cfg=$1; n=$2; k=$3; mps=$4; name=$(basename "$cfg" .yaml); find=${5:+--find-max}
+    [ "$mps" = mps ] && nvidia-cuda-mps-control -d
+    timeout 560 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" --processes "$k" $find \
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
+      --json "$out/split${n}x${k}_${mps}${5:+_find}_$name.json" > "$out/split${n}x${k}_${mps}${5:+_find}_$name.txt" 2>&1
+    echo "split $n streams, $k processes, $mps rc=$?"
+    [ "$mps" = mps ] && echo quit | nvidia-cuda-mps-control
+    grep -E "^N=|cpu ms/f|limit|processes|N_max" "$out/split${n}x${k}_${mps}${5:+_find}_$name.txt" | tail -24;;
   check)  # streams_check.py: the clips beside CLIP (demo1080_h264.mp4, ...); $1: which checks
     OUT=$out timeout 400 python3 scripts/streams_check.py --clips "$(dirname "$clip")" --model "$model" --only "${1:-nv12_kernel,nvdec_frames,detections}" \
       > "$out/check.txt" 2>&1
@@ -46,7 +56,8 @@ case $step in
     echo "switch $ms ms, $n streams, $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/switch${ms}ms_streams${n}_$name.txt" | head -2;;
   onestream)  # one camera, frames in memory and paced: the pipeline vs the bare limits (agent/bench.py)
     cfg=$1; name=$(basename "$cfg" .yaml)
-    timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --size 1920x1080 --frames 500 \
+    YOLO_OFFLINE=true YOLO_AUTOINSTALL=false timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" \
+      --model "$model" --size 1920x1080 --frames 500 \
       --json "$out/onestream_$name.json" > "$out/onestream_$name.txt" 2>&1
     echo "onestream $name rc=$?"; grep -E "^path|^bare|^pipeline|^ultra|^ratios" "$out/onestream_$name.txt";;
   *) echo "unknown step $step" >&2; exit 2;;

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -80,27 +81,35 @@ def test_max_frames_stops_early(tmp_path: Path) -> None:
     assert [r.frame_seq for r in sink.results] == list(range(45))
 
 
-def test_swap_at_frame_boundary_loses_nothing(tmp_path: Path) -> None:
-    video = write_video(tmp_path / "v.avi", 200)
-    old = runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1")
-    new = runtime(tmp_path, "v2", (20, 20, 8, 8, 1, 0.7), "2")
+def two_runtimes(tmp_path: Path) -> tuple[Any, Any]:
+    """v1 finds a "part", v2 a "dent": every result says which runtime inferred it."""
+    return (runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1"),
+            runtime(tmp_path, "v2", (20, 20, 8, 8, 1, 0.7), "2"))
+
+
+def run_with_swap(tmp_path: Path, old: Any, new: Any, frames: int, after: int) -> tuple[Pipeline, Sink, Any]:
+    """A file of `frames` frames on `old`, swapped to `new` once `after` results are out, run to its end."""
+    video = write_video(tmp_path / "v.avi", frames)
     sink = Sink()
-    sink.target = 40
+    sink.target = after
     pipe = Pipeline("cam0", CaptureThread(CameraConfig(source=str(video), pace=False)), old, sink)
     pipe.start()
     assert sink.event.wait(30)
     ticket = pipe.request_swap(new)
-    assert ticket.done.wait(30)
+    assert ticket.done.wait(30) and ticket.drained.wait(30)
     assert pipe.wait(60)
     pipe.stop()
-    assert ticket.old is old and ticket.first_seq is not None
-    seqs = [r.frame_seq for r in sink.results]
-    assert seqs == list(range(200)), "a frame was dropped or processed twice across the swap"
+    assert ticket.old is old and ticket.first_seq is not None and after <= ticket.first_seq < frames
+    assert [r.frame_seq for r in sink.results] == list(range(frames)), \
+        "a frame was dropped, processed twice or published out of order across the swap"
     for r in sink.results:
         want = "2" if r.frame_seq >= ticket.first_seq else "1"
-        assert r.model_version == want
-        assert r.detections[0].label == ("dent" if want == "2" else "part")
-    assert 40 <= ticket.first_seq < 200
+        assert r.model_version == want and r.detections[0].label == ("dent" if want == "2" else "part")
+    return pipe, sink, ticket
+
+
+def test_swap_at_frame_boundary_loses_nothing(tmp_path: Path) -> None:
+    run_with_swap(tmp_path, *two_runtimes(tmp_path), frames=200, after=40)
 
 
 def test_old_runtime_is_drained_before_it_may_be_closed(tmp_path: Path) -> None:
@@ -129,3 +138,86 @@ def test_old_runtime_is_drained_before_it_may_be_closed(tmp_path: Path) -> None:
     assert pipe.wait(60)
     pipe.stop()
     assert [r.frame_seq for r in sink.results] == list(range(120))
+
+
+class StandInFrontend:
+    """Stand-in for agent.vision.gpu.GpuFrontend (CUDA cannot exist here): the runtime's real CPU
+    letterbox and ONNX Runtime session, run on worker threads that finish in random order, as frames
+    submitted to CUDA-graph lanes do (`submits`), or launched one at a time by the launch thread."""
+
+    def __init__(self, rt: Any, submits: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.rt, self.submits = rt, submits
+        self.pool = ThreadPoolExecutor(3)
+        self.rng = np.random.default_rng(7)
+        self.launch_threads: set[str] = set()
+
+    def stage(self, image: np.ndarray) -> Any:
+        from agent.vision.gpu import Staged
+
+        tensor, lb = self.rt.letterbox(image)
+        return Staged(tensor.copy(), 0, lb)  # type: ignore[arg-type]  # the tensor stands for the GPU slot
+
+    def launch(self, staged: Any) -> Any:
+        self.launch_threads.add(threading.current_thread().name)
+        delay = float(self.rng.uniform(0, 0.004))
+
+        def run(tensor: np.ndarray) -> list[np.ndarray]:
+            time.sleep(delay)  # frames overtake one another on the "GPU"
+            return self.rt.engine.infer(tensor)
+
+        future = self.pool.submit(run, staged.slot)
+
+        class Pending:
+            def result(self) -> tuple[list[np.ndarray], Any]:
+                return future.result(), staged.lb
+        return Pending()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+@pytest.mark.parametrize("first_submits, second_submits", [(True, True), (True, False), (False, True)])
+def test_submitted_frames_publish_in_order_across_swaps(tmp_path: Path, first_submits: bool,
+                                                       second_submits: bool) -> None:
+    """Runs submitted without waiting (lanes) finish out of order; the post thread still publishes every
+    frame once, in order, on the runtime that inferred it, also across a swap to or from such a runtime.
+    Submitted frames bypass the launch thread."""
+    old, new = two_runtimes(tmp_path)
+    old.frontend, new.frontend = StandInFrontend(old, first_submits), StandInFrontend(new, second_submits)
+    pipe, _, _ = run_with_swap(tmp_path, old, new, frames=150, after=40)
+    for fe in (old.frontend, new.frontend):
+        assert fe.launch_threads == ({"infer-cam0"} if fe.submits else {"launch-cam0"})
+        fe.close()
+    assert pipe.errors == 0
+
+
+def test_a_submitted_run_that_fails_is_an_inference_error_and_the_camera_goes_on(tmp_path: Path) -> None:
+    from agent.errors import EngineError
+
+    video = write_video(tmp_path / "v.avi", 40)
+    rt = runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1")
+    fe = StandInFrontend(rt, True)
+    real_infer = rt.engine.infer
+
+    def flaky(tensor: np.ndarray) -> list[np.ndarray]:
+        if flaky.calls == 10:  # type: ignore[attr-defined]
+            flaky.calls += 1  # type: ignore[attr-defined]
+            raise EngineError("inference failed: lane replay failed")
+        flaky.calls += 1  # type: ignore[attr-defined]
+        return real_infer(tensor)
+    flaky.calls = 0  # type: ignore[attr-defined]
+    rt.engine.infer = flaky  # type: ignore[method-assign]
+    rt.frontend = fe
+    events: list[str] = []
+    sink = Sink()
+    pipe = Pipeline("cam0", CaptureThread(CameraConfig(source=str(video), pace=False)), rt, sink,
+                    on_event=lambda name, data: events.append(name))
+    pipe.start()
+    assert pipe.wait(60)
+    pipe.stop()
+    fe.close()
+    seqs = [r.frame_seq for r in sink.results]
+    assert len(seqs) == 39 and seqs == sorted(seqs) and pipe.errors == 1
+    assert events == ["inference_error"]

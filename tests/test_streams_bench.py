@@ -64,3 +64,19 @@ def test_bench_streams_rejects_zero(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "--streams must be >= 1" in r.stderr
+
+
+@pytest.mark.parametrize(("n", "start", "holds_up_to", "want"), [
+    (56, 1, 29, 29), (56, 4, 48, 48), (40, 1, 40, 40), (40, 1, 0, 0), (64, 4, 3, 0), (64, 4, 64, 64)])
+def test_find_max_finds_the_largest_n_that_holds(n: int, start: int, holds_up_to: int, want: int) -> None:
+    from agent.streams_bench import find_max
+
+    tried: list[int] = []
+
+    def trial(k: int) -> bool:
+        tried.append(k)
+        return k <= holds_up_to
+
+    assert find_max(n, trial, start) == want
+    assert all(start <= k <= n for k in tried) and len(tried) == len(set(tried))  # no N run twice
+    assert len(tried) <= 2 * n.bit_length() + 2

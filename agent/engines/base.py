@@ -13,6 +13,7 @@ caller loads one engine per camera instead.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -114,6 +115,17 @@ class Engine(abc.ABC):
     def run_device(self, binding: int = 0) -> None:
         """One inference on a binding's buffers, on device_stream (the caller synchronises)."""
         raise EngineError(f"{type(self).__name__} has no device IO")
+
+    @property
+    def submits_device_runs(self) -> bool:
+        """True when submit_device() queues a run without waiting for it (CUDA-graph lanes)."""
+        return False
+
+    def submit_device(self, binding: int, wait: Any, input_read: Callable[[Any], None] | None,
+                      done: Callable[[Any, list[Any]], None], failed: Callable[[BaseException], None]) -> None:
+        """Queue one inference on a binding's input without waiting (agent.engines.ort_lanes): the
+        engine's stream waits on `wait` (a cuda.Event) first; the hooks run on the engine's thread."""
+        raise EngineError(f"{type(self).__name__} cannot submit device runs")
 
     def share(self) -> Engine:
         """Another context on this loaded model, for another camera (see the module docstring)."""

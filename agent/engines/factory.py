@@ -198,16 +198,23 @@ def shared_engine_settings(cfg: EngineConfig, cameras: int) -> tuple[dict[str, o
 
     ONNX Runtime on a GPU EP, several cameras: with `cuda_graph` on the CUDA EP (and preprocessing
     allowed on the GPU) the model runs as CUDA-graph lanes (agent.engines.ort_lanes), min(cameras,
-    graph_lanes or 4) of them (event `cuda_graph_lanes`). Otherwise graphs go off (event
-    `cuda_graph_off`: ONNX Runtime captures them per thread in global mode, so captures from several
-    camera threads would collide) and ONNX Runtime takes a stream of its own per run, so the cameras'
-    runs overlap (one user stream would run them in turn).
+    graph_lanes or 4) of them (event `cuda_graph_lanes`); one camera only when graph_lanes >= 2.
+    Otherwise graphs go off (event `cuda_graph_off`: ONNX Runtime captures them per thread in
+    global mode, so captures from several camera threads would collide) and ONNX Runtime takes a
+    stream of its own per run, so the cameras' runs overlap (one user stream would run them in turn).
     """
-    if cameras <= 1 or cfg.backend != "onnxruntime":
-        return ({"graph_lanes": 0} if cfg.graph_lanes else {}), None
     first = cfg.providers[0]
     user_stream = "user_compute_stream" in first.options
-    if cfg.cuda_graph and first.name == "CUDAExecutionProvider" and cfg.preprocess != "cpu" and not user_stream:
+    lanes_possible = (cfg.backend == "onnxruntime" and cfg.cuda_graph and first.name == "CUDAExecutionProvider"
+                      and cfg.preprocess != "cpu" and not user_stream)
+    if cameras <= 1 or cfg.backend != "onnxruntime":
+        # one camera: its own graph path, unless lanes are asked for (>= 2 keep several of its
+        # frames on the GPU at once: the frontend submits without waiting for the one before)
+        if cameras == 1 and lanes_possible and cfg.graph_lanes >= 2:
+            return {"graph_lanes": cfg.graph_lanes}, ("cuda_graph_lanes", {"cameras": 1,
+                                                                           "graph_lanes": cfg.graph_lanes})
+        return ({"graph_lanes": 0} if cfg.graph_lanes else {}), None
+    if lanes_possible:
         lanes = min(cameras, cfg.graph_lanes or DEFAULT_GRAPH_LANES)
         return {"graph_lanes": lanes}, ("cuda_graph_lanes", {"cameras": cameras, "graph_lanes": lanes})
     overrides: dict[str, object] = {"graph_lanes": 0}

@@ -395,6 +395,18 @@ class OnnxRuntimeEngine(Engine):
             ro.add_run_config_entry("gpu_graph_id", str(graph_id))
         return ro
 
+    @property
+    def submits_device_runs(self) -> bool:
+        return self._lanes is not None
+
+    def submit_device(self, binding: int, wait: Any, input_read: Callable[[Any], None] | None,
+                      done: Callable[[Any, list[Any]], None], failed: Callable[[BaseException], None]) -> None:
+        if self._lanes is None:
+            raise EngineError("submit_device() needs CUDA-graph lanes (engine.graph_lanes)")
+        if not 0 <= binding < len(self._lane_bindings):
+            raise EngineError("bind_device() first")
+        self._lanes.submit_device(self._lane_bindings[binding][0], wait, input_read, done, failed)
+
     def run_device(self, binding: int = 0) -> None:
         if self._lanes is not None:
             if not 0 <= binding < len(self._lane_bindings):

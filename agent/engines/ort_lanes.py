@@ -13,6 +13,14 @@ frontends and NVDEC hold it shared, so a later capture (a model swap while camer
 meets another thread's CUDA call (measured on the H200: without that, the third swap under load
 failed with cudaErrorStreamCaptureInvalidated).
 
+A job is either waited for (`run_device`, `run_host`: the caller blocks until the lane is done)
+or submitted (`submit_device`): the lane's stream waits on the camera's event, copies the input in
+and tells the camera (its input buffer may be written again once that copy ends), replays, then
+hands its stream and output buffers to the camera's `done`, which queues what it does with them
+(candidate selection, copies to the host) on that stream and records its own event. The camera's
+thread never waits for the GPU, so one camera keeps several frames on several lanes at once, and
+the per-frame hand-off costs no thread of its own (measured: docs/measurements/h200-2026-12-01-async).
+
 What a camera costs on top of the first: its own input and output buffers (and its frontend's),
 no graph and no session: measured on the H200 (docs/measurements/).
 """
@@ -40,17 +48,26 @@ __all__ = ["OrtLanes"]
 _GRAPH_ID = "1"  # each lane captures one graph; ids are per session and per thread in ONNX Runtime
 _LANE_READY_S = 120.0  # a capture on a cold GPU (cuDNN algorithm search) takes seconds, never minutes
 
-
+StreamHook = Callable[[cuda.Stream], None]
+DoneHook = Callable[[cuda.Stream, list[cuda.DeviceBuffer]], None]
+FailHook = Callable[[BaseException], None]
 
 
 @dataclass
 class _Job:
-    """One inference: device pointers (a camera's own buffers) or a host tensor (CPU preprocessing)."""
+    """One inference: device pointers (a camera's own buffers) or a host tensor (CPU preprocessing).
 
-    future: Future[list[np.ndarray] | None]
+    Waited for through `future`, or submitted: then the hooks run on the lane's thread (`wait`: an
+    event the lane's stream waits on before reading the input)."""
+
+    future: Future[list[np.ndarray] | None] | None
     input_ptr: int = 0
     output_ptrs: list[int] = field(default_factory=list)
     host_input: np.ndarray | None = None
+    wait: Any = None
+    input_read: StreamHook | None = None
+    done: DoneHook | None = None
+    failed: FailHook | None = None
 
 
 @dataclass
@@ -166,6 +183,9 @@ class OrtLanes:
             job = self._jobs.get()
             if job is None:
                 return
+            if job.future is None:
+                self._run_submitted(lane, job)
+                continue
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
@@ -195,10 +215,41 @@ class OrtLanes:
         s.synchronize()
         return None
 
+    def _run_submitted(self, lane: _Lane, job: _Job) -> None:
+        assert job.done is not None and job.failed is not None
+        s = lane.stream
+        try:
+            with cuda.CAPTURE.shared():
+                if job.wait is not None:
+                    s.wait(job.wait)
+                cuda.memcpy_async(lane.input.ptr, job.input_ptr, lane.input.nbytes, "dtod", s)
+                if job.input_read is not None:
+                    job.input_read(s)
+                lane.session.run_with_iobinding(lane.binding, lane.options)  # replay; returns when the GPU is done
+                job.done(s, lane.outputs)  # queued on this stream, before the lane's next copy in
+            lane.runs += 1
+        except BaseException as exc:
+            try:
+                job.failed(exc)
+            except Exception:
+                log.exception("graph lane %d: reporting a failed inference", lane.index)
+
+    def submit_device(self, input_ptr: int, wait: Any, input_read: StreamHook | None, done: DoneHook,
+                      failed: FailHook) -> None:
+        """Queue one inference on a camera's input buffer without waiting for it (see the module
+        docstring): `input_read(stream)` once the input copy is queued, `done(stream, outputs)` once
+        the replay ran, `failed(exc)` instead when anything failed. The hooks run on a lane's
+        thread: they queue work, they never wait."""
+        if self._closed:
+            raise EngineError(f"graph lanes of {self.name} are closed")
+        self._jobs.put(_Job(None, input_ptr=int(input_ptr), wait=wait, input_read=input_read, done=done,
+                            failed=failed))
+
     def _submit(self, job: _Job) -> list[np.ndarray] | None:
         if self._closed:
             raise EngineError(f"graph lanes of {self.name} are closed")
         self._jobs.put(job)
+        assert job.future is not None
         try:
             return job.future.result()
         except EngineError:
@@ -251,8 +302,14 @@ class OrtLanes:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(EngineError(f"graph lanes of {self.name} are closed"))
+            if job is None:
+                continue
+            closed = EngineError(f"graph lanes of {self.name} are closed")
+            if job.future is None:
+                assert job.failed is not None
+                job.failed(closed)
+            elif job.future.set_running_or_notify_cancel():
+                job.future.set_exception(closed)
 
 
 def _nbytes(spec: TensorSpec) -> int:

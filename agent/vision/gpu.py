@@ -41,6 +41,7 @@ Kernels are compiled by NVRTC at start (agent.engines.cuda.Kernel), not shipped 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -293,6 +294,7 @@ SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepar
 INPUTS = 2  # input buffers used in turn: one is letterboxed while the other is inferred
 _TINY = float(np.finfo(np.float32).tiny)
 _NV12_LAUNCHES = 128  # packed NV12 launches kept per source size (decoder buffers x input buffers)
+_RESULT_WAIT_S = 10.0  # a submitted run not done by then is reported as failed
 _O = TypeVar("_O", bound=cuda._Owned)
 
 
@@ -327,6 +329,11 @@ class _Slot:
     host_out: list[cuda.PinnedBuffer]  # candidates: [count, rows]; other layouts: every output
     free: threading.Event
     keep: object = None  # an Nv12Frame read by this slot's letterbox: its memory stays until the result
+    # submitted runs (engine.submits_device_runs): set once `done` is recorded, or the run failed
+    queued: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    rows: cuda.DeviceBuffer | None = None  # this slot's own candidate buffers (its frame may be on any lane)
+    count: cuda.DeviceBuffer | None = None
 
 
 @dataclass
@@ -347,6 +354,11 @@ class Pending:
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
         try:
+            if self._frontend.submits:
+                if not slot.queued.wait(_RESULT_WAIT_S):
+                    raise EngineError(f"inference not run within {_RESULT_WAIT_S:.0f} s")
+                if slot.error is not None:
+                    raise EngineError(f"inference failed: {str(slot.error).strip()[:300]}") from slot.error
             with cuda.CAPTURE.shared():
                 slot.done.synchronize()
             return self._frontend._collect(slot), self.lb
@@ -393,6 +405,11 @@ class GpuFrontend:
         if len(spec.shape) != 4 or spec.shape[0] != 1 or spec.shape[1] != 3:
             raise EngineError(f"GPU preprocessing needs an NCHW (1, 3, H, W) input, got {spec.shape}")
         self.height, self.width = int(spec.shape[2]), int(spec.shape[3])
+        # runs submitted to the engine's lanes (no launch wait): launch() returns at once
+        # (EDGE_AGENT_LANE_SUBMIT=0 launches from the launch thread and waits instead: measurement only)
+        self.submits = bool(engine.submits_device_runs) and os.environ.get("EDGE_AGENT_LANE_SUBMIT", "1") != "0"
+        self._lane_launches: dict[tuple[int, int], cuda.Launch] = {}  # (lane output, slot): candidates
+        self._lane_lock = threading.Lock()
         self.pad_value = int(pad_value)
         self._owned: list[cuda._Owned] = []
         self._size_state: tuple[tuple[int, int, bool], _SourceSize] | None = None
@@ -460,8 +477,11 @@ class GpuFrontend:
                 host = [self._own(cuda.PinnedBuffer(o.shape, o.dtype)) for o in self.engine.output_specs]
             free = threading.Event()
             free.set()
-            self._slots.append(_Slot(i, self._own(cuda.Event(timing=False)), self._own(cuda.Event(timing=False)),
-                                     host, free))
+            slot = _Slot(i, self._own(cuda.Event(timing=False)), self._own(cuda.Event(timing=False)), host, free)
+            if self.submits and self.on_device_decode:
+                slot.rows = self._own(cuda.DeviceBuffer(self._n * 7 * 4))
+                slot.count = self._own(cuda.DeviceBuffer(4))
+            self._slots.append(slot)
 
     def _drain(self, timeout: float = 10.0) -> bool:
         """Wait until every slot's result was collected (before buffers they use are freed)."""
@@ -497,20 +517,41 @@ class GpuFrontend:
 
     def _candidates_launch(self) -> cuda.Launch:
         """The candidate kernel with the postprocessor's current thresholds (re-packed after a live reload)."""
-        st = self.post.thresholds
-        if st is not self._thr_state or self._cand_launch is None:
-            table = st.per_class if st.per_class.size else np.zeros(1, np.float32)
-            # a new buffer each time (rare): kernels still queued may read the old one
-            self._thr = self._own(_upload(np.ascontiguousarray(table, dtype=np.float32), self.stream))
-            lo = float(st.per_class.min()) if st.per_class.size else st.score
-            self._cand_launch = self.kernels.prepare(
-                self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1),
-                [np.uint64(self.outputs[0].ptr), np.int32(self._nc), np.int32(self._n), np.uint64(self._thr.ptr),
-                 np.int32(st.per_class.size), np.float32(max(st.score, _TINY)),
-                 np.float32(max(min(lo, st.score), _TINY)), np.uint64(self._rows.ptr), np.uint64(self._count.ptr),
-                 np.int32(self._n)])
-            self._thr_state = st
+        if self.post.thresholds is not self._thr_state or self._cand_launch is None:
+            self._new_thresholds()
+            self._cand_launch = self._prepare_candidates(self.outputs[0].ptr, self._rows.ptr, self._count.ptr)
+        assert self._cand_launch is not None
         return self._cand_launch
+
+    def _new_thresholds(self) -> None:
+        st = self.post.thresholds
+        table = st.per_class if st.per_class.size else np.zeros(1, np.float32)
+        # a new buffer each time (rare): kernels still queued may read the old one
+        self._thr = self._own(_upload(np.ascontiguousarray(table, dtype=np.float32), self.stream))
+        self._thr_state = st
+        self._lane_launches = {}
+
+    def _prepare_candidates(self, output: int, rows: int, count: int) -> cuda.Launch:
+        st = self.post.thresholds
+        assert self._thr is not None
+        lo = float(st.per_class.min()) if st.per_class.size else st.score
+        return self.kernels.prepare(
+            self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1),
+            [np.uint64(output), np.int32(self._nc), np.int32(self._n), np.uint64(self._thr.ptr),
+             np.int32(st.per_class.size), np.float32(max(st.score, _TINY)),
+             np.float32(max(min(lo, st.score), _TINY)), np.uint64(rows), np.uint64(count), np.int32(self._n)])
+
+    def _lane_candidates(self, output: int, slot: _Slot) -> cuda.Launch:
+        """The candidate kernel reading a lane's output into the slot's own buffers (lane threads)."""
+        with self._lane_lock:
+            if self.post.thresholds is not self._thr_state:
+                self._new_thresholds()
+            key = (output, slot.index)
+            launch = self._lane_launches.get(key)
+            if launch is None:
+                assert slot.rows is not None and slot.count is not None
+                launch = self._lane_launches[key] = self._prepare_candidates(output, slot.rows.ptr, slot.count.ptr)
+            return launch
 
     def _on_thread(self) -> None:
         ident = threading.get_ident()
@@ -602,7 +643,10 @@ class GpuFrontend:
         return launch
 
     def launch(self, staged: Staged) -> Pending:
-        """Inference on a staged frame, candidate selection and copy back, on the engine's stream."""
+        """Inference on a staged frame, candidate selection and copy back, on the engine's stream
+        (submitted engines: on a lane's, and this returns without waiting for the GPU)."""
+        if self.submits:
+            return self._submit_to_lane(staged)
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
@@ -627,6 +671,43 @@ class GpuFrontend:
                     for host, dev in zip(slot.host_out, self.outputs, strict=True):
                         cuda.copy_dtoh_async(host, dev, stream)
                 slot.done.record(stream)
+        except BaseException:
+            slot.free.set()
+            self._input_launched[k].set()
+            raise
+        return Pending(self, slot, staged.lb)
+
+    def _submit_to_lane(self, staged: Staged) -> Pending:
+        """Hand the frame to whichever lane is free; the lane's thread queues the rest (hooks below)."""
+        slot, k = staged.slot, staged.input
+        slot.error = None
+        slot.queued.clear()
+
+        def input_read(stream: cuda.Stream) -> None:
+            self._input_free[k].record(stream)
+            self._input_launched[k].set()  # the next frame on buffer k now waits on this copy
+
+        def done(stream: cuda.Stream, outputs: list[cuda.DeviceBuffer]) -> None:
+            self._on_thread()
+            if self.on_device_decode:
+                assert slot.count is not None and slot.rows is not None
+                cuda.memset_async(slot.count, 0, stream)
+                self._lane_candidates(outputs[0].ptr, slot)(stream)
+                cuda.memcpy_async(slot.host_out[0].ptr, slot.count.ptr, 4, "dtoh", stream)
+                cuda.memcpy_async(slot.host_out[1].ptr, slot.rows.ptr, self._n * 28, "dtoh", stream)
+            else:
+                for host, dev in zip(slot.host_out, outputs, strict=True):
+                    cuda.copy_dtoh_async(host, dev, stream)
+            slot.done.record(stream)
+            slot.queued.set()
+
+        def failed(exc: BaseException) -> None:
+            slot.error = exc
+            self._input_launched[k].set()
+            slot.queued.set()
+
+        try:
+            self.engine.submit_device(self._bindings[k], slot.uploaded, input_read, done, failed)
         except BaseException:
             slot.free.set()
             self._input_launched[k].set()

@@ -56,6 +56,9 @@ class FakeCuda:
             def synchronize(self) -> None:
                 assert not self.freed
 
+            def wait(self, event: Any) -> None:  # copies here are done at once: only the call is checked
+                assert not self.freed and event is not None
+
             def free(self) -> None:
                 self.freed = True
 
@@ -262,7 +265,10 @@ def gpu(**kw: Any) -> EngineConfig:
 
 @pytest.mark.parametrize(("cfg", "cameras", "overrides", "event"), [
     (gpu(cuda_graph=True), 1, {}, None),
-    (gpu(cuda_graph=True, graph_lanes=2), 1, {"graph_lanes": 0}, None),
+    # one camera on lanes only when asked for with >= 2 (its frames overlap on them)
+    (gpu(cuda_graph=True, graph_lanes=2), 1, {"graph_lanes": 2}, "cuda_graph_lanes"),
+    (gpu(cuda_graph=True, graph_lanes=1), 1, {"graph_lanes": 0}, None),
+    (gpu(cuda_graph=True, graph_lanes=2, preprocess="cpu"), 1, {"graph_lanes": 0}, None),
     (gpu(cuda_graph=True), 8, {"graph_lanes": 4}, "cuda_graph_lanes"),
     (gpu(cuda_graph=True), 3, {"graph_lanes": 3}, "cuda_graph_lanes"),
     (gpu(cuda_graph=True, graph_lanes=6), 8, {"graph_lanes": 6}, "cuda_graph_lanes"),
@@ -324,4 +330,78 @@ def test_a_job_queued_as_the_lanes_close_fails_instead_of_waiting_for_ever(fake:
     lanes._jobs.put(late)  # as if put between the closed check and the stop markers
     lanes.close()
     with pytest.raises(EngineError, match="closed"):
+        assert late.future is not None
         late.future.result(timeout=1)
+
+
+def test_submitted_jobs_run_on_the_lanes_and_hand_over_their_outputs_without_a_wait(fake: FakeCuda) -> None:
+    """submit_device returns at once; on a lane's thread the input is copied, `input_read` runs
+    before the replay, `done` gets the lane's stream and outputs (this frame's) before the lane
+    takes another job; several frames of one camera are on several lanes at once."""
+    log: list[tuple[str, str]] = []
+    lanes, _ = make_lanes(fake, 3, log)
+    inputs = [fake.buffer(16) for _ in range(12)]  # one camera, a buffer per frame in flight
+    got: dict[int, tuple[np.ndarray, float]] = {}
+    order: list[tuple[str, int, str]] = []
+    finished = threading.Semaphore(0)
+    busy = threading.Semaphore(0)
+    try:
+        for k, inp in enumerate(inputs):
+            fake.ptr_array(inp, IN)[:] = np.arange(4, dtype=np.float32) + 10 * k
+
+            def input_read(stream: Any, k: int = k) -> None:
+                order.append(("input_read", k, threading.current_thread().name))
+
+            def done(stream: Any, outputs: list[Any], k: int = k) -> None:
+                order.append(("done", k, threading.current_thread().name))
+                got[k] = (fake.ptr_array(outputs[0].ptr, OUT[0])[0].copy(),
+                          float(fake.ptr_array(outputs[1].ptr, OUT[1])[0, 0]))
+                busy.release()
+                time.sleep(0.005)  # this lane stays busy: the next frames go to the others
+                finished.release()
+
+            t0 = time.perf_counter()
+            lanes.submit_device(inp, object(), input_read, done, lambda exc: pytest.fail(str(exc)))
+            assert time.perf_counter() - t0 < 0.05  # queued, not run
+        for _ in inputs:
+            assert finished.acquire(timeout=10)
+        for k in range(len(inputs)):
+            x = np.arange(4, dtype=np.float32) + 10 * k
+            np.testing.assert_array_equal(got[k][0], x * 2)
+            assert got[k][1] == float(x.sum())
+            read = order.index(("input_read", k, next(t for e, j, t in order if j == k)))
+            assert order[read + 1:].count(("done", k, order[read][2])) == 1  # same lane, after the copy
+        assert len({t for _, _, t in order}) == 3  # every lane took frames of this one camera
+    finally:
+        lanes.close()
+
+
+def test_a_submitted_job_that_fails_or_meets_closed_lanes_reports_through_failed(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, sessions = make_lanes(fake, 1, log)
+    failures: list[str] = []
+    reported = threading.Event()
+
+    def failed(exc: BaseException) -> None:
+        failures.append(str(exc))
+        reported.set()
+
+    def never(*args: Any) -> None:
+        pytest.fail("done after a failed replay")
+
+    try:
+        def broken(binding: Any, options: Any) -> None:
+            raise RuntimeError("CUDA failure 700: an illegal memory access was encountered")
+
+        sessions[0].run_with_iobinding = broken  # type: ignore[method-assign]
+        lanes.submit_device(fake.buffer(16), None, None, never, failed)
+        assert reported.wait(10)
+        assert "CUDA failure 700" in failures[0]
+    finally:
+        lanes.close()
+    with pytest.raises(EngineError, match="closed"):
+        lanes.submit_device(fake.buffer(16), None, None, never, failed)
+    late = ort_lanes._Job(None, input_ptr=1, done=never, failed=failed)
+    lanes._jobs.put(late)  # as if put between the closed check and the stop markers
+    lanes.close()
+    assert "closed" in failures[-1]

@@ -187,6 +187,7 @@ class NvdecSource(FrameSource):
         self._fps: float | None = None
         self._color = ("bt601", False)
         self._size = (0, 0)
+        self._stream_size = (0, 0)
         self.frames_read = 0
 
     # ---- open / close -----------------------------------------------------------------------
@@ -242,6 +243,10 @@ class NvdecSource(FrameSource):
             pass
         self._fps = fps if 0.0 < fps < 1000.0 else self.cfg.fps
         self._color = _color(self._dmx)
+        try:  # what the stream declares; each frame's own planes say its real size (_geometry)
+            self._stream_size = (int(self._dmx.Width()), int(self._dmx.Height()))
+        except Exception:
+            self._stream_size = (0, 0)
         self._pacer = _Pacer(self._fps or 30.0) if self.is_file and self.cfg.pace else None
         self.frames_read = 0
 
@@ -304,15 +309,9 @@ class NvdecSource(FrameSource):
         self._packets = iter(self._dmx)
 
     def _copy(self, f: Any) -> Any:
-        from agent.engines import cuda
         from agent.vision.gpu import Nv12Frame
 
-        w0 = h0 = 0
-        try:
-            w0, h0 = int(self._dmx.Width()), int(self._dmx.Height())
-        except Exception:
-            pass
-        yp, ypitch, uvp, uvpitch, w, h = _geometry(f, w0, h0)
+        yp, ypitch, uvp, uvpitch, w, h = _geometry(f, *self._stream_size)
         if w <= 0 or h <= 0 or w % 2 or h % 2:
             raise SourceError(f"NVDEC gave a frame of {w}x{h} from {self.describe()} (needs an even size)")
         if (w, h) != self._size or self._pool is None:
