@@ -141,12 +141,13 @@ class _Item:
 
 
 _STOP = object()
+# the GIL switch interval the pipelines set; the variable is for measurement only (many cameras)
+_SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
 
 
 def _submits(runtime: ModelRuntime) -> bool:
+    """The runtime's frontend hands frames to CUDA-graph lanes without waiting (agent.vision.gpu)."""
     return runtime.frontend is not None and bool(getattr(runtime.frontend, "submits", False))
-# the GIL switch interval the pipelines set; the variable is for measurement only (many cameras)
-_SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
 
 
 class Pipeline:

@@ -334,6 +334,19 @@ class _Slot:
     error: BaseException | None = None
     rows: cuda.DeviceBuffer | None = None  # this slot's own candidate buffers (its frame may be on any lane)
     count: cuda.DeviceBuffer | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False  # its reader gave up on a submitted run: the run frees the slot when it ends
+
+
+def _run_finished(slot: _Slot) -> None:
+    """A submitted run's results are queued, or it failed: wake the reader. A slot whose reader gave
+    up waiting is freed only now: until the late run ended, its buffers were still the run's."""
+    with slot.lock:
+        slot.queued.set()
+        if slot.abandoned:
+            slot.abandoned = False
+            slot.keep = None
+            slot.free.set()
 
 
 @dataclass
@@ -353,18 +366,28 @@ class Pending:
 
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
+        if self._frontend.submits and not self._run_ended(slot):
+            # the slot stays taken: the late run may still write its buffers (_run_finished frees it)
+            raise EngineError(f"inference not run within {_RESULT_WAIT_S:.0f} s")
         try:
-            if self._frontend.submits:
-                if not slot.queued.wait(_RESULT_WAIT_S):
-                    raise EngineError(f"inference not run within {_RESULT_WAIT_S:.0f} s")
-                if slot.error is not None:
-                    raise EngineError(f"inference failed: {str(slot.error).strip()[:300]}") from slot.error
+            if slot.error is not None:
+                raise EngineError(f"inference failed: {str(slot.error).strip()[:300]}") from slot.error
             with cuda.CAPTURE.shared():
                 slot.done.synchronize()
             return self._frontend._collect(slot), self.lb
         finally:
             slot.keep = None
             slot.free.set()
+
+    @staticmethod
+    def _run_ended(slot: _Slot) -> bool:
+        if slot.queued.wait(_RESULT_WAIT_S):
+            return True
+        with slot.lock:
+            if slot.queued.is_set():  # it ended just now
+                return True
+            slot.abandoned = True
+            return False
 
 
 _compiled: dict[int, cuda.Kernel] = {}
@@ -699,12 +722,12 @@ class GpuFrontend:
                 for host, dev in zip(slot.host_out, outputs, strict=True):
                     cuda.copy_dtoh_async(host, dev, stream)
             slot.done.record(stream)
-            slot.queued.set()
+            _run_finished(slot)
 
         def failed(exc: BaseException) -> None:
             slot.error = exc
             self._input_launched[k].set()
-            slot.queued.set()
+            _run_finished(slot)
 
         try:
             self.engine.submit_device(self._bindings[k], slot.uploaded, input_read, done, failed)
