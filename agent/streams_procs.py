@@ -28,6 +28,7 @@ from typing import Any
 
 _BARRIER_ENV = "EDGE_AGENT_BENCH_BARRIER"  # "FOLDER:K", set by the parent for its children
 _BARRIER_WAIT_S = 240.0  # a child that died never arrives: the others go on after this
+_CHILD_WAIT_S = 600.0  # one run of a child: start, warm-up, window, limit rows
 
 
 def mps_running(proc: Path = Path("/proc")) -> bool:
@@ -84,14 +85,11 @@ def measure(args: argparse.Namespace, clip: Path, n: int, k: int, work: Path) ->
         logs.append(log)
         procs.append(subprocess.Popen(_child_command(args, clip, share, trial / f"p{i}.json"), env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
+    _wait_all(procs, _CHILD_WAIT_S)
     parts: list[dict[str, Any]] = []
     failed: list[str] = []
     for i, p in enumerate(procs):
-        try:
-            rc = p.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = p.wait()
+        rc = p.returncode
         logs[i].close()
         out = trial / f"p{i}.json"
         if rc != 0 or not out.is_file():
@@ -102,6 +100,21 @@ def measure(args: argparse.Namespace, clip: Path, n: int, k: int, work: Path) ->
     if failed:
         raise RuntimeError("; ".join(failed))
     return merge(parts)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], limit_s: float) -> None:
+    """Wait for every child; once one fails (or the limit passes) stop the others at once: they
+    would otherwise wait out the barrier for the one that is gone."""
+    deadline = time.monotonic() + limit_s
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                p.wait()
+            return
+        time.sleep(0.1)
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -93,3 +93,18 @@ def test_bench_splits_streams_over_processes_on_this_cpu(tmp_path: Path) -> None
 def test_bench_refuses_more_processes_than_streams() -> None:
     assert_clean(edge_agent("bench", "--streams", "2", "--processes", "3"), 2,
                  "--processes must be between 1 and --streams (2)")
+
+
+def test_a_failing_process_stops_the_others_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in children (python -c): the first fails at once, the second would wait a minute at
+    its barrier; the run ends within seconds with the failure's exit code and output."""
+    import argparse
+    import sys
+
+    children = [[sys.executable, "-c", "import sys; print('bad model'); sys.exit(3)"],
+                [sys.executable, "-c", "import time; time.sleep(60)"]]
+    monkeypatch.setattr(streams_procs, "_child_command", lambda args, clip, n, out: children.pop(0))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"process 0 exited 3: bad model.*process 1 exited -9"):
+        streams_procs.measure(argparse.Namespace(), tmp_path / "clip.mp4", 2, 2, tmp_path)
+    assert time.monotonic() - t0 < 20
