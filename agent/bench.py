@@ -187,8 +187,10 @@ def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int, frames: list[
                    preprocess: str | None = None, paced_fps: float | None = None) -> dict[str, Any]:
     from agent.engines.factory import shared_engine_settings
 
-    overrides, _ = shared_engine_settings(cfg.engine, 1)  # one camera, as the service arranges it
-    ecfg = cfg.engine.model_copy(update={**overrides, **({"preprocess": preprocess} if preprocess else {})})
+    update, _ = shared_engine_settings(cfg.engine, 1)  # one camera, as the service arranges it
+    if preprocess:
+        update["preprocess"] = preprocess
+    ecfg = cfg.engine.model_copy(update=update)
     engine = OnnxRuntimeEngine(cfg.model.path, ecfg)
     rt = build_runtime(engine, cfg.model, cfg.model.path, preprocess=ecfg.preprocess)
     rt.warmup(10)

@@ -311,7 +311,7 @@ class Pipeline:
 
         try:
             for item in self._items(self._launch_q, "launch_progress", self._handoff.put):
-                if item.runtime.frontend is not None and isinstance(item.outputs, Staged):
+                if isinstance(item.outputs, Staged):  # only a GPU frontend stages
                     try:
                         item.outputs = item.runtime.frontend.launch(item.outputs)
                     except AgentError as exc:

@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 
 from agent.config import DEMO_VIDEO, AgentConfig, load_config, parse_config
-from agent.streams_procs import barrier
+from agent.streams_procs import barrier, mps_running
+from agent.streams_procs import measure as measure_procs
 
 log = logging.getLogger(__name__)
 
 P99_GOAL_MS = 100.0
+_Fig = dict[str, Any]  # one run's figures, as JSON
 RATE_HELD = 0.95  # a stream holds its rate at >= 95 % of the source's frame rate over the window
 
 
@@ -334,21 +336,11 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
                 return run_service(_config(base, server.urls, args.decode, work, False), seconds, fps)
         return run_service(_config(base, [str(clip)] * k, args.decode, work, True), seconds, fps)
 
-    runs: dict[int, dict[str, Any]] = {}
-    if args.find_max:  # --streams N is the upper bound of the search
-        def trial(k: int) -> bool:
-            if k not in runs:
-                runs[k] = measure(k)
-                print(_row(runs[k]), file=sys.stderr)
-                print(_thread_row(runs[k]), file=sys.stderr)
-            return bool(runs[k]["goal_held"])
-
-        best = find_max(n, trial)
+    runs, best = _search(n, measure, args.find_max)
+    n_limit = n
+    if best is not None:
         results["n_max"] = best
         n_limit = max(best, 1)
-    else:
-        runs[n] = measure(n)
-        n_limit = n
     results["runs"] = {str(k): v for k, v in sorted(runs.items())}
     if 1 in runs and n_limit > 1 and n_limit in runs:
         a, b = runs[1].get("gpu_mem_mb"), runs[n_limit].get("gpu_mem_mb")
@@ -359,9 +351,33 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     results["engine_limit"] = engine_limit(base, n_limit, width, height, nv12=args.decode == "nvdec")
     if args.decode in ("nvdec", "auto"):
         results["nvdec_limit"] = nvdec_limit(clip, n_limit)
+    return _report(results, args)
+
+
+def _search(n: int, measure: Callable[[int], _Fig], find: bool, start: int = 1,
+            row: Callable[[_Fig], _Fig] = lambda r: r) -> tuple[dict[int, _Fig], int | None]:
+    """measure(n) once, or (`find`) the find-max search up to n, each run's row printed as it ends:
+    (the results by N, N_max or None). `row` picks a result's row (its goal_held)."""
+    runs: dict[int, _Fig] = {}
+    if not find:
+        runs[n] = measure(n)
+        return runs, None
+
+    def trial(k: int) -> bool:
+        if k not in runs:
+            runs[k] = measure(k)
+            print(_row(row(runs[k])), file=sys.stderr)
+            print(_thread_row(row(runs[k])), file=sys.stderr)
+        return bool(row(runs[k])["goal_held"])
+
+    return runs, find_max(n, trial, start)
+
+
+def _report(results: dict[str, Any], args: argparse.Namespace) -> int:
+    """The streams a limit row stands for, then the table on stdout and the JSON file."""
     lim = results["engine_limit"].get("inferences_per_s")
     if lim:
-        results["streams_at_engine_limit"] = round(lim / fps, 1)
+        results["streams_at_engine_limit"] = round(lim / float(args.fps), 1)
     print(format_streams(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
@@ -371,44 +387,25 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
 def _run_processes(args: argparse.Namespace, results: dict[str, Any], clip: Path, n: int, k: int,
                    work: Path) -> int:
     """--processes K: each run is K children with the streams split between them (agent.streams_procs)."""
-    from agent.streams_procs import measure as measure_procs
-    from agent.streams_procs import mps_running
-
     mps = mps_running()
     results.update({"processes": k, "mps": mps})
     print(f"bench: {k} processes, MPS {'running' if mps else 'NOT running (the processes time-slice the GPU)'}",
           file=sys.stderr)
-    merged: dict[int, dict[str, Any]] = {}
-
-    def trial(total: int) -> bool:
-        if total not in merged:
-            merged[total] = measure_procs(args, clip, total, k, work)
-            print(_row(merged[total]["run"]), file=sys.stderr)
-            print(_thread_row(merged[total]["run"]), file=sys.stderr)
-        return bool(merged[total]["run"]["goal_held"])
-
     try:
-        if args.find_max:
-            best = find_max(n, trial, start=k)
-            results["n_max"] = best
-            at = best if best in merged else min(merged)
-        else:
-            trial(n)
-            at = n
+        merged, best = _search(n, lambda total: measure_procs(args, clip, total, k, work), args.find_max, start=k,
+                               row=lambda m: m["run"])
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    at = n
+    if best is not None:
+        results["n_max"] = best
+        at = best if best in merged else min(merged)
     results["runs"] = {str(t): m["run"] for t, m in sorted(merged.items())}
     results["engine_limit"] = merged[at]["engine_limit"]
     if "nvdec_limit" in merged[at]:
         results["nvdec_limit"] = merged[at]["nvdec_limit"]
-    lim = results["engine_limit"].get("inferences_per_s")
-    if lim:
-        results["streams_at_engine_limit"] = round(lim / float(args.fps), 1)
-    print(format_streams(results))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    return 0
+    return _report(results, args)
 
 
 def _row(r: dict[str, Any]) -> str:

@@ -207,16 +207,13 @@ def shared_engine_settings(cfg: EngineConfig, cameras: int) -> tuple[dict[str, o
     user_stream = "user_compute_stream" in first.options
     lanes_possible = (cfg.backend == "onnxruntime" and cfg.cuda_graph and first.name == "CUDAExecutionProvider"
                       and cfg.preprocess != "cpu" and not user_stream)
-    if cameras <= 1 or cfg.backend != "onnxruntime":
-        # one camera: its own graph path, unless lanes are asked for (>= 2 keep several of its
-        # frames on the GPU at once: the frontend submits without waiting for the one before)
-        if cameras == 1 and lanes_possible and cfg.graph_lanes >= 2:
-            return {"graph_lanes": cfg.graph_lanes}, ("cuda_graph_lanes", {"cameras": 1,
-                                                                           "graph_lanes": cfg.graph_lanes})
-        return ({"graph_lanes": 0} if cfg.graph_lanes else {}), None
-    if lanes_possible:
-        lanes = min(cameras, cfg.graph_lanes or DEFAULT_GRAPH_LANES)
+    # one camera: its own graph path, unless lanes are asked for (>= 2 keep several of its frames on
+    # the GPU at once: the frontend submits without waiting for the one before)
+    if lanes_possible and (cameras > 1 or (cameras == 1 and cfg.graph_lanes >= 2)):
+        lanes = min(cameras, cfg.graph_lanes or DEFAULT_GRAPH_LANES) if cameras > 1 else cfg.graph_lanes
         return {"graph_lanes": lanes}, ("cuda_graph_lanes", {"cameras": cameras, "graph_lanes": lanes})
+    if cameras <= 1 or cfg.backend != "onnxruntime":
+        return ({"graph_lanes": 0} if cfg.graph_lanes else {}), None
     overrides: dict[str, object] = {"graph_lanes": 0}
     if first.name != "CPUExecutionProvider" and not user_stream:
         overrides["providers"] = [
