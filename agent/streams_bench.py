@@ -289,7 +289,7 @@ def run_streams(args: argparse.Namespace) -> int:
     if n < 1:
         print("bench: --streams must be >= 1", file=sys.stderr)
         return 2
-    k = int(getattr(args, "processes", 1) or 1)
+    k = int(getattr(args, "processes", 1))  # 0 is refused below, not taken for 1
     if not 1 <= k <= n:
         print(f"bench: --processes must be between 1 and --streams ({n}), got {k}", file=sys.stderr)
         return 2

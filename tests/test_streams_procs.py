@@ -90,8 +90,9 @@ def test_bench_splits_streams_over_processes_on_this_cpu(tmp_path: Path) -> None
     assert "processes: 2" in r.stdout and "MPS not running" in r.stdout
 
 
-def test_bench_refuses_more_processes_than_streams() -> None:
-    assert_clean(edge_agent("bench", "--streams", "2", "--processes", "3"), 2,
+@pytest.mark.parametrize("k", ["3", "0", "-1"])
+def test_bench_refuses_a_process_count_outside_one_to_the_streams(k: str) -> None:
+    assert_clean(edge_agent("bench", "--streams", "2", "--processes", k), 2,
                  "--processes must be between 1 and --streams (2)")
 
 
