@@ -3,8 +3,12 @@
 Measured on one model and one execution provider:
   bare            session.run in a tight loop on a ready input (numpy in / out)
   bare_iobinding  the same through IO binding with preallocated input / output (where the EP allows)
+  bare_iobinding_live  the same, one run per frame period of --fps (idle in between)
   pipeline_memory the whole agent pipeline (threads, letterbox, engine, decode, NMS, JSON) on frames
                   already decoded in memory
+  pipeline_paced  the same at half the throughput just measured, frames from memory, newest only
+  pipeline_live   one live camera: an H.264 / HEVC clip read at its frame rate, decoded as --decode
+                  says (nvdec: on the GPU), latency from the frame's capture to its payload
   pipeline_file   the same reading the video file as fast as possible (decode included)
   ultralytics     Ultralytics `predict` on the same ONNX, when the optional package is installed
 """
@@ -155,7 +159,10 @@ def bench_bare(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[st
             "latencies_ms": [round(float(x), 3) for x in ms]}
 
 
-def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> dict[str, Any]:
+def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int,
+                    pace_fps: float | None = None) -> dict[str, Any]:
+    """Runs on bound device buffers; `pace_fps`: one run per frame period (idle between, as at a
+    live camera's rate: the GPU and the host threads are not kept busy), the idle time not counted."""
     import onnxruntime as ort
 
     sess = engine.session
@@ -171,20 +178,30 @@ def bench_iobinding(engine: OnnxRuntimeEngine, tensor: np.ndarray, n: int) -> di
     for _ in range(10):
         sess.run_with_iobinding(binding, ro)
     ms = np.empty(n)
+    period = 1.0 / pace_fps if pace_fps else 0.0
+    idle = 0.0
     cpu0, t_all = time.process_time(), time.perf_counter()
+    due = t_all
     for i in range(n):
+        if period:
+            due += period
+            t_idle = time.perf_counter()
+            time.sleep(max(0.0, due - t_idle))
+            idle += time.perf_counter() - t_idle
         t0 = time.perf_counter()
         sess.run_with_iobinding(binding, ro)
         binding.synchronize_outputs()
         ms[i] = (time.perf_counter() - t0) * 1e3
-    wall = time.perf_counter() - t_all
+    wall = time.perf_counter() - t_all - idle
     return {"fps": round(n / wall, 2), "latency_ms": _latency(ms), "frames": n, "device": device,
             "host_cpu_ms_per_frame": round((time.process_time() - cpu0) * 1e3 / n, 3),
             "latencies_ms": [round(float(x), 3) for x in ms]}
 
 
 def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int, frames: list[np.ndarray] | None = None,
-                   preprocess: str | None = None, paced_fps: float | None = None) -> dict[str, Any]:
+                   preprocess: str | None = None, paced_fps: float | None = None, skip: int = 0) -> dict[str, Any]:
+    """The agent's pipeline on one camera for `n` frames; the latencies of the first `skip` frames
+    (a live source's start: buffers sized, kernels packed) are left out."""
     from agent.engines.factory import shared_engine_settings
 
     update, _ = shared_engine_settings(cfg.engine, 1)  # one camera, as the service arranges it
@@ -217,11 +234,36 @@ def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int, frames: list[
     used = rt.preprocess
     rt.close()
     stages = pipe.times.summary()
-    return {"fps": round(pipe.processed / wall, 2), "frames": pipe.processed, "published": len(e2e),
-            "preprocess": used, "frames_dropped": pipe.capture.stats().get("frames_dropped", 0),
+    decode = pipe.capture.stats().get("decode", "cpu")
+    published, e2e = len(e2e), e2e[skip:]
+    return {"fps": round(pipe.processed / wall, 2), "frames": pipe.processed, "published": published,
+            "preprocess": used, "decode": decode, "frames_dropped": pipe.capture.stats().get("frames_dropped", 0),
             "latency_ms": _latency(np.array(e2e)) if e2e else {}, "stages_ms": stages,
             "host_cpu_ms_per_frame": round(cpu * 1e3 / max(pipe.processed, 1), 3),
             "latencies_ms": [round(x, 3) for x in e2e]}
+
+
+def bench_live(cfg: AgentConfig, args: argparse.Namespace, video: Path, frames: list[np.ndarray], n: int,
+               work: Path) -> dict[str, Any]:
+    """One live camera: `--clip` (or the bench's frames encoded as `--codec` with PyAV) read at its
+    frame rate, decoded as `--decode` says; up to `n` frames, the first second's latencies left out."""
+    clip = Path(args.clip) if getattr(args, "clip", None) else None
+    fps = float(getattr(args, "fps", 30.0) or 30.0)
+    count = max(min(n, int(fps * 20)), int(fps) + 10)
+    if clip is None:
+        try:
+            from agent.streams_bench import make_clip
+
+            h, w = frames[0].shape[:2]
+            codec = getattr(args, "codec", "h264")
+            clip = make_clip(work / f"live-{codec}.mp4", codec, w, h, fps, min(count, int(fps * 4)), video=video)
+        except ImportError as exc:
+            return {"error": f"needs PyAV (pip install 'edge-agent[streams]') or --clip: {exc}"}
+    decode = getattr(args, "decode", "cpu") or "cpu"
+    cam = CameraConfig(id="bench", source=str(clip), pace=True, loop=True, decode=decode)
+    row = bench_pipeline(cfg, cam, count, skip=int(fps))
+    row["source_fps"], row["clip"] = fps, str(clip)
+    return row
 
 
 def bench_ultralytics(model: Path, frames: list[np.ndarray], n: int, imgsz: int) -> dict[str, Any] | None:
@@ -330,8 +372,12 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     print(f"bench: {model.name} on {info.providers[0]}, {n} frames per run", file=sys.stderr)
     results["bare"] = bench_bare(engine, tensor, n)
+    live_fps = float(getattr(args, "fps", 30.0) or 30.0)
     try:
         results["bare_iobinding"] = bench_iobinding(engine, tensor, n)
+        # the same at a live camera's rate: what the engine alone does when it idles between frames
+        results["bare_iobinding_live"] = bench_iobinding(engine, tensor, min(n, int(live_fps * 10)), live_fps)
+        results["bare_iobinding_live"]["source_fps"] = live_fps
     except Exception as exc:  # IO binding is optional per EP; say why it was left out
         results["bare_iobinding"] = {"error": str(exc)[:200]}
     engine.close()
@@ -352,6 +398,7 @@ def run_bench(args: argparse.Namespace) -> int:
         results["pipeline_paced"] = bench_pipeline(cfg, mem_cam, min(n, int(rate * 10) + 1), paced_frames,
                                                    paced_fps=rate)
     results["pipeline_paced"]["source_fps"] = rate
+    results["pipeline_live"] = bench_live(cfg, args, video, frames, n, work)
     file_cam = CameraConfig(id="bench", source=str(video), pace=False, loop=True)
     results["pipeline_file"] = bench_pipeline(cfg, file_cam, n)
     ultra = bench_ultralytics(model, frames, n, imgsz)
@@ -369,6 +416,11 @@ def run_bench(args: argparse.Namespace) -> int:
         p99 = results["pipeline_paced"]["latency_ms"].get("p99")
         if p99:  # end-to-end latency of one frame (no queueing) against the engine alone
             ratios["pipeline_paced_p99_vs_bare_iobinding_p50"] = round(p99 / io["latency_ms"]["p50"], 3)
+        live = results["pipeline_live"].get("latency_ms", {}).get("p99")
+        if live:  # a live camera at its own rate, from its capture time stamp to the payload
+            ratios["pipeline_live_p99_vs_bare_iobinding_p50"] = round(live / io["latency_ms"]["p50"], 3)
+            ratios["pipeline_live_p99_vs_bare_iobinding_live_p50"] = round(
+                live / results["bare_iobinding_live"]["latency_ms"]["p50"], 3)
     if ultra is not None:
         for key in ("pipeline_memory", "pipeline_memory_pinned"):
             if key in results:
@@ -392,8 +444,9 @@ def format_table(r: dict[str, Any]) -> str:
              f"cuda_graph {r.get('cuda_graph', False)}",
              f"placement: nodes {pl.get('nodes', {})}, copies between devices {pl.get('memcpy_nodes', '-')}",
              f"{'path':<24}{'fps':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms/f':>10}"]
-    for key in ("bare", "bare_iobinding", "pipeline_memory", "pipeline_memory_pinned", "pipeline_memory_cpu_pre",
-                "pipeline_paced", "pipeline_file", "ultralytics"):
+    for key in ("bare", "bare_iobinding", "bare_iobinding_live", "pipeline_memory", "pipeline_memory_pinned",
+                "pipeline_memory_cpu_pre",
+                "pipeline_paced", "pipeline_live", "pipeline_file", "ultralytics"):
         if key not in r:
             continue
         row = r[key]
@@ -403,6 +456,10 @@ def format_table(r: dict[str, Any]) -> str:
         lat = row.get("latency_ms", {})
         lines.append(f"{key:<24}{row['fps']:>9.1f}{lat.get('p50', 0):>9.2f}{lat.get('p95', 0):>9.2f}"
                      f"{lat.get('p99', 0):>9.2f}{row.get('host_cpu_ms_per_frame', 0):>10.2f}")
+    live = r.get("pipeline_live", {})
+    if "decode" in live:
+        lines.append(f"pipeline_live: {Path(live['clip']).name} at {live['source_fps']:g} fps, "
+                     f"decode {live['decode']}, {live.get('frames_dropped', 0)} dropped")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in r["ratios"].items()))
     for row in r.get("profile_top10", []):
         lines.append(f"  {row['us_per_run']:>9.1f} us  {row['op']:<16} {row['provider']:<24} {row['node']}")

@@ -257,7 +257,8 @@ def _print_summary(svc: object) -> None:
 
 def _bench_input_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with bench's files, found before minutes of measuring."""
-    for flag, value in (("--model", args.model), ("--video", args.video), ("-c", args.config)):
+    for flag, value in (("--model", args.model), ("--video", args.video), ("-c", args.config),
+                        ("--clip", getattr(args, "clip", None))):
         if value is not None and not Path(value).is_file():
             return f"{flag}: no such file: {value}"
     for flag in ("fps", "seconds"):  # bench --streams' numbers (agent.streams_bench adds the flags)

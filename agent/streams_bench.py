@@ -47,13 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=None, metavar="N",
                    help="N live streams through the service on one engine (see agent.streams_bench)")
     p.add_argument("--codec", choices=["h264", "hevc"], default="h264", help="--streams: the streams' codec")
-    p.add_argument("--decode", choices=["cpu", "nvdec", "auto"], default="cpu", help="--streams: where to decode")
+    p.add_argument("--decode", choices=["cpu", "nvdec", "auto"], default="cpu",
+                   help="--streams, and bench's live row: where to decode")
     p.add_argument("--source", choices=["file", "rtsp"], default="file",
                    help="--streams: paced looping files, or RTSP from a loopback GStreamer server")
-    p.add_argument("--fps", type=float, default=30.0, help="--streams: the streams' frame rate")
+    p.add_argument("--fps", type=float, default=30.0, help="--streams, and bench's live row: the frame rate")
     p.add_argument("--seconds", type=float, default=10.0, help="--streams: measuring window per run")
     p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
-    p.add_argument("--clip", default=None, help="--streams: serve this H.264 / HEVC file instead of encoding one")
+    p.add_argument("--clip", default=None, help="--streams, and bench's live row: read this H.264 / HEVC file "
+                   "instead of encoding one")
     p.add_argument("--processes", type=int, default=1, metavar="K",
                    help="--streams: split the streams over K agent processes run at once (agent.streams_procs; "
                         "on a discrete GPU start MPS first)")

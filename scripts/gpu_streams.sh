@@ -4,7 +4,8 @@
 # STEP: smoke (2 streams, 2 s, lanes); findmax CONFIG [N] (find-max up to N); streams CONFIG N (one run);
 #       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py);
 #       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py);
-#       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it).
+#       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it);
+#       profile CONFIG N (py-spy, from $PYSPY, on one run of N streams: by thread kind, Python and native).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
@@ -54,11 +55,29 @@ case $step in
       --streams "$n" --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
       --json "$out/switch${ms}ms_streams${n}_$name.json" > "$out/switch${ms}ms_streams${n}_$name.txt" 2>&1
     echo "switch $ms ms, $n streams, $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/switch${ms}ms_streams${n}_$name.txt" | head -2;;
-  onestream)  # one camera, frames in memory and paced: the pipeline vs the bare limits (agent/bench.py)
+  onestream)  # one camera, frames in memory, paced, and live from CLIP on NVDEC: the pipeline vs the bare limits (agent/bench.py)
     cfg=$1; name=$(basename "$cfg" .yaml)
     YOLO_OFFLINE=true YOLO_AUTOINSTALL=false timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" \
-      --model "$model" --size 1920x1080 --frames 500 \
+      --model "$model" --size 1920x1080 --frames 500 --clip "$clip" --decode nvdec \
       --json "$out/onestream_$name.json" > "$out/onestream_$name.txt" 2>&1
     echo "onestream $name rc=$?"; grep -E "^path|^bare|^pipeline|^ultra|^ratios" "$out/onestream_$name.txt";;
+  profile)  # where the host CPU goes at N streams: py-spy attached in the measuring window (no pause)
+    cfg=$1; n=$2; name=$(basename "$cfg" .yaml); pyspy=${PYSPY:-py-spy}
+    timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 45 --json "$out/profile${n}_$name.json" \
+      > "$out/profile${n}_$name.txt" 2>&1 &
+    sleep "${PROFILE_DELAY_S:-25}"
+    pid=$(pgrep -n -f "agent.cli bench -c $cfgdir/$cfg.yaml")  # python's, not timeout's
+    timeout 60 "$pyspy" record --pid "$pid" -r 250 -d 10 --threads --nonblocking --format raw \
+      -o "$out/pyspy${n}_$name.txt" 2>&1 | tail -2
+    timeout 60 "$pyspy" record --pid "$pid" -r 250 -d 6 --threads --nonblocking --gil --format raw \
+      -o "$out/pyspy${n}_gil_$name.txt" 2>&1 | tail -2
+    timeout 60 "$pyspy" record --pid "$pid" -r 50 -d 6 --threads --native --format raw \
+      -o "$out/pyspy${n}_native_$name.txt" 2>&1 | tail -2
+    wait; echo "profile $n $name done"
+    grep -E "^N=|cpu ms/f" "$out/profile${n}_$name.txt" | head -3
+    for f in pyspy${n}_$name pyspy${n}_gil_$name; do
+      echo "== $f"; python3 scripts/pyspy_summary.py "$out/$f.txt" --top 10 > "$out/$f.summary.txt"; head -70 "$out/$f.summary.txt"
+    done;;
   *) echo "unknown step $step" >&2; exit 2;;
 esac

@@ -60,6 +60,7 @@ BAD_ARGS = [
     (["bench", "--size", "0x0"], 2, "--size"),
     (["bench", "--model", "/nonexistent.onnx"], 2, "--model"),
     (["bench", "--video", "/nonexistent.mp4"], 2, "--video"),
+    (["bench", "--clip", "/nonexistent.mp4"], 2, "--clip"),
     (["bench", "-c", "/nonexistent.yaml"], 2, "-c"),
     (["bench", "-c", "BADYAML"], 2, "YAML syntax error"),
     (["bench", "--json", "/nonexistent-dir/out.json"], 2, "--json"),

@@ -7,6 +7,12 @@ including aarch64 for Jetson; installing them needs no compiler or CUDA headers 
 against the local toolkit at install time); and the GPU machine we measure on already has them.
 They are imported lazily, so this module imports on a machine without CUDA.
 
+The calls made for every frame (async copies, event record / wait, kernel launches, waits) go
+straight to the driver (`libcuda.so.1` through ctypes, `_Driver`) when the real bindings are in
+use: measured on the H200, a bindings call cost 20-40 us of host time holding the GIL, which at
+25 cameras was a fifth of each frame's host CPU. The handles are the bindings' own (a runtime
+stream or event is the driver's). `EDGE_AGENT_CUDA_CTYPES=0` keeps every call on the bindings.
+
 Every object frees what it allocated through an explicit `free()` / `close()` (and as a context
 manager); nothing is freed in `__del__`. Every CUDA call is checked: a failure raises EngineError
 naming the call and the CUDA error (e.g. `cudaMalloc(1048576): cudaErrorMemoryAllocation`).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,6 +125,138 @@ def cuda_runtime() -> Any:
                 f"needed for the TensorRT backend's device memory ({last})"
             )
     return _RT
+
+
+class _Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D (cuda.h): source, then destination, then the extent."""
+
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+                ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
+
+
+_CU_MEMORYTYPE_DEVICE = 2
+_CU_ERROR_INVALID_CONTEXT = 201
+
+
+class _Driver:
+    """The per-frame calls into libcuda through ctypes.
+
+    Calls that only queue work on a stream (async copies between device and pinned memory, event
+    record / wait, kernel launches) return in microseconds and keep the GIL (`held`: a PyDLL):
+    releasing it for them, as the bindings do, let another of the many camera threads take it
+    each time and the caller wait to get it back, which was most of a frame's host time.
+    Waits (synchronize) and copies from pageable memory block, and release it (`lib`: a CDLL).
+    No callback of ours runs inside the driver, so a thread holding the GIL in a driver call
+    never waits on a thread that needs the GIL.
+
+    Driver calls need a context current on the calling thread: the first call on a thread makes
+    the device's primary context current (the one ONNX Runtime and the bindings use)."""
+
+    def __init__(self, lib: Any, held: Any) -> None:
+        u64, vp, sz, cint, uint = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint
+        self._memcpy = self._fn(held, "cuMemcpyAsync", [u64, u64, sz, vp])
+        self._memcpy_blocking = self._fn(lib, "cuMemcpyAsync", [u64, u64, sz, vp])
+        self._memcpy2d = self._fn(held, "cuMemcpy2DAsync_v2", [ctypes.POINTER(_Memcpy2D), vp])
+        self._memset = self._fn(held, "cuMemsetD8Async", [u64, ctypes.c_ubyte, sz, vp])
+        self._wait = self._fn(held, "cuStreamWaitEvent", [vp, vp, uint])
+        self._record = self._fn(held, "cuEventRecord", [vp, vp])
+        self._launch = self._fn(held, "cuLaunchKernel", [vp, uint, uint, uint, uint, uint, uint, uint, vp, vp, vp])
+        self._stream_sync = self._fn(lib, "cuStreamSynchronize", [vp])
+        self._event_sync = self._fn(lib, "cuEventSynchronize", [vp])
+        self._ctx_current = self._fn(held, "cuCtxGetCurrent", [ctypes.POINTER(ctypes.c_void_p)])
+        self._error_name = self._fn(held, "cuGetErrorName", [cint, ctypes.POINTER(ctypes.c_char_p)])
+        self._tls = threading.local()
+
+    @staticmethod
+    def _fn(lib: Any, name: str, argtypes: list[Any]) -> Any:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return fn
+
+    def _ready(self) -> None:
+        if getattr(self._tls, "ready", False):
+            return
+        ctx = ctypes.c_void_p()
+        if self._ctx_current(ctypes.byref(ctx)) != 0 or not ctx.value:
+            use_device(_DEVICE[0])  # the bindings make the primary context current on this thread
+        self._tls.ready = True
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc:
+            name = ctypes.c_char_p()
+            self._error_name(rc, ctypes.byref(name))
+            raise EngineError(f"{what}: {(name.value or b'CUDA error').decode()} ({rc})")
+
+    def memcpy(self, dst: int, src: int, nbytes: int, stream: int, what: str, pageable: bool = False) -> None:
+        """`pageable`: a host side in pageable memory (the driver stages it, blocking meanwhile)."""
+        self._ready()
+        self._check((self._memcpy_blocking if pageable else self._memcpy)(dst, src, nbytes, stream), what)
+
+    def memcpy_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int, stream: int) -> None:
+        self._ready()
+        c = _Memcpy2D(srcMemoryType=_CU_MEMORYTYPE_DEVICE, srcDevice=src, srcPitch=spitch,
+                      dstMemoryType=_CU_MEMORYTYPE_DEVICE, dstDevice=dst, dstPitch=dpitch, WidthInBytes=width,
+                      Height=rows)
+        self._check(self._memcpy2d(ctypes.byref(c), stream), f"cuMemcpy2DAsync({width}x{rows})")
+
+    def memset(self, dst: int, value: int, nbytes: int, stream: int) -> None:
+        self._ready()
+        self._check(self._memset(dst, value, nbytes, stream), "cuMemsetD8Async")
+
+    def wait(self, stream: int, event: int) -> None:
+        self._ready()
+        self._check(self._wait(stream, event, 0), "cuStreamWaitEvent")
+
+    def record(self, event: int, stream: int) -> None:
+        self._ready()
+        self._check(self._record(event, stream), "cuEventRecord")
+
+    def stream_sync(self, stream: int) -> None:
+        self._ready()
+        self._check(self._stream_sync(stream), "cuStreamSynchronize")
+
+    def event_sync(self, event: int) -> None:
+        self._ready()
+        self._check(self._event_sync(event), "cuEventSynchronize")
+
+    def launch(self, function: int, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int,
+               params: int, name: str) -> None:
+        self._ready()
+        self._check(self._launch(function, *grid, *block, 0, stream, params, None), f"cuLaunchKernel({name})")
+
+
+_DEVICE = [0]  # the device use_device() last made current: the one a new thread's driver calls use
+_FAST: list[_Driver | None] = []  # decided once the real bindings are loaded: [driver] or [None]
+
+
+def _driver() -> _Driver | None:
+    """The ctypes driver path, or None: no libcuda, test doubles in place of the bindings, or
+    EDGE_AGENT_CUDA_CTYPES=0."""
+    if _FAST:
+        return _FAST[0]
+    if not getattr(_RT, "__name__", "").startswith("cuda."):  # not loaded yet, or a test double
+        return None
+    drv: _Driver | None = None
+    if os.environ.get("EDGE_AGENT_CUDA_CTYPES", "1") != "0":
+        try:
+            drv = _Driver(ctypes.CDLL("libcuda.so.1"), ctypes.PyDLL("libcuda.so.1"))
+        except (OSError, AttributeError):
+            drv = None
+    _FAST.append(drv)
+    return drv
+
+
+def _handle(obj: Any) -> int:
+    """The address behind a bindings handle (cudaStream_t, cudaEvent_t, CUfunction)."""
+    try:
+        return int(obj)
+    except TypeError:
+        return int(obj.getPtr())
 
 
 def _error_name(rt: Any, err: Any) -> str:
@@ -234,6 +373,7 @@ class Stream(_Owned):
     def __init__(self) -> None:
         rt = cuda_runtime()
         self._stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._ptr: int | None = None
 
     @property
     def raw(self) -> Any:
@@ -244,12 +384,28 @@ class Stream(_Owned):
     def handle(self) -> int:
         return int(self.raw)
 
+    @property
+    def ptr(self) -> int:
+        """The stream's address (the driver's CUstream), read once."""
+        self._alive()
+        if self._ptr is None:
+            self._ptr = _handle(self._stream)
+        return self._ptr
+
     def synchronize(self) -> None:
+        drv = _driver()
+        if drv is not None:
+            drv.stream_sync(self.ptr)
+            return
         check(cuda_runtime().cudaStreamSynchronize(self.raw), "cudaStreamSynchronize")
 
     def wait(self, event: Event) -> None:
         """Work queued on this stream from now on starts after `event` (recorded on another stream)."""
         event._alive()
+        drv = _driver()
+        if drv is not None:
+            drv.wait(self.ptr, event.ptr)
+            return
         check(cuda_runtime().cudaStreamWaitEvent(self.raw, event._event, 0), "cudaStreamWaitEvent")
 
     def _free_impl(self) -> None:
@@ -267,13 +423,30 @@ class Event(_Owned):
         else:  # a host waiting on it sleeps instead of spinning a core
             flags = rt.cudaEventDisableTiming | rt.cudaEventBlockingSync
             self._event = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        self._ptr: int | None = None
+
+    @property
+    def ptr(self) -> int:
+        """The event's address (the driver's CUevent), read once."""
+        self._alive()
+        if self._ptr is None:
+            self._ptr = _handle(self._event)
+        return self._ptr
 
     def record(self, stream: Stream) -> None:
         self._alive()
+        drv = _driver()
+        if drv is not None:
+            drv.record(self.ptr, stream.ptr)
+            return
         check(cuda_runtime().cudaEventRecord(self._event, stream.raw), "cudaEventRecord")
 
     def synchronize(self) -> None:
         self._alive()
+        drv = _driver()
+        if drv is not None:
+            drv.event_sync(self.ptr)
+            return
         check(cuda_runtime().cudaEventSynchronize(self._event), "cudaEventSynchronize")
 
     def elapsed_ms(self, start: Event) -> float:
@@ -301,8 +474,12 @@ def _host_ptr(host: PinnedBuffer | np.ndarray, nbytes: int, what: str) -> int:
 def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer | np.ndarray, stream: Stream) -> None:
     """Host -> device on `stream` (asynchronous only from pinned memory; pageable arrays stage)."""
     dst._alive()
-    rt = cuda_runtime()
     ptr = _host_ptr(src, dst.nbytes, "copy_htod_async")
+    drv = _driver()
+    if drv is not None:
+        drv.memcpy(dst.ptr, ptr, dst.nbytes, stream.ptr, "cuMemcpyAsync(HtoD)", not isinstance(src, PinnedBuffer))
+        return
+    rt = cuda_runtime()
     check(rt.cudaMemcpyAsync(dst.ptr, ptr, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw),
           "cudaMemcpyAsync(HtoD)")
 
@@ -310,8 +487,12 @@ def copy_htod_async(dst: DeviceBuffer, src: PinnedBuffer | np.ndarray, stream: S
 def copy_dtoh_async(dst: PinnedBuffer | np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
     """Device -> host on `stream`; synchronise the stream before reading `dst`."""
     src._alive()
-    rt = cuda_runtime()
     ptr = _host_ptr(dst, src.nbytes, "copy_dtoh_async")
+    drv = _driver()
+    if drv is not None:
+        drv.memcpy(ptr, src.ptr, src.nbytes, stream.ptr, "cuMemcpyAsync(DtoH)", not isinstance(dst, PinnedBuffer))
+        return
+    rt = cuda_runtime()
     check(rt.cudaMemcpyAsync(ptr, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw),
           "cudaMemcpyAsync(DtoH)")
 
@@ -327,6 +508,10 @@ def copy_dtoh_ptr(dst: np.ndarray, src: int) -> None:
 
 def copy_2d_async(dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int, stream: Stream) -> None:
     """Device-to-device copy of `rows` rows of `width` bytes between pitched buffers, on `stream`."""
+    drv = _driver()
+    if drv is not None:
+        drv.memcpy_2d(dst, dpitch, src, spitch, width, rows, stream.ptr)
+        return
     rt = cuda_runtime()
     check(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                stream.raw), f"cudaMemcpy2DAsync({width}x{rows})")
@@ -345,6 +530,13 @@ def current_context() -> int | None:
 
 def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> None:
     """Raw-pointer copy of `nbytes` on `stream`; kind is "htod", "dtoh" or "dtod"."""
+    drv = _driver()
+    if drv is not None:  # the driver reads the direction from the addresses (unified addressing)
+        if kind not in ("htod", "dtoh", "dtod"):
+            raise EngineError(f"memcpy_async: unknown kind {kind!r}")
+        # raw host pointers here are pinned buffers' (the frontends' results)
+        drv.memcpy(dst, src, nbytes, stream.ptr, f"cuMemcpyAsync({kind}, {nbytes})")
+        return
     rt = cuda_runtime()
     k = {"htod": rt.cudaMemcpyKind.cudaMemcpyHostToDevice, "dtoh": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
          "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice}[kind]
@@ -353,6 +545,10 @@ def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> 
 
 def memset_async(dst: DeviceBuffer, value: int, stream: Stream) -> None:
     dst._alive()
+    drv = _driver()
+    if drv is not None:
+        drv.memset(dst.ptr, value, dst.nbytes, stream.ptr)
+        return
     check(cuda_runtime().cudaMemsetAsync(dst.ptr, value, dst.nbytes, stream.raw), "cudaMemsetAsync")
 
 
@@ -373,6 +569,7 @@ def use_device(device: int = 0) -> None:
     rt = cuda_runtime()
     check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
     check(rt.cudaFree(0), "cudaFree(0)")  # forces the context to exist on this thread
+    _DEVICE[0] = device
 
 
 def _import_first(*names: str) -> Any:
@@ -457,9 +654,16 @@ class Launch:
         self._holders = [np.array([a]) for a in args]  # kept alive as long as the launch
         self._params = np.array([h.ctypes.data for h in self._holders], dtype=np.uint64)
         self._params_ptr = int(self._params.ctypes.data)
+        self._function_ptr: int | None = None  # read at the first driver launch
 
     def __call__(self, stream: Stream) -> None:
         self._kernel._alive()
+        fast = _driver()
+        if fast is not None:
+            if self._function_ptr is None:
+                self._function_ptr = _handle(self._function)
+            fast.launch(self._function_ptr, self.grid, self.block, stream.ptr, self._params_ptr, self.name)
+            return
         drv = self._kernel._drv
         _check_driver(drv, drv.cuLaunchKernel(self._function, *self.grid, *self.block, 0, stream.raw,
                                               self._params_ptr, 0), f"cuLaunchKernel({self.name})")

@@ -141,18 +141,21 @@ class Nv12Frame:
 
     Stands in for the BGR array of a Frame (`shape` is (H, W, 3)); the GPU frontend letterboxes it
     where it lies. `owner` keeps its device memory alive (a decoder's pool buffer returns to its
-    pool when the last reference goes). `to_bgr()` copies it to the host for the CPU path.
+    pool when the last reference goes). `ready`, when given, is an event recorded once the frame's
+    memory is written (the decoder's copy, queued on its own stream): readers wait on it first, on
+    the device (the frontend's stream) or on the host (`planes()`). `to_bgr()` copies it to the
+    host for the CPU path.
     """
 
-    __slots__ = ("full_range", "height", "matrix", "owner", "pitch", "uv_ptr", "width", "y_ptr")
+    __slots__ = ("full_range", "height", "matrix", "owner", "pitch", "ready", "uv_ptr", "width", "y_ptr")
     dtype = np.dtype(np.uint8)
     ndim = 3
 
     def __init__(self, y_ptr: int, uv_ptr: int, pitch: int, width: int, height: int, matrix: str = "bt601",
-                 full_range: bool = False, owner: object = None) -> None:
+                 full_range: bool = False, owner: object = None, ready: cuda.Event | None = None) -> None:
         self.y_ptr, self.uv_ptr, self.pitch = int(y_ptr), int(uv_ptr), int(pitch)
         self.width, self.height, self.matrix, self.full_range = int(width), int(height), matrix, bool(full_range)
-        self.owner = owner
+        self.owner, self.ready = owner, ready
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -167,6 +170,8 @@ class Nv12Frame:
         y = np.empty((self.height, self.pitch), np.uint8)
         uv = np.empty((self.height // 2, self.pitch), np.uint8)
         with cuda.CAPTURE.shared():
+            if self.ready is not None:
+                self.ready.synchronize()
             cuda.copy_dtoh_ptr(y, self.y_ptr)
             cuda.copy_dtoh_ptr(uv, self.uv_ptr)
         return (y[:, : self.width],
@@ -645,6 +650,8 @@ class GpuFrontend:
         prep = self.copy_stream
         key = (frame.y_ptr, frame.uv_ptr, frame.pitch, k, frame.matrix, frame.full_range)
         launch = s.nv12.get(key) or self._nv12_launch(s, frame, k, key)
+        if frame.ready is not None:
+            prep.wait(frame.ready)  # the decoder's copy into the frame's buffer
         prep.wait(self._input_free[k])
         launch(prep)
         slot.uploaded.record(prep)

@@ -76,3 +76,44 @@ def test_capture_reports_the_decode_path_and_serves(no_pynvvideocodec: None) -> 
         assert str(stats["decode"]).startswith("cpu (nvdec unavailable") and stats["state"] == "streaming"
     finally:
         cap.stop()
+
+
+class _StandIn:
+    """Stands in for a DeviceBuffer / Event (no GPU here): records its free()."""
+
+    made: list[_StandIn] = []
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.freed = False
+        self.ptr = 0x1000 * (len(_StandIn.made) + 1)
+        _StandIn.made.append(self)
+
+    def free(self) -> None:
+        assert not self.freed, "freed twice"
+        self.freed = True
+
+
+def test_frame_pool_hands_each_buffer_out_with_its_own_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoded frame's buffer comes with the event its copy is recorded on; both come back
+    together when the frame is gone, are reused, and are freed once when the pool closes."""
+    from agent.capture.sources import nvdec
+    from agent.engines import cuda
+
+    _StandIn.made = []
+    monkeypatch.setattr(cuda, "DeviceBuffer", _StandIn)
+    monkeypatch.setattr(cuda, "Event", _StandIn)
+    pool = nvdec._Pool(1024)
+    a = pool.take()
+    b = pool.take()
+    assert a.buf is not b.buf and a.ready is not b.ready and pool.allocated == 2
+    first = (a.buf, a.ready)
+    del a  # the frame using it is gone: buffer and event return as a pair
+    c = pool.take()
+    assert (c.buf, c.ready) == first and pool.allocated == 2
+    del c
+    pool.close()
+    assert first[0].freed and first[1].freed
+    kept = (b.buf, b.ready)
+    assert not kept[0].freed
+    del b  # a frame outliving its pool frees its own buffer and event
+    assert kept[0].freed and kept[1].freed

@@ -55,3 +55,28 @@ def test_pinned_device_round_trip_and_event_timing() -> None:
 def test_size_mismatch_is_refused() -> None:
     with cuda.Stream() as stream, cuda.DeviceBuffer(16) as dev, pytest.raises(EngineError, match="holds"):
         cuda.copy_htod_async(dev, np.zeros(8, np.float32), stream)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_pitched_copy_event_order_and_launch_free_round_trip() -> None:
+    """The per-frame calls (driver path where libcuda loads): a pitched 2D copy, a copy ordered
+    after another stream's event, a memset, each read back."""
+    src = np.arange(8 * 48, dtype=np.uint8).reshape(8, 48)
+    with cuda.Stream() as a, cuda.Stream() as b, cuda.DeviceBuffer(src.nbytes) as pitched, \
+            cuda.DeviceBuffer(8 * 32) as packed, cuda.DeviceBuffer(8 * 32) as later, \
+            cuda.Event(timing=False) as copied:
+        cuda.copy_htod_async(pitched, src, a)
+        cuda.copy_2d_async(packed.ptr, 32, pitched.ptr, 48, 32, 8, a)  # the first 32 bytes of each row
+        copied.record(a)
+        b.wait(copied)
+        cuda.memcpy_async(later.ptr, packed.ptr, 8 * 32, "dtod", b)
+        out = np.empty((8, 32), np.uint8)
+        cuda.copy_dtoh_async(out, later, b)
+        b.synchronize()
+        assert np.array_equal(out, src[:, :32])
+        cuda.memset_async(later, 7, b)
+        cuda.copy_dtoh_async(out, later, b)
+        copied.record(b)
+        copied.synchronize()
+        assert (out == 7).all()

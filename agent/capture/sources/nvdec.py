@@ -91,7 +91,11 @@ def choose_decode(cfg: CameraConfig) -> tuple[str, str]:
 
 
 class _Pool:
-    """Device buffers of one frame size, reused; a buffer comes back when its lease is collected."""
+    """Device buffers of one frame size, reused; a buffer comes back when its lease is collected.
+
+    Each buffer has its own event, recorded after the copy into it: readers on other streams wait
+    on it on the device, so the capture thread never waits for its copies. A buffer (and so its
+    event) is only taken again once every frame using it is gone."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -104,38 +108,45 @@ class _Pool:
         from agent.engines import cuda
 
         with self._lock:
-            buf = self._free.pop() if self._free else None
-        if buf is None:
+            item = self._free.pop() if self._free else None
+        if item is None:
             buf = cuda.DeviceBuffer(self.nbytes)
+            try:
+                item = (buf, cuda.Event(timing=False))
+            except BaseException:
+                buf.free()
+                raise
             self.allocated += 1
             if self.allocated == 32:
                 log.warning("NVDEC frame pool at 32 buffers: frames are being held somewhere")
-        return _Lease(self, buf)
+        return _Lease(self, *item)
 
-    def give(self, buf: Any) -> None:
+    def give(self, buf: Any, ready: Any) -> None:
         with self._lock:
             if not self.closed:
-                self._free.append(buf)
+                self._free.append((buf, ready))
                 return
         buf.free()
+        ready.free()
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            bufs, self._free = self._free, []
-        for b in bufs:
-            b.free()
+            items, self._free = self._free, []
+        for buf, ready in items:
+            buf.free()
+            ready.free()
 
 
 class _Lease:
-    __slots__ = ("buf", "pool")
+    __slots__ = ("buf", "pool", "ready")
 
-    def __init__(self, pool: _Pool, buf: Any) -> None:
-        self.pool, self.buf = pool, buf
+    def __init__(self, pool: _Pool, buf: Any, ready: Any) -> None:
+        self.pool, self.buf, self.ready = pool, buf, ready
 
     def __del__(self) -> None:
         try:
-            self.pool.give(self.buf)
+            self.pool.give(self.buf, self.ready)
         except Exception:  # interpreter shutdown, or the device is gone
             pass
 
@@ -293,10 +304,8 @@ class NvdecSource(FrameSource):
                     decoded = self._dec.Decode(packet)
                 except Exception as exc:
                     raise SourceError(f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}") from None
-                for f in decoded:
+                for f in decoded:  # each frame's event: other streams wait for the copy on the device
                     self._ready.append(self._copy(f))
-                if decoded:
-                    self._stream.synchronize()  # the frames are whole before any other stream reads them
         frame = self._ready.popleft()
         self.frames_read += 1
         if self._pacer is not None:
@@ -322,8 +331,9 @@ class NvdecSource(FrameSource):
         dst = lease.buf.ptr
         cuda.copy_2d_async(dst, w, yp, ypitch, w, h, self._stream)
         cuda.copy_2d_async(dst + w * h, w, uvp, uvpitch, w, h // 2, self._stream)
+        lease.ready.record(self._stream)
         matrix, full = self._color
-        return Nv12Frame(dst, dst + w * h, w, w, h, matrix, full, owner=lease)
+        return Nv12Frame(dst, dst + w * h, w, w, h, matrix, full, owner=lease, ready=lease.ready)
 
     # ---- description ----------------------------------------------------------------------------
     @property

@@ -1,0 +1,149 @@
+"""The per-frame driver calls (agent.engines.cuda._Driver): what reaches libcuda, and when it is used.
+
+libcuda.so.1 cannot exist here (no GPU, no driver), so `RecordingLibcuda` stands in for it: it
+records every call with its arguments as ctypes passes them, and answers with a CUresult. What
+the real driver does with them is checked on the GPU machine (tests/engines/test_cuda.py, marked
+gpu, and scripts/streams_check.py's detection checks, which run through this path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+from typing import Any
+
+import pytest
+
+from agent.engines import cuda
+from agent.errors import EngineError
+
+
+class RecordingLibcuda:
+    """Test double for libcuda: each entry point records (name, args) and returns `rc[name]` (0)."""
+
+    NAMES = ("cuMemcpyAsync", "cuMemcpy2DAsync_v2", "cuMemsetD8Async", "cuStreamWaitEvent", "cuEventRecord",
+             "cuStreamSynchronize", "cuEventSynchronize", "cuLaunchKernel", "cuCtxGetCurrent", "cuGetErrorName")
+
+    def __init__(self, context: int = 0x1000) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.rc: dict[str, int] = {}
+        self.context = context
+        for name in self.NAMES:
+            setattr(self, name, self._entry(name))
+
+    def _entry(self, name: str) -> Any:
+        def call(*args: Any) -> int:
+            self.calls.append((name, args))
+            if name == "cuCtxGetCurrent":
+                args[0]._obj.value = self.context
+            if name == "cuGetErrorName":
+                args[1]._obj.value = b"CUDA_ERROR_INVALID_VALUE"
+            return self.rc.get(name, 0)
+
+        return call
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [a for n, a in self.calls if n == name]
+
+
+@pytest.fixture
+def lib() -> RecordingLibcuda:
+    return RecordingLibcuda()
+
+
+def test_entry_points_are_typed_for_ctypes(lib: RecordingLibcuda) -> None:
+    cuda._Driver(lib, lib)
+    assert lib.cuMemcpyAsync.argtypes == [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    assert lib.cuLaunchKernel.argtypes[1:7] == [ctypes.c_uint] * 6 and len(lib.cuLaunchKernel.argtypes) == 11
+    assert all(getattr(lib, n).restype is ctypes.c_int for n in RecordingLibcuda.NAMES)
+
+
+def _every_call(drv: cuda._Driver) -> None:
+    """Each entry point once (a pinned copy, a pageable one, a 2D copy, ...), in this order."""
+    drv.memcpy(0xD000, 0xE000, 4096, 0x51, "copy")
+    drv.memcpy(0xD000, 0xE000, 8, 0x51, "pageable", pageable=True)
+    drv.memcpy_2d(0xA000, 64, 0xB000, 128, 64, 2, 0x51)
+    drv.memset(0xD000, 0, 4, 0x51)
+    drv.wait(0x51, 0xEE)
+    drv.record(0xEE, 0x52)
+    drv.launch(0xF0, (60, 80, 1), (32, 8, 1), 0x52, 0xAA, "letterbox")
+    drv.stream_sync(0x52)
+    drv.event_sync(0xEE)
+
+
+def test_calls_reach_the_driver_with_their_arguments(lib: RecordingLibcuda) -> None:
+    _every_call(cuda._Driver(lib, lib))
+    assert lib.named("cuMemcpyAsync") == [(0xD000, 0xE000, 4096, 0x51), (0xD000, 0xE000, 8, 0x51)]
+    assert lib.named("cuMemsetD8Async") == [(0xD000, 0, 4, 0x51)]
+    assert lib.named("cuStreamWaitEvent") == [(0x51, 0xEE, 0)]
+    assert lib.named("cuEventRecord") == [(0xEE, 0x52)]
+    assert lib.named("cuLaunchKernel") == [(0xF0, 60, 80, 1, 32, 8, 1, 0, 0x52, 0xAA, None)]
+    assert lib.named("cuStreamSynchronize") == [(0x52,)] and lib.named("cuEventSynchronize") == [(0xEE,)]
+    # the thread's context was looked up once, not per call
+    assert len(lib.named("cuCtxGetCurrent")) == 1
+
+
+def test_queueing_calls_keep_the_gil_and_waits_release_it() -> None:
+    """Calls that only queue work go through the PyDLL handle (the GIL stays with the caller);
+    waits, and copies whose host side is pageable (the driver stages them), through the CDLL."""
+    released, held = RecordingLibcuda(), RecordingLibcuda()
+    _every_call(cuda._Driver(released, held))
+    assert [n for n, _ in held.calls if n != "cuCtxGetCurrent"] == [
+        "cuMemcpyAsync", "cuMemcpy2DAsync_v2", "cuMemsetD8Async", "cuStreamWaitEvent", "cuEventRecord",
+        "cuLaunchKernel"]
+    assert [n for n, _ in released.calls] == ["cuMemcpyAsync", "cuStreamSynchronize", "cuEventSynchronize"]
+    assert released.named("cuMemcpyAsync") == [(0xD000, 0xE000, 8, 0x51)]
+
+
+def test_a_2d_copy_fills_cuda_memcpy2d_for_device_to_device(lib: RecordingLibcuda) -> None:
+    cuda._Driver(lib, lib).memcpy_2d(0xA000, 1920, 0xB000, 2048, 1920, 1080, 0x51)
+    (args,) = lib.named("cuMemcpy2DAsync_v2")
+    c = args[0]._obj
+    assert (c.srcMemoryType, c.srcDevice, c.srcPitch) == (2, 0xB000, 2048)
+    assert (c.dstMemoryType, c.dstDevice, c.dstPitch) == (2, 0xA000, 1920)
+    assert (c.WidthInBytes, c.Height, c.srcXInBytes, c.srcY, c.dstXInBytes, c.dstY) == (1920, 1080, 0, 0, 0, 0)
+    assert args[1] == 0x51
+    # cuda.h's layout on 64-bit Linux: 16 fields, enums padded to 8 bytes
+    assert ctypes.sizeof(cuda._Memcpy2D) == 128 and cuda._Memcpy2D.WidthInBytes.offset == 112
+
+
+def test_a_failed_call_names_the_call_and_the_error(lib: RecordingLibcuda) -> None:
+    lib.rc["cuMemcpyAsync"] = 1
+    with pytest.raises(EngineError, match=r"cuMemcpyAsync\(dtoh, 8\): CUDA_ERROR_INVALID_VALUE \(1\)"):
+        cuda._Driver(lib, lib).memcpy(1, 2, 8, 3, "cuMemcpyAsync(dtoh, 8)")
+
+
+def test_a_thread_without_a_context_gets_the_primary_one(lib: RecordingLibcuda,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    lib.context = 0
+    made: list[int] = []
+    monkeypatch.setattr(cuda, "use_device", made.append)
+    drv = cuda._Driver(lib, lib)
+    drv.record(1, 2)
+    drv.record(1, 2)
+    assert made == [cuda._DEVICE[0]]
+
+
+def test_the_driver_path_only_with_the_real_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "_FAST", [])
+    monkeypatch.setattr(cuda, "_RT", types.SimpleNamespace(__name__="tests.fake_cudart"))
+    assert cuda._driver() is None and cuda._FAST == []  # a test double: never decided, never cached
+    monkeypatch.setattr(cuda, "_RT", types.ModuleType("cuda.bindings.runtime"))
+    monkeypatch.setenv("EDGE_AGENT_CUDA_CTYPES", "0")
+    assert cuda._driver() is None and cuda._FAST == [None]
+    monkeypatch.setattr(cuda, "_FAST", [])
+    monkeypatch.delenv("EDGE_AGENT_CUDA_CTYPES")
+    monkeypatch.setattr(cuda.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(f"{name}: not found")))
+    assert cuda._driver() is None  # no driver library: the bindings' calls as before
+
+
+def test_handles_are_read_from_the_bindings_objects() -> None:
+    class Handle:
+        def __int__(self) -> int:
+            return 0x77
+
+    class OldHandle:
+        def getPtr(self) -> int:  # the bindings' own name
+            return 0x78
+
+    assert cuda._handle(Handle()) == 0x77 and cuda._handle(OldHandle()) == 0x78
