@@ -269,7 +269,10 @@ def test_push_v2_swaps_between_frames_and_survives_restart(tmp_path: Path, broke
 
         assert squeeze(s["state"] for s in rig.states(mid)) == FLOW
         dets = rig.dets()
-        seqs = [d["seq"] for d in dets]
+        # from the push on (after the 10 detections waited for before it): no frame lost across the
+        # swap. Before that a live source may drop a frame at start-up by design (newest frame wins,
+        # counted in frames_dropped): seen once in CI on a loaded machine, seq 1 never inferred.
+        seqs = [d["seq"] for d in dets[10:]]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a detections seq gap across the swap"
         versions = [d["model"]["version"] for d in dets]
         assert squeeze(versions) == ["1", "2"], squeeze(versions)
