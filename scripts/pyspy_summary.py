@@ -6,7 +6,7 @@ py-spy counts a thread only while it is not idle (not blocked in a lock or a sys
 samples per thread kind are a share of host CPU. Per kind it prints the share, then the places
 that cost most: the innermost frame of the agent's own code with what it called there, so a cost
 inside a library (ONNX Runtime, PyNvVideoCodec, numpy, threading) is charged to the agent line that
-made the call. Thread kinds are the thread names up to the first "-" (capture-s3 -> capture).
+made the call. Thread kinds are the bench's groups (agent.telemetry.threads: capture-s3 -> capture).
 """
 
 from __future__ import annotations
@@ -17,12 +17,20 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the project's root too
+from agent.telemetry.threads import OTHER, group_of
+
 _THREAD = re.compile(r"^thread \((?:0x)?[0-9a-fA-F]+\):\s*(.*)$")
 
 
 def kind_of(name: str) -> str:
-    name = name.strip() or "unnamed"
-    return re.split(r"[-_ ]\d|-", name, maxsplit=1)[0] or name
+    """The thread's group as the bench's per-thread CPU split names it (agent.telemetry.threads);
+    a name no group claims stays itself."""
+    name = name.strip()
+    if not name:
+        return "unnamed"
+    group = group_of(name)
+    return name if group == OTHER else group
 
 
 def charge(frames: list[str]) -> str:
