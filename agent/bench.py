@@ -244,11 +244,10 @@ def bench_pipeline(cfg: AgentConfig, camera: CameraConfig, n: int, frames: list[
 
 
 def bench_live(cfg: AgentConfig, args: argparse.Namespace, video: Path, frames: list[np.ndarray], n: int,
-               work: Path) -> dict[str, Any]:
-    """One live camera: `--clip` (or the bench's frames encoded as `--codec` with PyAV) read at its
-    frame rate, decoded as `--decode` says; up to `n` frames, the first second's latencies left out."""
+               work: Path, fps: float) -> dict[str, Any]:
+    """One live camera: `--clip` (or the bench's frames encoded as `--codec` with PyAV at `fps`) read
+    at its frame rate, decoded as `--decode` says; up to `n` frames, the first second's latencies left out."""
     clip = Path(args.clip) if getattr(args, "clip", None) else None
-    fps = float(getattr(args, "fps", 30.0) or 30.0)
     count = max(min(n, int(fps * 20)), int(fps) + 10)
     if clip is None:
         try:
@@ -398,7 +397,7 @@ def run_bench(args: argparse.Namespace) -> int:
         results["pipeline_paced"] = bench_pipeline(cfg, mem_cam, min(n, int(rate * 10) + 1), paced_frames,
                                                    paced_fps=rate)
     results["pipeline_paced"]["source_fps"] = rate
-    results["pipeline_live"] = bench_live(cfg, args, video, frames, n, work)
+    results["pipeline_live"] = bench_live(cfg, args, video, frames, n, work, live_fps)
     file_cam = CameraConfig(id="bench", source=str(video), pace=False, loop=True)
     results["pipeline_file"] = bench_pipeline(cfg, file_cam, n)
     ultra = bench_ultralytics(model, frames, n, imgsz)

@@ -367,13 +367,30 @@ class PinnedBuffer(_Owned):
         self.ptr = 0
 
 
-class Stream(_Owned):
+class _Handled(_Owned):
+    """An object holding one bindings handle (`_bindings_handle()`), whose address the driver path
+    takes: read once, at the first driver call (a test double's handle need not have one)."""
+
+    _ptr: int | None = None
+
+    def _bindings_handle(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def ptr(self) -> int:
+        """The handle's address (the driver's CUstream / CUevent)."""
+        self._alive()
+        if self._ptr is None:
+            self._ptr = _handle(self._bindings_handle())
+        return self._ptr
+
+
+class Stream(_Handled):
     """A non-blocking CUDA stream; `handle` is the integer TensorRT's execute_async_v3 takes."""
 
     def __init__(self) -> None:
         rt = cuda_runtime()
         self._stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-        self._ptr: int | None = None
 
     @property
     def raw(self) -> Any:
@@ -384,13 +401,8 @@ class Stream(_Owned):
     def handle(self) -> int:
         return int(self.raw)
 
-    @property
-    def ptr(self) -> int:
-        """The stream's address (the driver's CUstream), read once."""
-        self._alive()
-        if self._ptr is None:
-            self._ptr = _handle(self._stream)
-        return self._ptr
+    def _bindings_handle(self) -> Any:
+        return self._stream
 
     def synchronize(self) -> None:
         drv = _driver()
@@ -412,7 +424,7 @@ class Stream(_Owned):
         check(cuda_runtime().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
 
 
-class Event(_Owned):
+class Event(_Handled):
     """A CUDA event: timing work on a stream (`end.elapsed_ms(start)`), or, with `timing=False`, a
     cheap marker one stream waits on (`Stream.wait`) or a host thread synchronises with."""
 
@@ -423,15 +435,9 @@ class Event(_Owned):
         else:  # a host waiting on it sleeps instead of spinning a core
             flags = rt.cudaEventDisableTiming | rt.cudaEventBlockingSync
             self._event = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
-        self._ptr: int | None = None
 
-    @property
-    def ptr(self) -> int:
-        """The event's address (the driver's CUevent), read once."""
-        self._alive()
-        if self._ptr is None:
-            self._ptr = _handle(self._event)
-        return self._ptr
+    def _bindings_handle(self) -> Any:
+        return self._event
 
     def record(self, stream: Stream) -> None:
         self._alive()
