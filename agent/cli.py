@@ -255,12 +255,26 @@ def _print_summary(svc: object) -> None:
               f"engine {svc.engine_info.get('backend')} {svc.engine_info.get('providers')}", file=sys.stderr)
 
 
+def _decodes(video: Path) -> bool:
+    """True when OpenCV reads a first frame of `video`."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    try:
+        return bool(cap.isOpened() and cap.read()[0])
+    finally:
+        cap.release()
+
+
 def _bench_input_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with bench's files, found before minutes of measuring."""
     for flag, value in (("--model", args.model), ("--video", args.video), ("-c", args.config),
                         ("--clip", getattr(args, "clip", None))):
         if value is not None and not Path(value).is_file():
             return f"{flag}: no such file: {value}"
+    clip = getattr(args, "clip", None)
+    if clip is not None and not _decodes(Path(clip)):  # a camera on it would reconnect for ever
+        return f"--clip: cannot decode a frame of {clip} (not an H.264 / HEVC video file?)"
     for flag in ("fps", "seconds"):  # bench --streams' numbers (agent.streams_bench adds the flags)
         value = getattr(args, flag, None)
         if value is not None and not 0 < value < float("inf"):

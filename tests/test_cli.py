@@ -61,6 +61,8 @@ BAD_ARGS = [
     (["bench", "--model", "/nonexistent.onnx"], 2, "--model"),
     (["bench", "--video", "/nonexistent.mp4"], 2, "--video"),
     (["bench", "--clip", "/nonexistent.mp4"], 2, "--clip"),
+    (["bench", "--clip", "/etc/passwd"], 2, "--clip: cannot decode a frame"),
+    (["bench", "--streams", "1", "--clip", "/etc/passwd"], 2, "--clip: cannot decode a frame"),
     (["bench", "-c", "/nonexistent.yaml"], 2, "-c"),
     (["bench", "-c", "BADYAML"], 2, "YAML syntax error"),
     (["bench", "--json", "/nonexistent-dir/out.json"], 2, "--json"),
