@@ -8,10 +8,15 @@ CPU frames pass the launch thread untouched. An engine that submits its runs (CU
 agent.engines.ort_lanes) needs no launch thread: the inference thread stages the frame and hands
 it to a lane without waiting, and the frame goes straight to the post thread. Frames NVDEC left
 on the GPU (NV12) go to the GPU frontend as they are; on the CPU path they are fetched to the
-host first. Decoding, NMS and publishing happen on the post thread, so a slow broker or a burst
-of detections never stalls inference. Every hand-off is a FIFO: frames keep their order. A model
-swap happens between two frames on the inference thread: the old runtime serves until the new one
-takes the next frame, and every result carries the runtime that produced it.
+host first. With such an engine, the capture thread stages and submits its own NVDEC frames
+(`_infer_direct`): staging them only queues GPU work, cheaper than waking another thread for it.
+The inference thread then takes only the frames the capture thread could not (a live frame while
+no GPU slot is free, anything after a swap to an engine that does not submit). Decoding, NMS and
+publishing happen on the post thread, so a slow broker or a burst of detections never stalls
+inference; a submitted frame wakes it once its results are queued on the GPU (`_Handoff`). Every
+hand-off is a FIFO: frames keep their order. A model swap happens between two frames, on the
+thread taking the next frame: the old runtime serves until the new one takes the next frame, and
+every result carries the runtime that produced it.
 """
 
 from __future__ import annotations
@@ -143,6 +148,64 @@ class _Item:
 _STOP = object()
 # the GIL switch interval the pipelines set; the variable is for measurement only (many cameras)
 _SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
+# the capture thread submits its own device frames (0: every frame through the inference thread; measurement only)
+_CAPTURE_SUBMITS = os.environ.get("EDGE_AGENT_CAPTURE_SUBMIT", "1") != "0"
+
+
+# results wake the post thread when they are queued on the GPU (0: when submitted, then again for
+# the run, as before; measurement only)
+_WAKE_ON_RESULTS = os.environ.get("EDGE_AGENT_POST_WAKE", "1") != "0"
+_RESULT_WAIT_S = 10.0  # an item whose run was never queued is handed on anyway (Pending.result reports it)
+
+
+def _ready(item: object) -> bool:
+    """The post thread can take `item` without waiting for a lane: anything but a submitted run not
+    yet queued on the GPU."""
+    if not isinstance(item, _Item):
+        return True
+    queued = getattr(item.outputs, "queued", None)  # agent.vision.gpu.Pending of a submitted run
+    return queued is None or bool(queued())
+
+
+class _Handoff:
+    """The FIFO to the post thread. An item whose run is still waiting for a lane stays at the head
+    until the lane queued its results (`wake()`, from the lane's thread): the post thread wakes once
+    per frame, when there is work, not once for the item and once more for its run. A bounded put
+    waits while `maxsize` items are queued (backpressure on the frames' producer)."""
+
+    def __init__(self, maxsize: int, wait_for_runs: bool) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._q: deque[tuple[object, float]] = deque()
+        self._max = max(1, maxsize)
+        self._wait_for_runs = wait_for_runs
+
+    def put(self, item: object) -> None:
+        with self._cond:
+            while len(self._q) >= self._max:
+                self._cond.wait()
+            self._q.append((item, time.monotonic()))
+            if len(self._q) == 1:
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def get(self, timeout: float) -> object:
+        """The head once it is ready (or waited _RESULT_WAIT_S); queue.Empty after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._q:
+                    item, since = self._q[0]
+                    if not self._wait_for_runs or _ready(item) or time.monotonic() - since > _RESULT_WAIT_S:
+                        self._q.popleft()
+                        self._cond.notify_all()  # a producer waiting for room
+                        return item
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise queue.Empty
+                self._cond.wait(left)
 
 
 def _submits(runtime: ModelRuntime) -> bool:
@@ -172,7 +235,7 @@ class Pipeline:
         self.infer_progress = time.monotonic()
         self.post_progress = time.monotonic()
         self.finished = threading.Event()
-        self._handoff: queue.Queue[object] = queue.Queue(maxsize=handoff_size)
+        self._handoff = _Handoff(handoff_size, _WAKE_ON_RESULTS)
         self._launch_q: queue.Queue[object] = queue.Queue(maxsize=2)
         self.launch_progress = time.monotonic()
         self._stop = threading.Event()
@@ -180,6 +243,10 @@ class Pipeline:
         self._swap: SwapTicket | None = None
         self._new_ticket: SwapTicket | None = None
         self._swap_lock = threading.Lock()
+        # one frame at a time into the runtime, from the inference thread or the capture thread (_infer_direct);
+        # frames leave the mailbox under it, so the two never reorder frames
+        self._infer_lock = threading.Lock()
+        self._infer_done = False  # the inference thread has ended: the capture thread submits nothing more
         self._infer_thread = threading.Thread(target=self._infer_loop, name=f"infer-{camera_id}", daemon=True)
         self._launch_thread = threading.Thread(target=self._launch_loop, name=f"launch-{camera_id}", daemon=True)
         # frames (and swap markers) go straight to the post thread while the runtime submits its runs;
@@ -194,6 +261,8 @@ class Pipeline:
         # 0.25 and 1 ms gave the same throughput and p99 (docs/measurements/h200-2026-11-30).
         if sys.getswitchinterval() > _SWITCH_INTERVAL_S or "EDGE_AGENT_SWITCH_INTERVAL_MS" in os.environ:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        if _CAPTURE_SUBMITS and hasattr(self.capture, "set_direct"):
+            self.capture.set_direct(self._infer_direct)
         self.capture.start()
         self._infer_thread.start()
         self._launch_thread.start()
@@ -262,19 +331,53 @@ class Pipeline:
                     continue
                 self.infer_progress = time.monotonic()
                 if self._swap is not None:
-                    self._apply_swap()
+                    with self._infer_lock:
+                        self._apply_swap()
                 if self.max_frames is not None and self.submitted >= self.max_frames:
                     break
-                frame = self.capture.get(timeout=0.1)
-                if frame is None:
+                if not self.capture.wait_frame(timeout=0.1):
                     if self.capture.ended:
                         break
                     continue
-                self._infer_one(frame)
+                with self._infer_lock:
+                    if self.max_frames is not None and self.submitted >= self.max_frames:
+                        break  # the capture thread submitted the last one meanwhile
+                    frame = self.capture.take()
+                    if frame is not None:
+                        self._infer_one(frame)
         finally:
-            self._launch_q.put(_STOP)
+            with self._infer_lock:  # after any frame the capture thread is submitting: _STOP comes last
+                self._infer_done = True
+                self._launch_q.put(_STOP)
 
-    def _items(self, q: queue.Queue[object], progress: str,
+    def _infer_direct(self, frame: Frame, live: bool) -> bool:
+        """On the capture thread: stage and submit a device frame at once, when the runtime submits its
+        runs, nothing waits in the mailbox before it, and (live) a GPU slot is free now; False leaves the
+        frame to the mailbox and the inference thread. Never raises (the capture thread must go on)."""
+        if not self._direct or isinstance(frame.image, np.ndarray) or not self._infer_lock.acquire(blocking=False):
+            return False
+        try:
+            if (self._infer_done or self._stop.is_set() or self._frozen.is_set() or self.capture.queued
+                    or (self.max_frames is not None and self.submitted >= self.max_frames)):
+                return False
+            if self._swap is not None:
+                self._apply_swap()
+                if not self._direct:  # the new runtime does not submit: frames go through the launch thread
+                    return False
+            if live and not self.runtime.frontend.ready_now():  # it would wait: latest-wins in the mailbox
+                return False
+            self.infer_progress = time.monotonic()
+            self._infer_one(frame)
+            return True
+        except Exception as exc:  # _infer_one reports engine errors itself; anything else is a bug
+            log.exception("camera %s frame %d: submitting from the capture thread failed", self.camera_id, frame.seq)
+            self.errors += 1
+            self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
+            return True  # the frame is lost, counted; a second try could submit it twice
+        finally:
+            self._infer_lock.release()
+
+    def _items(self, q: queue.Queue[object] | _Handoff, progress: str,
                on_marker: Callable[[SwapTicket], None]) -> Iterator[_Item]:
         """Items from `q` until _STOP; swap markers go to `on_marker`; `progress` (an attribute name) is
         stamped on every wait, for the watchdog."""
@@ -299,7 +402,7 @@ class Pipeline:
         self.on_event("inference_error", {"camera": self.camera_id, "error": str(exc)[:300]})
 
     @property
-    def _next_q(self) -> queue.Queue[object]:
+    def _next_q(self) -> queue.Queue[object] | _Handoff:
         """Where the inference thread's frames go: the launch thread, or straight to the post thread."""
         return self._handoff if self._direct else self._launch_q
 
@@ -336,7 +439,7 @@ class Pipeline:
                 staged = rt.frontend.stage(image)
                 outputs, lb = staged, staged.lb
                 if rt.frontend.submits:  # handed to a lane at once: nothing for the launch thread
-                    outputs = rt.frontend.launch(staged)
+                    outputs = rt.frontend.launch(staged, on_queued=self._handoff.wake)
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:

@@ -5,7 +5,8 @@
 #       procs CONFIG K N (K processes of N streams each, side by side); check [CHECKS] (streams_check.py);
 #       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py);
 #       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it);
-#       profile CONFIG N (py-spy, from $PYSPY, on one run of N streams: by thread kind, Python and native).
+#       profile CONFIG N (py-spy, from $PYSPY, on one run of N streams: by thread kind, Python and native);
+#       tagged CONFIG N TAG (one run of N streams, files named TAG_...: A/B runs of environment switches).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
@@ -27,6 +28,12 @@ case $step in
       --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$out/streams${n}_$name.json" \
       > "$out/streams${n}_$name.txt" 2>&1
     echo "streams $n $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory" "$out/streams${n}_$name.txt" | tail -20;;
+  tagged)  # one run of N streams, its files named by TAG: A/B runs of environment switches, alternating
+    cfg=$1; n=$2; tag=$3; name=$(basename "$cfg" .yaml)
+    timeout 200 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$out/${tag}_streams${n}_$name.json" \
+      > "$out/${tag}_streams${n}_$name.txt" 2>&1
+    echo "$tag $n $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/${tag}_streams${n}_$name.txt" | head -3;;
   procs)  # K bench processes side by side, N streams each: cameras grouped per process
     cfg=$1; k=$2; n=$3; name=$(basename "$cfg" .yaml)
     for i in $(seq 1 "$k"); do

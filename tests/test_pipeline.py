@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from agent.capture.reader import CaptureThread
+from agent.capture.sources.file import FileSource
 from agent.config import CameraConfig, EngineConfig, ModelConfig
 from agent.engines.onnxruntime import OnnxRuntimeEngine
 from agent.pipeline import Pipeline, build_runtime
@@ -87,12 +88,14 @@ def two_runtimes(tmp_path: Path) -> tuple[Any, Any]:
             runtime(tmp_path, "v2", (20, 20, 8, 8, 1, 0.7), "2"))
 
 
-def run_with_swap(tmp_path: Path, old: Any, new: Any, frames: int, after: int) -> tuple[Pipeline, Sink, Any]:
+def run_with_swap(tmp_path: Path, old: Any, new: Any, frames: int, after: int,
+                  device_frames: bool = False) -> tuple[Pipeline, Sink, Any]:
     """A file of `frames` frames on `old`, swapped to `new` once `after` results are out, run to its end."""
     video = write_video(tmp_path / "v.avi", frames)
     sink = Sink()
     sink.target = after
-    pipe = Pipeline("cam0", CaptureThread(CameraConfig(source=str(video), pace=False)), old, sink)
+    capture = device_capture(video) if device_frames else CaptureThread(CameraConfig(source=str(video), pace=False))
+    pipe = Pipeline("cam0", capture, old, sink)
     pipe.start()
     assert sink.event.wait(30)
     ticket = pipe.request_swap(new)
@@ -140,6 +143,36 @@ def test_old_runtime_is_drained_before_it_may_be_closed(tmp_path: Path) -> None:
     assert [r.frame_seq for r in sink.results] == list(range(120))
 
 
+class DeviceFrame:
+    """Stands for a frame NVDEC left on the GPU (agent.vision.gpu.Nv12Frame; CUDA cannot exist here):
+    not a host array, so the pipeline hands it to the GPU frontend as it is."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = host
+        self.shape = host.shape
+
+
+class DeviceFrameSource(FileSource):
+    """The real file source (OpenCV decoding), its frames wrapped as device frames; `live` as given."""
+
+    def __init__(self, cfg: CameraConfig, live: bool) -> None:
+        super().__init__(cfg)
+        self._live = live
+
+    def read(self) -> Any:
+        img = super().read()
+        return None if img is None else DeviceFrame(img)
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+
+def device_capture(video: Path, live: bool = False) -> CaptureThread:
+    cfg = CameraConfig(source=str(video), pace=False, loop=live)
+    return CaptureThread(cfg, source_factory=lambda c: DeviceFrameSource(c, live))
+
+
 class StandInFrontend:
     """Stand-in for agent.vision.gpu.GpuFrontend (CUDA cannot exist here): the runtime's real CPU
     letterbox and ONNX Runtime session, run on worker threads that finish in random order, as frames
@@ -152,14 +185,21 @@ class StandInFrontend:
         self.pool = ThreadPoolExecutor(3)
         self.rng = np.random.default_rng(7)
         self.launch_threads: set[str] = set()
+        self.stage_threads: list[str] = []
 
-    def stage(self, image: np.ndarray) -> Any:
+    ready = True  # ready_now(): a GPU slot is free (False sends live frames through the mailbox)
+
+    def ready_now(self) -> bool:
+        return self.ready
+
+    def stage(self, image: np.ndarray | DeviceFrame) -> Any:
         from agent.vision.gpu import Staged
 
-        tensor, lb = self.rt.letterbox(image)
+        self.stage_threads.append(threading.current_thread().name)
+        tensor, lb = self.rt.letterbox(image.host if isinstance(image, DeviceFrame) else image)
         return Staged(tensor.copy(), 0, lb)  # type: ignore[arg-type]  # the tensor stands for the GPU slot
 
-    def launch(self, staged: Any) -> Any:
+    def launch(self, staged: Any, on_queued: Any = None) -> Any:
         self.launch_threads.add(threading.current_thread().name)
         delay = float(self.rng.uniform(0, 0.004))
 
@@ -168,8 +208,13 @@ class StandInFrontend:
             return self.rt.engine.infer(tensor)
 
         future = self.pool.submit(run, staged.slot)
+        if on_queued is not None:  # as the lane's thread does once the results are queued
+            future.add_done_callback(lambda _: on_queued())
 
         class Pending:
+            def queued(self) -> bool:
+                return future.done()
+
             def result(self) -> tuple[list[np.ndarray], Any]:
                 return future.result(), staged.lb
         return Pending()
@@ -221,3 +266,136 @@ def test_a_submitted_run_that_fails_is_an_inference_error_and_the_camera_goes_on
     seqs = [r.frame_seq for r in sink.results]
     assert len(seqs) == 39 and seqs == sorted(seqs) and pipe.errors == 1
     assert events == ["inference_error"]
+
+
+@pytest.mark.parametrize("first_submits, second_submits", [(True, True), (True, False), (False, True)])
+def test_the_capture_thread_submits_its_device_frames_in_order_across_swaps(
+        tmp_path: Path, first_submits: bool, second_submits: bool) -> None:
+    """Device frames (NVDEC's) on a runtime that submits its runs are staged and submitted by the
+    capture thread itself; the inference thread takes only what it could not. Every frame is still
+    published once, in order, on the runtime that inferred it. A runtime that does not submit gets
+    every frame through the inference and launch threads, and so does any runtime after it (the
+    launch thread's FIFO keeps the order)."""
+    old, new = two_runtimes(tmp_path)
+    old.frontend, new.frontend = StandInFrontend(old, first_submits), StandInFrontend(new, second_submits)
+    pipe, _, _ = run_with_swap(tmp_path, old, new, frames=150, after=40, device_frames=True)
+    for fe in (old.frontend, new.frontend):
+        fe.close()
+        threads = set(fe.stage_threads)
+        if fe.submits and first_submits:  # the inference thread only when it held the lock (a swap)
+            assert fe.stage_threads.count("capture-cam0") >= 0.8 * len(fe.stage_threads), fe.stage_threads
+            assert threads <= {"capture-cam0", "infer-cam0"}
+        else:
+            assert threads == {"infer-cam0"}
+            assert fe.launch_threads == ({"infer-cam0"} if fe.submits else {"launch-cam0"})
+    assert pipe.errors == 0
+
+
+def test_a_live_device_frame_without_a_free_slot_goes_through_the_mailbox(tmp_path: Path) -> None:
+    """Live: when the frontend has no free slot now, the capture thread does not wait for one (the
+    camera would fall behind); the frame takes the latest-wins mailbox to the inference thread."""
+    video = write_video(tmp_path / "v.avi", 30)
+    rt = runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1")
+    fe = StandInFrontend(rt, True)
+    calls = 0
+
+    def every_other() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls % 2 == 0
+    fe.ready_now = every_other  # type: ignore[method-assign]
+    rt.frontend = fe
+    sink = Sink()
+    pipe = Pipeline("cam0", device_capture(video, live=True), rt, sink, max_frames=60)
+    pipe.start()
+    assert pipe.wait(60)
+    pipe.stop()
+    fe.close()
+    seqs = [r.frame_seq for r in sink.results]
+    assert len(seqs) == 60 and seqs == sorted(set(seqs)) and pipe.errors == 0
+    assert {"capture-cam0", "infer-cam0"} <= set(fe.stage_threads)
+    assert all(r.model_version == "1" and r.detections[0].label == "part" for r in sink.results)
+
+
+def test_without_capture_submits_every_device_frame_takes_the_inference_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDGE_AGENT_CAPTURE_SUBMIT=0 (for measuring the hand-off): the capture thread submits nothing."""
+    from agent import pipeline
+
+    monkeypatch.setattr(pipeline, "_CAPTURE_SUBMITS", False)
+    video = write_video(tmp_path / "v.avi", 30)
+    rt = runtime(tmp_path, "v1", (32, 32, 16, 16, 0, 0.8), "1")
+    rt.frontend = fe = StandInFrontend(rt, True)
+    sink = Sink()
+    pipe = Pipeline("cam0", device_capture(video), rt, sink)
+    pipe.start()
+    assert pipe.wait(60)
+    pipe.stop()
+    fe.close()
+    assert [r.frame_seq for r in sink.results] == list(range(30))
+    assert set(fe.stage_threads) == {"infer-cam0"}
+
+
+class RunOnLane:
+    """Stands for agent.vision.gpu.Pending of a run submitted to a CUDA-graph lane (no CUDA here)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def queued(self) -> bool:
+        return self.done
+
+
+def lane_item(seq: int, run: RunOnLane) -> Any:
+    from agent.pipeline import _Item
+    from agent.vision.types import Frame, Letterbox
+
+    return _Item(Frame(image=np.zeros((2, 2, 3), np.uint8), ts=0.0, seq=seq, mono=0.0), run,
+                 Letterbox(1.0, 0.0, 0.0, 2, 2), None, {})  # type: ignore[arg-type]
+
+
+def test_the_post_handoff_keeps_order_and_wakes_when_the_head_run_is_queued() -> None:
+    import queue as queue_mod
+
+    from agent.pipeline import _Handoff
+
+    h = _Handoff(4, wait_for_runs=True)
+    first, second = RunOnLane(), RunOnLane()
+    h.put(lane_item(0, first))
+    h.put(lane_item(1, second))
+    second.done = True
+    with pytest.raises(queue_mod.Empty):  # the later run is done, the head is not: nothing is handed on
+        h.get(0.05)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(h.get(30.0)))
+    reader.start()
+    time.sleep(0.05)  # the reader is waiting on the head
+    first.done = True
+    h.wake()  # as the lane's thread does: without it the reader would sleep its 30 s
+    reader.join(5)
+    assert not reader.is_alive() and got[0].frame.seq == 0
+    assert h.get(0.05).frame.seq == 1
+    h.put("marker")  # anything but a submitted run is ready at once
+    assert h.get(0.05) == "marker"
+
+
+def test_the_post_handoff_hands_on_a_run_never_queued_and_bounds_its_producer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import pipeline
+
+    monkeypatch.setattr(pipeline, "_RESULT_WAIT_S", 0.1)
+    h = pipeline._Handoff(2, wait_for_runs=True)
+    h.put(lane_item(0, RunOnLane()))  # its lane never runs it: Pending.result reports that
+    assert h.get(5.0).frame.seq == 0
+    h.put(1)
+    h.put(2)
+    third = threading.Thread(target=h.put, args=(3,))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # full: the producer waits for the post thread
+    assert h.get(1.0) == 1
+    third.join(5)
+    assert not third.is_alive() and [h.get(1.0), h.get(1.0)] == [2, 3]
+    plain = pipeline._Handoff(2, wait_for_runs=False)  # EDGE_AGENT_POST_WAKE=0: FIFO as it comes
+    plain.put(lane_item(5, RunOnLane()))
+    assert plain.get(0.05).frame.seq == 5

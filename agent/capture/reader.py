@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FILE_QUEUE = 3  # frames buffered ahead for a lossless (file) source
 
 EventSink = Callable[[str, dict[str, object]], None]
+# takes a frame on the capture thread itself (True) or leaves it to the mailbox (False); bool: the source is live
+DirectSink = Callable[[Frame, bool], bool]
 
 
 def backoff_delays(cfg: BackoffConfig, rng: random.Random | None = None) -> Iterator[float]:
@@ -82,8 +84,17 @@ class _Mailbox:
             return True
 
     def get(self, timeout: float) -> Frame | None:
+        return self.pop() if self.wait(timeout) else None
+
+    def wait(self, timeout: float) -> bool:
+        """True once a frame is queued (left there), False after `timeout` seconds without one."""
         with self._cond:
-            if not self._q and not self._cond.wait_for(lambda: bool(self._q), timeout=max(0.0, timeout)):
+            return bool(self._q) or self._cond.wait_for(lambda: bool(self._q), timeout=max(0.0, timeout))
+
+    def pop(self) -> Frame | None:
+        """The oldest queued frame, or None: never waits."""
+        with self._cond:
+            if not self._q:
                 return None
             frame = self._q.popleft()
             self._cond.notify_all()
@@ -126,6 +137,7 @@ class CaptureThread:
         self._reading: FrameSource | None = None  # the source being read, for request_stop to interrupt
         self._wake = threading.Event()
         self._pending: CameraConfig | None = None
+        self._direct: DirectSink | None = None
         self._thread: threading.Thread | None = None
         self._state = "connecting"
         self._describe = redact(cfg.source)
@@ -183,6 +195,25 @@ class CaptureThread:
     def get(self, timeout: float) -> Frame | None:
         """The next frame (live: the newest), or None when none arrived within `timeout` seconds."""
         return self._box.get(timeout)
+
+    def wait_frame(self, timeout: float) -> bool:
+        """True once a frame waits to be taken (`take()`), False after `timeout` seconds without one."""
+        return self._box.wait(timeout)
+
+    def take(self) -> Frame | None:
+        """The next waiting frame, or None: never blocks."""
+        return self._box.pop()
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting to be taken."""
+        return len(self._box)
+
+    def set_direct(self, sink: DirectSink | None) -> None:
+        """Offer each new frame to `sink` on the capture thread before the mailbox: a consumer that can
+        take it at once saves a hand-off between threads. The sink must decline (False) while frames
+        wait in the mailbox (order), and a declined frame goes the usual way (latest-wins or FIFO)."""
+        self._direct = sink
 
     @property
     def ended(self) -> bool:
@@ -334,6 +365,9 @@ class CaptureThread:
             if first:
                 first = False
                 self._on_streaming()
+            direct = self._direct
+            if direct is not None and direct(frame, live):
+                continue
             if live:
                 self._box.put_latest(frame)
             elif not self._box.put_wait(frame, FILE_QUEUE, self._interrupted, self._backpressure):

@@ -68,24 +68,28 @@ class CaptureLock:
     one thread, nor hold it while waiting for another thread that takes it."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._shared = _Shared(self)
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> _Shared:
+        """`with CAPTURE.shared():` (a plain context manager, not a generator: it is taken several
+        times per frame on every camera)."""
+        return self._shared
+
+    def _enter_shared(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def _exit_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -103,6 +107,21 @@ class CaptureLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class _Shared:
+    """CaptureLock.shared(): one object for all holders (it keeps no state of its own)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: CaptureLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._enter_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._exit_shared()
 
 
 CAPTURE = CaptureLock()  # process-wide, as the capture mode is
@@ -168,6 +187,7 @@ class _Driver:
         self._launch = self._fn(held, "cuLaunchKernel", [vp, uint, uint, uint, uint, uint, uint, uint, vp, vp, vp])
         self._stream_sync = self._fn(lib, "cuStreamSynchronize", [vp])
         self._event_sync = self._fn(lib, "cuEventSynchronize", [vp])
+        self._event_query = self._fn(held, "cuEventQuery", [vp])
         self._ctx_current = self._fn(held, "cuCtxGetCurrent", [ctypes.POINTER(ctypes.c_void_p)])
         self._error_name = self._fn(held, "cuGetErrorName", [cint, ctypes.POINTER(ctypes.c_char_p)])
         self._tls = threading.local()
@@ -221,8 +241,14 @@ class _Driver:
         self._check(self._stream_sync(stream), "cuStreamSynchronize")
 
     def event_sync(self, event: int) -> None:
+        """Asks first, keeping the GIL: the post thread mostly finds its results already there, and
+        releasing the GIL only to find that out made it queue to get it back."""
         self._ready()
-        self._check(self._event_sync(event), "cuEventSynchronize")
+        rc = self._event_query(event)
+        if rc == _CUDA_ERROR_NOT_READY:
+            self._check(self._event_sync(event), "cuEventSynchronize")
+        else:
+            self._check(rc, "cuEventQuery")
 
     def launch(self, function: int, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int,
                params: int, name: str) -> None:
@@ -230,6 +256,7 @@ class _Driver:
         self._check(self._launch(function, *grid, *block, 0, stream, params, None), f"cuLaunchKernel({name})")
 
 
+_CUDA_ERROR_NOT_READY = 600  # cuEventQuery: the work before the event has not finished
 _DEVICE = [0]  # the device use_device() last made current: the one a new thread's driver calls use
 _FAST: list[_Driver | None] = []  # decided once the real bindings are loaded: [driver] or [None]
 

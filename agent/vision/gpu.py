@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -341,6 +342,7 @@ class _Slot:
     count: cuda.DeviceBuffer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     abandoned: bool = False  # its reader gave up on a submitted run: the run frees the slot when it ends
+    on_queued: Callable[[], None] | None = None  # told (lane thread) once `queued` is set: wakes the reader
 
 
 def _run_finished(slot: _Slot) -> None:
@@ -352,6 +354,11 @@ def _run_finished(slot: _Slot) -> None:
             slot.abandoned = False
             slot.keep = None
             slot.free.set()
+    if slot.on_queued is not None:
+        try:
+            slot.on_queued()
+        except Exception:  # the reader still finds `queued` set when it looks
+            log.exception("waking the reader of a GPU result failed")
 
 
 @dataclass
@@ -368,6 +375,10 @@ class Pending:
 
     def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox) -> None:
         self._frontend, self._slot, self.lb = frontend, slot, lb
+
+    def queued(self) -> bool:
+        """result() will not wait for a lane: the run's results are queued on the GPU (or it failed)."""
+        return not self._frontend.submits or self._slot.queued.is_set()
 
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
@@ -596,6 +607,11 @@ class GpuFrontend:
         self._next = (self._next + 1) % SLOTS
         return slot, self._staged % INPUTS
 
+    def ready_now(self) -> bool:
+        """stage() would not wait: the next slot was collected and its input buffer released (a new
+        source size, which drains every slot, is not foreseen: it is rare)."""
+        return self._slots[self._next].free.is_set() and self._input_launched[self._staged % INPUTS].is_set()
+
     def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
         slot when SLOTS frames are in flight). Frames must be launched in the order they were staged."""
@@ -672,11 +688,12 @@ class GpuFrontend:
              np.uint64(self.inputs[k].ptr)])
         return launch
 
-    def launch(self, staged: Staged) -> Pending:
+    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream
-        (submitted engines: on a lane's, and this returns without waiting for the GPU)."""
+        (submitted engines: on a lane's, and this returns without waiting for the GPU; `on_queued`
+        is called on the lane's thread once the results are queued, or the run failed)."""
         if self.submits:
-            return self._submit_to_lane(staged)
+            return self._submit_to_lane(staged, on_queued)
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
@@ -707,11 +724,12 @@ class GpuFrontend:
             raise
         return Pending(self, slot, staged.lb)
 
-    def _submit_to_lane(self, staged: Staged) -> Pending:
+    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Hand the frame to whichever lane is free; the lane's thread queues the rest (hooks below)."""
         slot, k = staged.slot, staged.input
         slot.error = None
         slot.queued.clear()
+        slot.on_queued = on_queued
 
         def input_read(stream: cuda.Stream) -> None:
             self._input_free[k].record(stream)

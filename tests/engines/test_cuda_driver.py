@@ -22,11 +22,12 @@ class RecordingLibcuda:
     """Test double for libcuda: each entry point records (name, args) and returns `rc[name]` (0)."""
 
     NAMES = ("cuMemcpyAsync", "cuMemcpy2DAsync_v2", "cuMemsetD8Async", "cuStreamWaitEvent", "cuEventRecord",
-             "cuStreamSynchronize", "cuEventSynchronize", "cuLaunchKernel", "cuCtxGetCurrent", "cuGetErrorName")
+             "cuStreamSynchronize", "cuEventSynchronize", "cuEventQuery", "cuLaunchKernel", "cuCtxGetCurrent",
+             "cuGetErrorName")
 
     def __init__(self, context: int = 0x1000) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.rc: dict[str, int] = {}
+        self.rc: dict[str, int] = {"cuEventQuery": 600}  # CUDA_ERROR_NOT_READY: event_sync waits
         self.context = context
         for name in self.NAMES:
             setattr(self, name, self._entry(name))
@@ -90,9 +91,20 @@ def test_queueing_calls_keep_the_gil_and_waits_release_it() -> None:
     _every_call(cuda._Driver(released, held))
     assert [n for n, _ in held.calls if n != "cuCtxGetCurrent"] == [
         "cuMemcpyAsync", "cuMemcpy2DAsync_v2", "cuMemsetD8Async", "cuStreamWaitEvent", "cuEventRecord",
-        "cuLaunchKernel"]
+        "cuLaunchKernel", "cuEventQuery"]
     assert [n for n, _ in released.calls] == ["cuMemcpyAsync", "cuStreamSynchronize", "cuEventSynchronize"]
     assert released.named("cuMemcpyAsync") == [(0xD000, 0xE000, 8, 0x51)]
+
+
+def test_an_event_already_complete_is_not_waited_for_and_the_gil_stays(lib: RecordingLibcuda) -> None:
+    released, held = RecordingLibcuda(), RecordingLibcuda()
+    held.rc["cuEventQuery"] = 0  # CUDA_SUCCESS: the work before it is done
+    cuda._Driver(released, held).event_sync(0xEE)
+    assert held.named("cuEventQuery") == [(0xEE,)] and released.calls == []
+    held.rc["cuEventQuery"] = 700  # a failure is reported, not waited on
+    with pytest.raises(EngineError, match=r"cuEventQuery: CUDA_ERROR_INVALID_VALUE \(700\)"):
+        cuda._Driver(released, held).event_sync(0xEE)
+    assert released.calls == []
 
 
 def test_a_2d_copy_fills_cuda_memcpy2d_for_device_to_device(lib: RecordingLibcuda) -> None:

@@ -57,3 +57,38 @@ def test_a_run_too_late_keeps_its_slot_until_it_ends(monkeypatch: pytest.MonkeyP
     assert not slot.free.is_set() and slot.abandoned and slot.keep is not None
     _run_finished(slot)  # the late run ends
     assert slot.free.is_set() and not slot.abandoned and slot.keep is None
+
+
+def test_the_reader_is_told_when_the_run_is_queued_and_a_failing_hook_changes_nothing() -> None:
+    slot, pending = submitted_slot()
+    told: list[bool] = []
+    slot.on_queued = lambda: told.append(pending.queued())
+    assert not pending.queued()
+    _run_finished(slot)  # the lane queued the results: the hook sees them queued
+    assert told == [True] and pending.queued()
+
+    def broken() -> None:
+        raise RuntimeError("reader gone")
+    slot2, pending2 = submitted_slot()
+    slot2.on_queued = broken
+    _run_finished(slot2)  # logged, not raised into the lane's thread
+    assert pending2.queued() and pending2.result()[0] == "candidates"
+
+
+def test_a_frontend_that_does_not_submit_has_nothing_to_wait_for() -> None:
+    slot = _Slot(0, StandInEvent(), StandInEvent(), [], threading.Event())  # type: ignore[arg-type]
+    frontend: Any = SimpleNamespace(submits=False)
+    assert Pending(frontend, slot, Letterbox(1.0, 0.0, 0.0, 4, 4)).queued()
+
+
+def test_ready_now_says_whether_stage_would_wait() -> None:
+    """The capture thread submits a live frame itself only when stage() would not wait."""
+    slots = [_Slot(i, StandInEvent(), StandInEvent(), [], threading.Event()) for i in range(gpu.SLOTS)]  # type: ignore[arg-type]
+    fe: Any = gpu.GpuFrontend.__new__(gpu.GpuFrontend)  # only its slot bookkeeping: no CUDA here
+    fe._slots, fe._next, fe._staged = slots, 1, 0
+    fe._input_launched = [threading.Event() for _ in range(gpu.INPUTS)]
+    assert not fe.ready_now()  # slot 1 not collected yet
+    slots[1].free.set()
+    assert not fe.ready_now()  # input buffer 0 not yet read by the run before
+    fe._input_launched[0].set()
+    assert fe.ready_now()
