@@ -11,7 +11,8 @@ cores, 5 classes, max_det 100, median us:
     candidates     20    100    300    500    700   1000   2000   5000
     cv2            17     56    244    805   1770   3470  13726  75569
     numpy         247   1211   1542   1749   2047   2365   3410   6710
-The tests check that both give identical indices.
+The tests check that both give identical indices. A single candidate (the common frame) skips
+cv2: scaling and NMS of one box took 15 vs 43 us side by side (5 boxes: 37 vs 59 us).
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def nms_cv2(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_th
     n = int(scores.shape[0])
     if n == 0 or max_det <= 0:
         return np.zeros(0, dtype=np.int64)
-    b = _prepare(boxes, np.zeros(n))  # shift only; cv2 applies its own class offset
+    if n == 1:  # nothing to suppress (NMSBoxesBatched's fixed cost is most of a typical frame's NMS)
+        return np.zeros(1, dtype=np.int64)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = b - b.min()  # shift only (as _prepare); cv2 applies its own class offset
     xywh = np.empty_like(b)
     xywh[:, :2] = b[:, :2]
     xywh[:, 2:] = np.maximum(b[:, 2:] - b[:, :2], 0.0)

@@ -50,6 +50,14 @@ def test_empty_and_ties(fn: NmsFn) -> None:
     assert fn(b, s, c, 0.5, 10).tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("fn", IMPLS)
+def test_a_single_box_is_kept(fn: NmsFn) -> None:
+    """The common frame: one candidate (cv2's call is skipped for it)."""
+    b, s, c = _arr([[-5, 3, 40, 50]], [0.3], [7])
+    assert fn(b, s, c, 0.45, 100).tolist() == [0]
+    assert fn(b, s, c, 0.45, 0).tolist() == []
+
+
 @pytest.mark.skipif(not HAVE_CV2_NMS, reason="cv2.dnn.NMSBoxesBatched not available")
 @pytest.mark.parametrize("n", [5, 60, 400, 1200])
 def test_cv2_and_numpy_agree(n: int) -> None:
