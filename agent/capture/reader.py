@@ -9,7 +9,7 @@ Hand-off to the consumer (`get()`):
   consumer is. A paced file waits for its schedule too, but still drops nothing.
 
 Failures: a source that fails to open, raises, or (live) returns None is closed and opened again
-after a delay from `backoff_delays()` (exponential, jittered, capped at `reconnect.max_s`; reset
+after a delay from `agent.backoff.Backoff` (exponential, jittered, capped at `reconnect.max_s`; reset
 once frames flow). Events through `on_event(name, data)`: `camera_lost` (with `reason`) once per
 outage, `camera_restored` (with `downtime_s`) when frames flow again, `camera_ended` when a file
 without `loop` reaches its end (no reconnect then). Nothing raises out of the thread.
@@ -27,10 +27,11 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
+from agent.backoff import Backoff
 from agent.capture.sources import FrameSource, open_source, redact
-from agent.config import BackoffConfig, CameraConfig
+from agent.config import CameraConfig
 from agent.vision.types import Frame
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,6 @@ FILE_QUEUE = 3  # frames buffered ahead for a lossless (file) source
 EventSink = Callable[[str, dict[str, object]], None]
 # takes a frame on the capture thread itself (True) or leaves it to the mailbox (False); bool: the source is live
 DirectSink = Callable[[Frame, bool], bool]
-
-
-def backoff_delays(cfg: BackoffConfig, rng: random.Random | None = None) -> Iterator[float]:
-    """Reconnect delays: initial_s, doubling up to max_s, each moved by up to +-jitter of itself,
-    and never above max_s (nor below 0)."""
-    rng = rng or random.Random()
-    base = cfg.initial_s
-    while True:
-        j = rng.uniform(-cfg.jitter, cfg.jitter) if cfg.jitter > 0 else 0.0
-        yield max(0.0, min(cfg.max_s, base * (1.0 + j)))
-        base = min(base * 2.0, cfg.max_s)
 
 
 class _Mailbox:
@@ -284,12 +274,12 @@ class CaptureThread:
             log.debug("camera %s: still lost: %s", self._cfg.id, reason)
 
     def _run(self) -> None:
-        delays = backoff_delays(self._cfg.reconnect, self._rng)
+        delays = Backoff(self._cfg.reconnect, self._rng)
         retry = False  # the next open follows a failure: it counts as a reconnect
         try:
             while not self._stop.is_set():
                 if self._take_pending():
-                    delays, retry = backoff_delays(self._cfg.reconnect, self._rng), False
+                    delays, retry = Backoff(self._cfg.reconnect, self._rng), False
                 if retry:
                     self._reconnects += 1
                 src: FrameSource | None = None
@@ -313,7 +303,7 @@ class CaptureThread:
                     self._reading = None
                 self._close(src)
                 if got_frames:  # frames flowed: the next outage starts from initial_s again
-                    delays = backoff_delays(self._cfg.reconnect, self._rng)
+                    delays.reset()
                 if outcome == _Outcome.FAILED:
                     self._lost(reason)
                     retry = True

@@ -49,8 +49,15 @@ from typing import Any, cast
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
+from agent.backoff import Backoff
 from agent.config import MqttConfig
-from agent.mqtt.connection import Backoff, connect_properties, is_failure, new_paho_client, set_tcp_nodelay
+from agent.mqtt.connection import (
+    MIN_RECONNECT_S,
+    connect_properties,
+    is_failure,
+    new_paho_client,
+    set_tcp_nodelay,
+)
 from agent.mqtt.outbound import Outbound, Outgoing
 
 log = logging.getLogger(__name__)
@@ -85,7 +92,7 @@ class MqttClient:
         # filter -> (callback, qos, whether the callback takes the message's properties)
         self._subs: dict[str, tuple[Callable[..., None], int, bool]] = {}
         self._connected = False
-        self._backoff = Backoff(cfg.reconnect)
+        self._backoff = Backoff(cfg.reconnect, floor_s=MIN_RECONNECT_S)
         self._started = False
         self._closing = False
         self._stop_sender = False

@@ -5,8 +5,9 @@ Data flow: the config's `mqtt` section -> `new_paho_client` (MQTT 5 with a persi
 store kept small, as the backlog lives in the agent's queue (agent/mqtt/outbound.py); credentials
 and TLS from agent/mqtt/credentials.py) -> `connect_properties` for the MQTT 5 CONNECT (session
 expiry, the largest packet the agent accepts) -> paho's network thread connects and reconnects by
-itself, waiting what `Backoff.next_delay` says before each attempt (exponential from
-`reconnect.initial_s` to `reconnect.max_s`, +/- `jitter`; reset by a successful CONNACK).
+itself, waiting what `agent.backoff.Backoff` says before each attempt (exponential from
+`reconnect.initial_s` to `reconnect.max_s`, +/- `jitter`, at least `MIN_RECONNECT_S`; reset by a
+successful CONNACK).
 
 `is_failure` reads paho's reason codes (a ReasonCode under either protocol, or an int) so that a
 refused CONNACK or a rejected PUBLISH is never taken for success. `set_tcp_nodelay` turns off
@@ -20,9 +21,7 @@ scripts/measure_inspection.py --nagle-check).
 from __future__ import annotations
 
 import logging
-import random
 import socket
-import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,14 +29,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import BackoffConfig, MqttConfig
+from agent.config import MqttConfig
 from agent.mqtt.credentials import apply_credentials
 
 log = logging.getLogger("agent.mqtt.client")  # the records keep the logger name they had before the split
 
 MAX_PACKET_SIZE = 268_435_455  # MQTT's largest remaining length
 _HEADER_ROOM = 70_000  # the largest topic and the fixed / variable headers on top of the payload cap
-_MIN_DELAY_S = 0.05
+MIN_RECONNECT_S = 0.05  # never a busy loop against a dead broker
 
 
 def is_failure(rc: Any) -> bool:
@@ -73,30 +72,6 @@ def connect_properties(session_expiry_s: int, max_rx_bytes: int) -> Properties:
     # the broker then does not send what the client would drop anyway
     props.MaximumPacketSize = min(max_rx_bytes + _HEADER_ROOM, MAX_PACKET_SIZE)
     return props
-
-
-class Backoff:
-    """Reconnect waits: `initial_s` doubling up to `max_s`, each moved by up to +/- `jitter` of itself.
-
-    Thread-safe: paho's thread asks for the next wait, the connect callback resets it.
-    """
-
-    def __init__(self, cfg: BackoffConfig, rng: random.Random | None = None) -> None:
-        self._cfg = cfg
-        self._rng = rng or random.Random()
-        self._lock = threading.Lock()
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        b = self._cfg
-        with self._lock:
-            base = min(b.initial_s * (2 ** min(self._attempt, 30)), b.max_s)
-            self._attempt += 1
-        return max(_MIN_DELAY_S, base * (1.0 + self._rng.uniform(-b.jitter, b.jitter)))
-
-    def reset(self) -> None:
-        with self._lock:
-            self._attempt = 0
 
 
 def set_tcp_nodelay(sock: Any) -> None:

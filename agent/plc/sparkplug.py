@@ -52,7 +52,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import __version__
-from agent.capture.reader import backoff_delays
+from agent.backoff import Backoff
 from agent.errors import ConfigError
 from agent.fsutil import write_atomic
 from agent.mqtt.connection import is_failure
@@ -323,7 +323,7 @@ class SparkplugNode:
 
     # ---- connection (node thread) -------------------------------------------------------------------
     def _run(self) -> None:
-        delays = backoff_delays(self._mq.reconnect)
+        delays = Backoff(self._mq.reconnect)
         while not self._stop.is_set():
             try:
                 established = self._session()
@@ -334,7 +334,7 @@ class SparkplugNode:
             if self._stop.is_set():
                 break
             if established:
-                delays = backoff_delays(self._mq.reconnect)
+                delays.reset()
             self._stop.wait(next(delays))
 
     def _new_client(self, s_holder: list[_Session]) -> mqtt.Client:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.capture.reader import FILE_QUEUE, CaptureThread, backoff_delays
+from agent.capture.reader import FILE_QUEUE, CaptureThread
 from agent.capture.sources import FrameSource, open_source
 from agent.config import BackoffConfig, CameraConfig
 from agent.vision.types import Frame
@@ -65,25 +64,6 @@ def drain(c: CaptureThread, n: int, timeout: float = 10.0, each: float = 0.0) ->
             if each:
                 time.sleep(each)
     return out
-
-
-# ---- backoff -------------------------------------------------------------------------------
-def test_backoff_doubles_to_the_cap() -> None:
-    d = backoff_delays(BackoffConfig(initial_s=0.5, max_s=3.0, jitter=0.0), random.Random(1))
-    assert [next(d) for _ in range(6)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
-
-
-def test_backoff_jitter_stays_in_bounds_and_capped() -> None:
-    cfg = BackoffConfig(initial_s=1.0, max_s=10.0, jitter=0.3)
-    d = backoff_delays(cfg, random.Random(7))
-    got = [next(d) for _ in range(200)]
-    bases = [min(1.0 * 2**i, 10.0) for i in range(200)]
-    assert all(b * 0.7 - 1e-9 <= g <= min(b * 1.3, 10.0) + 1e-9 for g, b in zip(got, bases, strict=True))
-    assert max(got) <= 10.0
-    assert len({round(g, 6) for g in got[10:]}) > 50  # jittered, not a constant at the cap
-    # same seed, same sequence (the rng is injectable for tests)
-    again = backoff_delays(cfg, random.Random(7))
-    assert [next(again) for _ in range(200)] == got
 
 
 # ---- files: lossless ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""agent/mqtt/connection.py: the backoff, reason codes, the CONNECT properties, the paho client as built.
+"""agent/mqtt/connection.py: reason codes, the CONNECT properties, the paho client as built.
 
 The connection's behaviour against a real broker (reconnects, a refused CONNACK, TCP_NODELAY on the
 live socket) is in tests/mqtt/test_client.py.
@@ -6,42 +6,20 @@ live socket) is in tests/mqtt/test_client.py.
 
 from __future__ import annotations
 
-import random
 import socket
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import BackoffConfig, MqttConfig
+from agent.config import MqttConfig
 from agent.mqtt.connection import (
     MAX_PACKET_SIZE,
-    Backoff,
     connect_properties,
     is_failure,
     new_paho_client,
     set_tcp_nodelay,
 )
-
-
-def test_backoff_doubles_to_the_cap_and_resets() -> None:
-    b = Backoff(BackoffConfig(initial_s=0.2, max_s=1.0, jitter=0.0))
-    assert [b.next_delay() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
-    b.reset()
-    assert b.next_delay() == 0.2
-
-
-def test_backoff_jitter_stays_within_its_share_and_a_floor() -> None:
-    b = Backoff(BackoffConfig(initial_s=1.0, max_s=1.0, jitter=0.5), random.Random(7))
-    delays = [b.next_delay() for _ in range(200)]
-    assert all(0.5 <= d <= 1.5 for d in delays) and len(set(delays)) > 100
-    tiny = Backoff(BackoffConfig(initial_s=0.01, max_s=0.01, jitter=0.0))
-    assert tiny.next_delay() == 0.05  # never a busy loop against a dead broker
-
-
-def test_backoff_after_many_attempts_stays_at_the_cap() -> None:
-    b = Backoff(BackoffConfig(initial_s=0.5, max_s=10.0, jitter=0.0))
-    assert [b.next_delay() for _ in range(100)][-1] == 10.0
 
 
 def test_reason_codes() -> None:
