@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.streams_bench import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,24 @@ def test_bench_live_row_reads_the_given_clip(tmp_path: Path) -> None:
     res, _ = _bench(tmp_path, "--clip", str(clip))
     live = res["pipeline_live"]
     assert live["clip"] == str(clip) and live["decode"] == "cpu" and live["frames"] == 45
+
+
+def test_a_failed_paced_engine_run_leaves_the_tight_loop_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two bare IO-binding rows fail on their own: the tight loop's figures stay when only the
+    run paced at the live rate fails (and both go when IO binding itself fails)."""
+    from agent import bench
+
+    def flaky(engine: object, tensor: object, n: int, pace_fps: float | None = None) -> dict:
+        if pace_fps is not None:
+            raise RuntimeError("CUDA failure 2: out of memory")
+        return {"fps": 100.0, "latency_ms": {"p50": 1.0}}
+    monkeypatch.setattr(bench, "bench_iobinding", flaky)
+    rows = bench.iobinding_rows(object(), None, 50, 30.0)  # type: ignore[arg-type]
+    assert rows["bare_iobinding"]["fps"] == 100.0
+    assert rows["bare_iobinding_live"] == {"error": "CUDA failure 2: out of memory"}
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("IO binding not supported by this EP")
+    monkeypatch.setattr(bench, "bench_iobinding", broken)
+    assert bench.iobinding_rows(object(), None, 50, 30.0) == {  # type: ignore[arg-type]
+        "bare_iobinding": {"error": "IO binding not supported by this EP"}}
