@@ -41,6 +41,7 @@ from agent.engines.base import Engine
 from agent.errors import AgentError
 from agent.telemetry.metrics import RateMeter, StageTimes
 from agent.vision.decoders import Candidates
+from agent.vision.gpu import RESULT_WAIT_S, GpuFrontend, Staged
 from agent.vision.labels import load_labels
 from agent.vision.postprocess import Postprocessor
 from agent.vision.preprocess import Letterboxer
@@ -102,8 +103,6 @@ def build_runtime(engine: Engine, model_cfg: ModelConfig, path: Path, name: str 
     frontend = None
     if preprocess != "cpu" and (engine.device_stream is not None or preprocess == "gpu"):
         try:
-            from agent.vision.gpu import GpuFrontend
-
             frontend = GpuFrontend(engine, post)
         except AgentError as exc:
             if preprocess == "gpu":
@@ -150,12 +149,9 @@ _STOP = object()
 _SWITCH_INTERVAL_S = float(os.environ.get("EDGE_AGENT_SWITCH_INTERVAL_MS", "1") or 1) / 1000
 # the capture thread submits its own device frames (0: every frame through the inference thread; measurement only)
 _CAPTURE_SUBMITS = os.environ.get("EDGE_AGENT_CAPTURE_SUBMIT", "1") != "0"
-
-
 # results wake the post thread when they are queued on the GPU (0: when submitted, then again for
 # the run, as before; measurement only)
 _WAKE_ON_RESULTS = os.environ.get("EDGE_AGENT_POST_WAKE", "1") != "0"
-_RESULT_WAIT_S = 10.0  # an item whose run was never queued is handed on anyway (Pending.result reports it)
 
 
 def _ready(item: object) -> bool:
@@ -192,13 +188,14 @@ class _Handoff:
             self._cond.notify_all()
 
     def get(self, timeout: float) -> object:
-        """The head once it is ready (or waited _RESULT_WAIT_S); queue.Empty after `timeout` seconds."""
+        """The head once it is ready, or once it waited the frontend's RESULT_WAIT_S (Pending.result then
+        reports the run that never came); queue.Empty after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 if self._q:
                     item, since = self._q[0]
-                    if not self._wait_for_runs or _ready(item) or time.monotonic() - since > _RESULT_WAIT_S:
+                    if not self._wait_for_runs or _ready(item) or time.monotonic() - since > RESULT_WAIT_S:
                         self._q.popleft()
                         self._cond.notify_all()  # a producer waiting for room
                         return item
@@ -410,8 +407,6 @@ class Pipeline:
         """GPU frames: run the engine on each staged frame, in order (its call blocks while the GPU
         infers, so staging the next frame happens on the inference thread meanwhile). CPU frames
         arrive already inferred and pass straight on, as do frames already submitted."""
-        from agent.vision.gpu import Staged
-
         try:
             for item in self._items(self._launch_q, "launch_progress", self._handoff.put):
                 if isinstance(item.outputs, Staged):  # only a GPU frontend stages

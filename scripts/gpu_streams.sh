@@ -6,7 +6,7 @@
 #       switch CONFIG N MS (GIL switch interval); onestream CONFIG (one camera, agent/bench.py);
 #       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it);
 #       profile CONFIG N (py-spy, from $PYSPY, on one run of N streams: by thread kind, Python and native);
-#       tagged CONFIG N TAG (one run of N streams, files named TAG_...: A/B runs of environment switches).
+#       streams CONFIG N [TAG] names its files TAG_... (A/B runs).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
@@ -22,18 +22,11 @@ case $step in
       --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 4 --json "$out/findmax_$name.json" \
       > "$out/findmax_$name.txt" 2>&1
     echo "findmax $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory|N_max" "$out/findmax_$name.txt" | tail -40;;
-  streams)
-    cfg=$1; n=$2; name=$(basename "$cfg" .yaml)
+  streams)  # [TAG]: files named TAG_streams..., for A/B runs alternating (environment switches, code trees)
+    cfg=$1; n=$2; name=$(basename "$cfg" .yaml); f="$out/${3:+${3}_}streams${n}_$name"
     timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
-      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$out/streams${n}_$name.json" \
-      > "$out/streams${n}_$name.txt" 2>&1
-    echo "streams $n $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory" "$out/streams${n}_$name.txt" | tail -20;;
-  tagged)  # one run of N streams, its files named by TAG: A/B runs of environment switches, alternating
-    cfg=$1; n=$2; tag=$3; name=$(basename "$cfg" .yaml)
-    timeout 200 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
-      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$out/${tag}_streams${n}_$name.json" \
-      > "$out/${tag}_streams${n}_$name.txt" 2>&1
-    echo "$tag $n $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/${tag}_streams${n}_$name.txt" | head -3;;
+      --decode nvdec --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$f.json" > "$f.txt" 2>&1
+    echo "streams $n $name ${3:-} rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory" "$f.txt" | tail -20;;
   procs)  # K bench processes side by side, N streams each: cameras grouped per process
     cfg=$1; k=$2; n=$3; name=$(basename "$cfg" .yaml)
     for i in $(seq 1 "$k"); do

@@ -383,7 +383,7 @@ def test_the_post_handoff_hands_on_a_run_never_queued_and_bounds_its_producer(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from agent import pipeline
 
-    monkeypatch.setattr(pipeline, "_RESULT_WAIT_S", 0.1)
+    monkeypatch.setattr(pipeline, "RESULT_WAIT_S", 0.1)
     h = pipeline._Handoff(2, wait_for_runs=True)
     h.put(lane_item(0, RunOnLane()))  # its lane never runs it: Pending.result reports that
     assert h.get(5.0).frame.seq == 0

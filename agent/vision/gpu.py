@@ -300,7 +300,7 @@ SLOTS = 3  # frames in flight: enough to keep the GPU busy while the host prepar
 INPUTS = 2  # input buffers used in turn: one is letterboxed while the other is inferred
 _TINY = float(np.finfo(np.float32).tiny)
 _NV12_LAUNCHES = 128  # packed NV12 launches kept per source size (decoder buffers x input buffers)
-_RESULT_WAIT_S = 10.0  # a submitted run not done by then is reported as failed
+RESULT_WAIT_S = 10.0  # a submitted run not done by then is reported as failed
 _O = TypeVar("_O", bound=cuda._Owned)
 
 
@@ -384,7 +384,7 @@ class Pending:
         slot = self._slot
         if self._frontend.submits and not self._run_ended(slot):
             # the slot stays taken: the late run may still write its buffers (_run_finished frees it)
-            raise EngineError(f"inference not run within {_RESULT_WAIT_S:.0f} s")
+            raise EngineError(f"inference not run within {RESULT_WAIT_S:.0f} s")
         try:
             if slot.error is not None:
                 raise EngineError(f"inference failed: {str(slot.error).strip()[:300]}") from slot.error
@@ -397,7 +397,7 @@ class Pending:
 
     @staticmethod
     def _run_ended(slot: _Slot) -> bool:
-        if slot.queued.wait(_RESULT_WAIT_S):
+        if slot.queued.wait(RESULT_WAIT_S):
             return True
         with slot.lock:
             if slot.queued.is_set():  # it ended just now

@@ -50,7 +50,7 @@ def test_a_failed_run_is_an_engine_error_and_frees_the_slot() -> None:
 def test_a_run_too_late_keeps_its_slot_until_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reader gives up; the slot stays taken (the late run still writes its buffers, which a new
     frame must not get) and is freed when the run ends."""
-    monkeypatch.setattr(gpu, "_RESULT_WAIT_S", 0.05)
+    monkeypatch.setattr(gpu, "RESULT_WAIT_S", 0.05)
     slot, pending = submitted_slot()
     with pytest.raises(EngineError, match="not run within"):
         pending.result()
