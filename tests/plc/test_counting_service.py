@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,23 @@ def test_reload_reports_a_counting_change_as_needing_a_restart(tmp_path: Path,
         svc.shutdown()
 
 
+def retained_on_broker(broker: Broker, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+    """A subscriber arriving now is handed `payload` as the broker's retained value. One that
+    subscribed before the publish reached the broker gets it live, without the retain flag: such a
+    subscriber proves nothing about what is retained, so a new one asks again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = Collector(broker.host, broker.port, [topic])
+        try:
+            probe.wait_for(lambda m: any(x.retain and x.payload == payload for x in m), timeout=1.0)
+            return True
+        except TimeoutError:
+            continue
+        finally:
+            probe.close()
+    return False
+
+
 def test_counters_are_published_again_after_the_broker_lost_them(
         tmp_path: Path, broker: Broker, clips: dict[str, tuple[Path, dict[str, int]]]) -> None:
     path, _ = clips["steady"]
@@ -231,9 +249,7 @@ def test_counters_are_published_again_after_the_broker_lost_them(
     svc.start()
     topic = "edge/dev1/cam0/line/l1/out"
     try:
-        first = Collector(broker.host, broker.port, [topic])
-        first.wait_for(lambda m: any(x.retain and x.payload == b"2" for x in m))  # restored, published at start
-        first.close()
+        assert retained_on_broker(broker, topic, b"2")  # restored, published at start
         broker.stop()  # no persistence: the broker forgets every retained value
         broker.start()
         late = Collector(broker.host, broker.port, [topic])
