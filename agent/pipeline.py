@@ -184,6 +184,8 @@ class _Handoff:
                 self._cond.notify_all()
 
     def wake(self) -> None:
+        if not self._q:  # nothing queued waits for a run (a lane that queues on the caller's thread
+            return       # finishes before the frame is put here): no lock, no wake-up
         with self._cond:
             self._cond.notify_all()
 

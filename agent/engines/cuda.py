@@ -24,7 +24,8 @@ import ctypes
 import importlib
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "CaptureLock",
     "DeviceBuffer",
     "Event",
+    "Graph",
     "Kernel",
     "Launch",
     "PinnedBuffer",
@@ -63,15 +65,22 @@ _RT: Any = None
 class CaptureLock:
     """Readers-writer lock for CUDA graph captures, which ONNX Runtime makes in global mode: while a
     thread captures, a CUDA call from any other thread (cudaMalloc, a synchronize, a decode) can
-    invalidate the capture. Per-frame GPU work holds it shared, a capture holds it alone; a waiting
-    capture stops new shared holders (it is not starved). Not re-entrant: never take it twice on
-    one thread, nor hold it while waiting for another thread that takes it."""
+    invalidate the capture. Per-frame GPU work holds it shared, a capture holds it alone.
+
+    Shared holders never meet each other: each thread has a lock of its own (re-entrant), which it
+    holds while inside; a capture takes every thread's lock, and the registry's, so a thread that
+    enters for the first time waits too. With one common lock instead (a condition variable), the
+    camera threads queued on it several times per frame: measured on the H200 at 24 cameras, it was
+    40 % of the capture threads' GIL time (docs/measurements/h200-2026-12-02-own-graphs).
+    Never hold it shared while waiting for another thread that takes it (a capture waiting for
+    your lock stops that thread)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+        self._registry = threading.Lock()  # held by a capture: no thread registers meanwhile
+        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()  # a thread's entry goes with the thread
+        self._tls = threading.local()
+        self._one_capture = threading.Lock()
         self._writer = False
-        self._writers_waiting = 0
         self._shared = _Shared(self)
 
     def shared(self) -> _Shared:
@@ -80,33 +89,53 @@ class CaptureLock:
         return self._shared
 
     def _enter_shared(self) -> None:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
+        holder = getattr(self._tls, "holder", None)
+        if holder is None:
+            holder = _Holder()
+            with self._registry:
+                self._holders.add(holder)
+            self._tls.holder = holder
+        holder.lock.acquire()
+        holder.depth += 1
 
     def _exit_shared(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if self._readers == 0:
-                self._cond.notify_all()
+        holder = self._tls.holder
+        holder.depth -= 1
+        holder.lock.release()
+
+    @property
+    def _readers(self) -> int:
+        """Threads inside a shared section now (for tests and diagnostics)."""
+        if self._writer:
+            return 0
+        return sum(1 for h in list(self._holders) if h.depth > 0)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
+        with self._one_capture:
+            self._registry.acquire()
+            taken: list[_Holder] = []
             try:
-                while self._writer or self._readers:
-                    self._cond.wait()
+                for holder in list(self._holders):  # waits for each thread inside to come out
+                    holder.lock.acquire()
+                    taken.append(holder)
+                self._writer = True
+                yield
             finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
                 self._writer = False
-                self._cond.notify_all()
+                for holder in taken:
+                    holder.lock.release()
+                self._registry.release()
+
+
+class _Holder:
+    """One thread's entry in a CaptureLock."""
+
+    __slots__ = ("__weakref__", "depth", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.depth = 0  # shared sections the thread is in (written by that thread only)
 
 
 class _Shared:
@@ -190,6 +219,15 @@ class _Driver:
         self._event_query = self._fn(held, "cuEventQuery", [vp])
         self._ctx_current = self._fn(held, "cuCtxGetCurrent", [ctypes.POINTER(ctypes.c_void_p)])
         self._error_name = self._fn(held, "cuGetErrorName", [cint, ctypes.POINTER(ctypes.c_char_p)])
+        # CUDA graphs (Graph): made once per lane at load, launched per frame
+        self._begin_capture = self._fn(held, "cuStreamBeginCapture_v2", [vp, cint])
+        self._end_capture = self._fn(held, "cuStreamEndCapture", [vp, ctypes.POINTER(vp)])
+        self._graph_nodes = self._fn(held, "cuGraphGetNodes", [vp, ctypes.POINTER(vp), ctypes.POINTER(sz)])
+        self._node_type = self._fn(held, "cuGraphNodeGetType", [vp, ctypes.POINTER(cint)])
+        self._instantiate = self._fn(lib, "cuGraphInstantiateWithFlags", [ctypes.POINTER(vp), vp, ctypes.c_ulonglong])
+        self._graph_launch = self._fn(held, "cuGraphLaunch", [vp, vp])
+        self._graph_destroy = self._fn(held, "cuGraphDestroy", [vp])
+        self._exec_destroy = self._fn(lib, "cuGraphExecDestroy", [vp])
         self._tls = threading.local()
 
     @staticmethod
@@ -255,8 +293,57 @@ class _Driver:
         self._ready()
         self._check(self._launch(function, *grid, *block, 0, stream, params, None), f"cuLaunchKernel({name})")
 
+    def begin_capture(self, stream: int) -> None:
+        self._ready()
+        self._check(self._begin_capture(stream, _CAPTURE_THREAD_LOCAL), "cuStreamBeginCapture")
+
+    def end_capture(self, stream: int) -> int:
+        graph = ctypes.c_void_p()
+        self._check(self._end_capture(stream, ctypes.byref(graph)), "cuStreamEndCapture")
+        if not graph.value:
+            raise EngineError("cuStreamEndCapture: no graph")
+        return int(graph.value)
+
+    def node_types(self, graph: int) -> list[int]:
+        n = ctypes.c_size_t(0)
+        self._check(self._graph_nodes(graph, None, ctypes.byref(n)), "cuGraphGetNodes")
+        nodes = (ctypes.c_void_p * max(1, n.value))()
+        self._check(self._graph_nodes(graph, nodes, ctypes.byref(n)), "cuGraphGetNodes")
+        types = []
+        for i in range(n.value):
+            t = ctypes.c_int()
+            self._check(self._node_type(nodes[i], ctypes.byref(t)), "cuGraphNodeGetType")
+            types.append(t.value)
+        return types
+
+    def instantiate(self, graph: int) -> int:
+        exe = ctypes.c_void_p()
+        self._check(self._instantiate(ctypes.byref(exe), graph, 0), "cuGraphInstantiateWithFlags")
+        if not exe.value:
+            raise EngineError("cuGraphInstantiateWithFlags: no executable graph")
+        return int(exe.value)
+
+    def graph_launch(self, exe: int, stream: int) -> None:
+        self._ready()
+        self._check(self._graph_launch(exe, stream), "cuGraphLaunch")
+
+    def graph_destroy(self, graph: int) -> None:
+        self._check(self._graph_destroy(graph), "cuGraphDestroy")
+
+    def exec_destroy(self, exe: int) -> None:
+        self._check(self._exec_destroy(exe), "cuGraphExecDestroy")
+
 
 _CUDA_ERROR_NOT_READY = 600  # cuEventQuery: the work before the event has not finished
+# CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: a call of the capturing thread that is not capture-safe (an
+# allocation, a synchronize) fails the capture instead of slipping out of the graph
+_CAPTURE_THREAD_LOCAL = 1
+# CUgraphNodeType (cuda.h) by name, and the ones a replayed inference may hold: a host callback or an
+# allocation in the graph would run again at every replay
+_NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "empty", 6: "wait_event",
+               7: "event_record", 8: "semaphore_signal", 9: "semaphore_wait", 10: "mem_alloc", 11: "mem_free",
+               12: "batch_mem_op", 13: "conditional"}
+_REPLAYABLE_NODES = {"kernel", "memcpy", "memset", "graph", "empty"}
 _DEVICE = [0]  # the device use_device() last made current: the one a new thread's driver calls use
 _FAST: list[_Driver | None] = []  # decided once the real bindings are loaded: [driver] or [None]
 
@@ -489,6 +576,50 @@ class Event(_Handled):
 
     def _free_impl(self) -> None:
         check(cuda_runtime().cudaEventDestroy(self._event), "cudaEventDestroy")
+
+
+class Graph(_Owned):
+    """The work `queue_work()` queues on `stream`, captured once (stream capture, thread-local mode)
+    and instantiated: `launch(stream)` queues all of it again, over the same device addresses, with
+    one driver call. Refused (EngineError) when the work is not capture-safe (it synchronises or
+    allocates: the capture fails) or holds nodes a replay must not repeat (host callbacks,
+    allocations). `nodes`: how many of each kind the graph holds. Needs the ctypes driver path."""
+
+    def __init__(self, stream: Stream, queue_work: Callable[[], object]) -> None:
+        drv = _driver()
+        if drv is None:
+            raise EngineError("capturing a CUDA graph needs libcuda through ctypes (no driver, or "
+                              "EDGE_AGENT_CUDA_CTYPES=0)")
+        self._drv, s = drv, stream.ptr
+        drv.begin_capture(s)
+        try:
+            queue_work()
+        except BaseException:
+            try:  # a failed capture still has to end, or the stream stays in capture mode
+                drv.graph_destroy(drv.end_capture(s))
+            except EngineError:
+                pass
+            raise
+        graph = drv.end_capture(s)
+        try:
+            kinds = [_NODE_TYPES.get(t, f"type {t}") for t in drv.node_types(graph)]
+            self.nodes = {k: kinds.count(k) for k in sorted(set(kinds))}
+            refused = sorted(set(kinds) - _REPLAYABLE_NODES)
+            if refused:
+                raise EngineError(f"the captured work holds {', '.join(refused)} nodes, which a replay would "
+                                  f"run again ({self.nodes})")
+            if not kinds:
+                raise EngineError("the captured work queued nothing on the stream")
+            self._exec = drv.instantiate(graph)
+        finally:
+            drv.graph_destroy(graph)  # the executable graph does not need it
+
+    def launch(self, stream: Stream) -> None:
+        self._alive()
+        self._drv.graph_launch(self._exec, stream.ptr)
+
+    def _free_impl(self) -> None:
+        self._drv.exec_destroy(self._exec)
 
 
 def _host_ptr(host: PinnedBuffer | np.ndarray, nbytes: int, what: str) -> int:

@@ -294,6 +294,7 @@ class OnnxRuntimeEngine(Engine):
                                        "io_binding": self._binding_device or "off",
                                        "cuda_graph": bool(self.cfg.cuda_graph and got[0] in _GPU_EPS),
                                        "graph_lanes": self._lanes.count if self._lanes is not None else 0,
+                                       "graph_replay": self._lanes.replay if self._lanes is not None else None,
                                        "placement": self.placement})
 
     def _start_lanes(self, ort: Any) -> None:

@@ -4,22 +4,31 @@ ONNX Runtime's CUDA EP keeps its captured graphs per calling thread, captures in
 (no other thread of the process may make an unsafe CUDA call meanwhile) and replays on the
 session's one stream, synchronising it. So one session cannot replay for several cameras at once,
 and a graph per camera costs a graph's activations per camera. A lane is one session on its own
-stream with ONE captured graph over its own input / output buffers, driven by its own thread.
-Cameras keep their own buffers (written by their preprocessing, read by their candidate
-selection); a frame's run is a job: whichever lane is free copies the camera's input in (device
-to device), replays, copies the outputs back, and synchronises its stream. Lanes are captured one
-at a time when they are made, under agent.engines.cuda.CAPTURE held exclusively; replays, the GPU
-frontends and NVDEC hold it shared, so a later capture (a model swap while cameras run) never
-meets another thread's CUDA call (measured on the H200: without that, the third swap under load
-failed with cudaErrorStreamCaptureInvalidated).
+stream with ONE captured graph over its own input / output buffers. Cameras keep their own
+buffers (written by their preprocessing, read by their candidate selection); a frame's run is a
+job: a lane copies the camera's input in (device to device), replays, and hands its outputs on.
+
+Two ways to replay (chosen at load, said in the log and in `replay`):
+- "own" (preferred): the agent captures one plain ONNX Runtime run of the lane (no graph of ONNX
+  Runtime's, no synchronise at its end) into a CUDA graph of its own (agent.engines.cuda.Graph),
+  checks that the graph's outputs equal a plain run's on a probe input, and from then on a job is
+  a handful of driver calls queued by the camera's own thread on the lane's stream: wait for the
+  camera's event, copy in, launch the graph, the camera's `done` hook. No thread hand-off, no
+  ONNX Runtime call and no wait per frame (measured on the H200: docs/measurements/).
+- "onnxruntime": when that capture is refused (a model whose run synchronises, allocates or holds
+  host callbacks; no ctypes driver), each lane has a thread that replays ONNX Runtime's own graph
+  (its Run blocks until the GPU is done) and takes jobs from a queue.
+Lanes are captured one at a time when they are made, under agent.engines.cuda.CAPTURE held
+exclusively; replays, the GPU frontends and NVDEC hold it shared, so a later capture (a model swap
+while cameras run) never meets another thread's CUDA call (measured on the H200: without that,
+the third swap under load failed with cudaErrorStreamCaptureInvalidated).
 
 A job is either waited for (`run_device`, `run_host`: the caller blocks until the lane is done)
 or submitted (`submit_device`): the lane's stream waits on the camera's event, copies the input in
 and tells the camera (its input buffer may be written again once that copy ends), replays, then
 hands its stream and output buffers to the camera's `done`, which queues what it does with them
 (candidate selection, copies to the host) on that stream and records its own event. The camera's
-thread never waits for the GPU, so one camera keeps several frames on several lanes at once, and
-the per-frame hand-off costs no thread of its own (measured: docs/measurements/h200-2026-12-01-async).
+thread never waits for the GPU, so one camera keeps several frames on several lanes at once.
 
 What a camera costs on top of the first: its own input and output buffers (and its frontend's),
 no graph and no session: measured on the H200 (docs/measurements/).
@@ -27,7 +36,9 @@ no graph and no session: measured on the H200 (docs/measurements/).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -47,6 +58,9 @@ __all__ = ["OrtLanes"]
 
 _GRAPH_ID = "1"  # each lane captures one graph; ids are per session and per thread in ONNX Runtime
 _LANE_READY_S = 120.0  # a capture on a cold GPU (cuDNN algorithm search) takes seconds, never minutes
+# the agent's own graphs ("own"), or ONNX Runtime's replayed by lane threads ("onnxruntime": for
+# measurement, and a way out should a driver misbehave with the former)
+_REPLAY = os.environ.get("EDGE_AGENT_GRAPH_REPLAY", "own")
 
 StreamHook = Callable[[cuda.Stream], None]
 DoneHook = Callable[[cuda.Stream, list[cuda.DeviceBuffer]], None]
@@ -80,7 +94,10 @@ class _Lane:
     binding: Any = None
     options: Any = None
     plain: Any = None
-    thread: threading.Thread | None = None
+    unsynced: Any = None  # a plain run that leaves the stream unsynchronised: the one captured as `graph`
+    graph: cuda.Graph | None = None  # "own" replays
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one job at a time queued on the stream
+    thread: threading.Thread | None = None  # "onnxruntime" replays
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     runs: int = 0
@@ -100,8 +117,10 @@ class OrtLanes:
         self.input_spec, self.output_specs = input_spec, list(output_specs)
         self.capture_runs = max(3, capture_runs)  # one plain run, then the capture and a replay
         self.name = name
+        self.replay = "own" if _REPLAY != "onnxruntime" else "onnxruntime"
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lanes: list[_Lane] = []
+        self._turn = itertools.count()
         self._closed = False
         try:
             for i in range(count):
@@ -117,11 +136,22 @@ class OrtLanes:
                             raise
                     lane = self._lane(i, session, stream)
                 self._lanes.append(lane)
-                self._start(lane)  # captured before the next lane is made: one capture at a time
+                # captured before the next lane is made: one capture at a time
+                if self.replay == "own":
+                    try:
+                        self._capture_own(lane)
+                    except EngineError as exc:
+                        if i > 0:  # the first lane's capture worked: this one failing is a real fault
+                            raise
+                        log.warning("%s: the agent's own CUDA graph is not possible (%s); ONNX Runtime's "
+                                    "graphs are replayed by lane threads instead", name, exc)
+                        self.replay = "onnxruntime"
+                if self.replay == "onnxruntime":
+                    self._start(lane)
         except BaseException:
             self.close()
             raise
-        log.info("%s: %d CUDA-graph lane(s) captured", name, count)
+        log.info("%s: %d CUDA-graph lane(s) captured (%s replays)", name, count, self.replay)
 
     @property
     def count(self) -> int:
@@ -146,12 +176,58 @@ class OrtLanes:
             options.add_run_config_entry("gpu_graph_id", _GRAPH_ID)
             plain = ort.RunOptions()
             plain.add_run_config_entry("gpu_graph_id", "-1")  # ONNX Runtime's "no graph" id
+            unsynced = ort.RunOptions()
+            unsynced.add_run_config_entry("gpu_graph_id", "-1")
+            unsynced.add_run_config_entry("disable_synchronize_execution_providers", "1")
         except BaseException:
             for b in [inp, *outs]:
                 b.free()
             raise
         # the replay synchronises the lane's stream itself; the copies after it are synchronised by the lane
-        return _Lane(index, session, stream, inp, outs, binding, options, plain)
+        return _Lane(index, session, stream, inp, outs, binding, options, plain, unsynced)
+
+    def _capture_own(self, lane: _Lane) -> None:
+        """The lane's plain run captured as a graph of the agent's own, checked against a plain run."""
+        s, spec = lane.stream, self.input_spec
+        probe = (np.arange(int(np.prod(spec.shape)), dtype=np.float64) % 251 / 250).astype(spec.dtype)
+        probe = probe.reshape(spec.shape)
+        with cuda.CAPTURE.shared():
+            # plain runs first, beside the other cameras: memory, cuDNN's algorithm search; then one on
+            # the probe, whose outputs the graph's must equal
+            cuda.copy_htod_async(lane.input, probe, s)
+            for _ in range(self.capture_runs - 1):
+                lane.session.run_with_iobinding(lane.binding, lane.plain)
+            expected = self._fetch(lane)
+        with cuda.CAPTURE.exclusive():
+            try:
+                graph = cuda.Graph(s, lambda: lane.session.run_with_iobinding(lane.binding, lane.unsynced))
+            except EngineError:
+                raise
+            except Exception as exc:  # ONNX Runtime's run failed inside the capture
+                raise EngineError(f"the run failed while captured: {str(exc).strip()[:300]}") from exc
+        try:
+            with cuda.CAPTURE.shared():
+                for buf in lane.outputs:
+                    cuda.memset_async(buf, 0, s)
+                graph.launch(s)
+                got = self._fetch(lane)
+            for o, want, have in zip(self.output_specs, expected, got, strict=True):
+                scale = max(1.0, float(np.abs(want.astype(np.float64)).max(initial=0.0)))
+                if not np.allclose(have, want, rtol=1e-3, atol=1e-3 * scale, equal_nan=True):
+                    raise EngineError(f"the graph's output {o.name!r} differs from a plain run's on the same input")
+        except BaseException:
+            graph.free()
+            raise
+        lane.graph = graph
+        lane.ready.set()
+        log.debug("%s lane %d: own graph %s", self.name, lane.index, graph.nodes)
+
+    def _fetch(self, lane: _Lane) -> list[np.ndarray]:
+        host = [np.empty(o.shape, o.dtype) for o in self.output_specs]
+        for h, buf in zip(host, lane.outputs, strict=True):
+            cuda.copy_dtoh_async(h, buf, lane.stream)
+        lane.stream.synchronize()
+        return host
 
     def _start(self, lane: _Lane) -> None:
         lane.thread = threading.Thread(target=self._loop, args=(lane,), name=f"ort-lane-{lane.index}", daemon=True)
@@ -197,13 +273,19 @@ class OrtLanes:
             else:
                 job.future.set_result(result)
 
+    def _replay(self, lane: _Lane) -> None:
+        if lane.graph is not None:
+            lane.graph.launch(lane.stream)  # queued; nothing waits
+        else:
+            lane.session.run_with_iobinding(lane.binding, lane.options)  # returns when the GPU is done
+
     def _run(self, lane: _Lane, job: _Job) -> list[np.ndarray] | None:
         s = lane.stream
         if job.host_input is not None:
             cuda.copy_htod_async(lane.input, np.ascontiguousarray(job.host_input), s)
         else:
             cuda.memcpy_async(lane.input.ptr, job.input_ptr, lane.input.nbytes, "dtod", s)
-        lane.session.run_with_iobinding(lane.binding, lane.options)  # replay; returns when the GPU is done
+        self._replay(lane)
         if job.host_input is not None:
             host = [np.empty(o.shape, o.dtype) for o in self.output_specs]
             for h, buf in zip(host, lane.outputs, strict=True):
@@ -225,7 +307,7 @@ class OrtLanes:
                 cuda.memcpy_async(lane.input.ptr, job.input_ptr, lane.input.nbytes, "dtod", s)
                 if job.input_read is not None:
                     job.input_read(s)
-                lane.session.run_with_iobinding(lane.binding, lane.options)  # replay; returns when the GPU is done
+                self._replay(lane)
                 job.done(s, lane.outputs)  # queued on this stream, before the lane's next copy in
             lane.runs += 1
         except BaseException as exc:
@@ -242,16 +324,46 @@ class OrtLanes:
         thread: they queue work, they never wait."""
         if self._closed:
             raise EngineError(f"graph lanes of {self.name} are closed")
-        self._jobs.put(_Job(None, input_ptr=int(input_ptr), wait=wait, input_read=input_read, done=done,
-                            failed=failed))
+        job = _Job(None, input_ptr=int(input_ptr), wait=wait, input_read=input_read, done=done, failed=failed)
+        if self.replay != "own":
+            self._jobs.put(job)
+            return
+        lane = self._next_lane()
+        with lane.lock:  # the calling thread queues it all on the lane's stream
+            if self._closed:
+                failed(EngineError(f"graph lanes of {self.name} are closed"))
+                return
+            self._run_submitted(lane, job)
+
+    def _next_lane(self) -> _Lane:
+        """Lanes in turn: frames cost the same, and a busy lane's stream queues the job on the GPU."""
+        return self._lanes[next(self._turn) % len(self._lanes)]
 
     def _submit(self, job: _Job) -> list[np.ndarray] | None:
         if self._closed:
             raise EngineError(f"graph lanes of {self.name} are closed")
+        if self.replay == "own":
+            return self._run_here(job)
         self._jobs.put(job)
         assert job.future is not None
         try:
             return job.future.result()
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
+
+    def _run_here(self, job: _Job) -> list[np.ndarray] | None:
+        """A waited-for job on the calling thread: queued on a lane, then the lane's stream synchronised."""
+        lane = self._next_lane()
+        try:
+            with lane.lock:
+                if self._closed:
+                    raise EngineError(f"graph lanes of {self.name} are closed")
+                with cuda.CAPTURE.shared():
+                    result = self._run(lane, job)
+                lane.runs += 1
+            return result
         except EngineError:
             raise
         except Exception as exc:
@@ -284,7 +396,18 @@ class OrtLanes:
                     log.warning("graph lane %d of %s did not stop; its buffers are left allocated",
                                 lane.index, self.name)
                     continue
+            if not lane.lock.acquire(timeout=10):  # a job still being queued on it by a camera's thread
+                log.warning("graph lane %d of %s still busy; its buffers are left allocated", lane.index, self.name)
+                continue
+            lane.lock.release()  # taken by nothing more: _closed is set
             with cuda.CAPTURE.shared():  # frees (and the session's) are CUDA calls: not during a capture
+                if lane.graph is not None:
+                    try:
+                        lane.stream.synchronize()  # launches still running read the buffers freed below
+                        lane.graph.free()
+                    except EngineError as exc:
+                        log.warning("freeing a graph lane's CUDA graph: %s", exc)
+                    lane.graph = None
                 lane.binding, lane.session = None, None
                 for buf in [lane.input, *lane.outputs]:
                     try:

@@ -23,12 +23,16 @@ class RecordingLibcuda:
 
     NAMES = ("cuMemcpyAsync", "cuMemcpy2DAsync_v2", "cuMemsetD8Async", "cuStreamWaitEvent", "cuEventRecord",
              "cuStreamSynchronize", "cuEventSynchronize", "cuEventQuery", "cuLaunchKernel", "cuCtxGetCurrent",
-             "cuGetErrorName")
+             "cuGetErrorName", "cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphGetNodes",
+             "cuGraphNodeGetType", "cuGraphInstantiateWithFlags", "cuGraphLaunch", "cuGraphDestroy",
+             "cuGraphExecDestroy")
+    GRAPH, EXEC = 0x6A00, 0x6E00
 
     def __init__(self, context: int = 0x1000) -> None:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.rc: dict[str, int] = {"cuEventQuery": 600}  # CUDA_ERROR_NOT_READY: event_sync waits
         self.context = context
+        self.node_types = [0, 0, 2]  # what the captured graph holds (CUgraphNodeType)
         for name in self.NAMES:
             setattr(self, name, self._entry(name))
 
@@ -39,6 +43,17 @@ class RecordingLibcuda:
                 args[0]._obj.value = self.context
             if name == "cuGetErrorName":
                 args[1]._obj.value = b"CUDA_ERROR_INVALID_VALUE"
+            if name == "cuStreamEndCapture":
+                args[1]._obj.value = self.GRAPH
+            if name == "cuGraphInstantiateWithFlags":
+                args[0]._obj.value = self.EXEC
+            if name == "cuGraphGetNodes":
+                if args[1] is not None:
+                    for i in range(len(self.node_types)):
+                        args[1][i] = 0x100 + i
+                args[2]._obj.value = len(self.node_types)
+            if name == "cuGraphNodeGetType":
+                args[1]._obj.value = self.node_types[args[0] - 0x100]
             return self.rc.get(name, 0)
 
         return call
@@ -159,3 +174,56 @@ def test_handles_are_read_from_the_bindings_objects() -> None:
             return 0x78
 
     assert cuda._handle(Handle()) == 0x77 and cuda._handle(OldHandle()) == 0x78
+
+
+def graph_driver(lib: RecordingLibcuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "_FAST", [cuda._Driver(lib, lib)])
+
+
+class Stream:
+    ptr = 0x51
+
+
+def test_a_graph_is_captured_from_the_work_queued_then_launched_with_one_call(
+        lib: RecordingLibcuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph_driver(lib, monkeypatch)
+    queued: list[str] = []
+    g = cuda.Graph(Stream(), lambda: queued.append("run"))  # type: ignore[arg-type]
+    assert queued == ["run"] and g.nodes == {"kernel": 2, "memset": 1}
+    begin, end = lib.named("cuStreamBeginCapture_v2"), lib.named("cuStreamEndCapture")
+    assert begin == [(0x51, 1)] and len(end) == 1 and end[0][0] == 0x51  # thread-local mode
+    assert lib.named("cuGraphInstantiateWithFlags")[0][1:] == (lib.GRAPH, 0)
+    assert lib.named("cuGraphDestroy") == [(lib.GRAPH,)]  # the executable graph does not need it
+    g.launch(Stream())  # type: ignore[arg-type]
+    assert lib.named("cuGraphLaunch") == [(lib.EXEC, 0x51)]
+    g.free()
+    assert lib.named("cuGraphExecDestroy") == [(lib.EXEC,)]
+    with pytest.raises(EngineError, match="after free"):
+        g.launch(Stream())  # type: ignore[arg-type]
+
+
+def test_a_graph_a_replay_must_not_repeat_is_refused(lib: RecordingLibcuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph_driver(lib, monkeypatch)
+    lib.node_types = [0, 3, 10]  # a host callback, an allocation
+    with pytest.raises(EngineError, match="host, mem_alloc nodes, which a replay would run again"):
+        cuda.Graph(Stream(), lambda: None)  # type: ignore[arg-type]
+    assert lib.named("cuGraphInstantiateWithFlags") == [] and lib.named("cuGraphDestroy") == [(lib.GRAPH,)]
+    lib.node_types = []
+    with pytest.raises(EngineError, match="queued nothing"):
+        cuda.Graph(Stream(), lambda: None)  # type: ignore[arg-type]
+
+
+def test_work_that_fails_inside_the_capture_still_ends_it(lib: RecordingLibcuda,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    graph_driver(lib, monkeypatch)
+    lib.rc["cuStreamEndCapture"] = 901  # CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+
+    def run() -> None:
+        raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        cuda.Graph(Stream(), run)  # type: ignore[arg-type]
+    assert len(lib.named("cuStreamEndCapture")) == 1  # the stream left capture mode
+    monkeypatch.setattr(cuda, "_FAST", [None])
+    with pytest.raises(EngineError, match="needs libcuda through ctypes"):
+        cuda.Graph(Stream(), lambda: None)  # type: ignore[arg-type]

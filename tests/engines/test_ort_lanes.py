@@ -4,8 +4,10 @@ CUDA and ONNX Runtime's CUDA EP cannot exist here, so the lanes run on a stand-i
 is a dict of numpy byte arrays, and the session imitates the CUDA EP's graph rules that the lanes
 must respect (measured or read in ONNX Runtime's source): a graph is captured per calling thread
 on the thread's second run with that graph id, capture is global (nothing else may run on the GPU
-meanwhile), and a replay runs the captured graph over the bound buffers. The H200 runs the real
-thing (docs/measurements/).
+meanwhile), and a replay runs the captured graph over the bound buffers. The stand-in for the
+agent's own graphs (cuda.Graph) records the work a run queues while capturing instead of doing
+it, and does it again at each launch; a run that would synchronise inside a capture fails. The
+H200 runs the real thing (docs/measurements/).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class FakeCuda:
     def __init__(self) -> None:
         self.mem: dict[int, np.ndarray] = {}
         self._next = itertools.count(0x1000, 0x1000)
+        self.capturing: list[Any] | None = None  # work queued while a Graph captures
+        self.refuse_capture = ""  # a Graph capture fails with this (e.g. a run that allocates)
+        self.corrupt_replays = False  # launches write wrong outputs
+        self.graphs: list[Any] = []
 
     def buffer(self, nbytes: int) -> int:
         ptr = next(self._next)
@@ -82,7 +88,30 @@ class FakeCuda:
         def copy_dtoh_async(dst: np.ndarray, src: Any, stream: Any) -> None:
             dst.view(np.uint8).reshape(-1)[:] = fake.mem[src.ptr]
 
-        return type("cuda", (), {"CAPTURE": CAPTURE, "Stream": Stream, "DeviceBuffer": DeviceBuffer,
+        class Graph:
+            def __init__(self, stream: Any, queue_work: Any) -> None:
+                assert CAPTURE._writer and CAPTURE._readers == 0, "own capture outside the exclusive lock"
+                fake.capturing = []
+                try:
+                    queue_work()
+                finally:
+                    self.work, fake.capturing = fake.capturing, None
+                if fake.refuse_capture:
+                    raise EngineError(fake.refuse_capture)
+                self.nodes, self.launches, self.freed = {"kernel": len(self.work)}, 0, False
+                fake.graphs.append(self)
+
+            def launch(self, stream: Any) -> None:
+                assert not self.freed
+                assert CAPTURE._readers >= 1 and not CAPTURE._writer, "launch outside the capture lock"
+                self.launches += 1
+                for work in self.work:
+                    work(fake.corrupt_replays)
+
+            def free(self) -> None:
+                self.freed = True
+
+        return type("cuda", (), {"CAPTURE": CAPTURE, "Stream": Stream, "DeviceBuffer": DeviceBuffer, "Graph": Graph,
                                  "memset_async": staticmethod(memset_async),
                                  "memcpy_async": staticmethod(memcpy_async),
                                  "copy_htod_async": staticmethod(copy_htod_async),
@@ -115,6 +144,14 @@ class FakeGraphSession:
 
     def run_with_iobinding(self, binding: FakeBinding, options: Any) -> None:
         graph = options.get_run_config_entry("gpu_graph_id")
+        if self.cuda.capturing is not None:  # inside the agent's own capture: queued, not run
+            assert graph == "-1", "ONNX Runtime's capture inside the agent's"
+            if options.get_run_config_entry("disable_synchronize_execution_providers") != "1":
+                raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+            self.cuda.capturing.append(lambda corrupt: self._compute(binding, corrupt))
+            self.log.append(("own capture", threading.current_thread().name))
+            return
+        self.plain_runs = getattr(self, "plain_runs", 0) + 1
         # every run counts towards the capture, "-1" ones too (seen on the H200: the first lane, whose
         # session had run once for the placement report, captured on its first lane run)
         self.total = getattr(self, "total", 0) + 1
@@ -129,9 +166,12 @@ class FakeGraphSession:
         elif key in self.captured:
             assert CAPTURE._readers >= 1 or CAPTURE._writer, "replay outside the capture lock"
             self.log.append(("replay", threading.current_thread().name))
-        x = self.cuda.ptr_array(binding.inputs["images"], IN)
         time.sleep(0.001)  # the GPU's time: other lanes must overlap it
-        self.cuda.ptr_array(binding.outputs["out"], OUT[0])[:] = x * 2
+        self._compute(binding)
+
+    def _compute(self, binding: FakeBinding, corrupt: bool = False) -> None:
+        x = self.cuda.ptr_array(binding.inputs["images"], IN)
+        self.cuda.ptr_array(binding.outputs["out"], OUT[0])[:] = x * (3 if corrupt else 2)
         self.cuda.ptr_array(binding.outputs["sum"], OUT[1])[:] = x.sum()
 
 
@@ -139,11 +179,14 @@ class FakeGraphSession:
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     cuda = FakeCuda()
     monkeypatch.setattr(ort_lanes, "cuda", cuda.module())
+    monkeypatch.setattr(ort_lanes, "_REPLAY", ort_lanes._REPLAY)
     return cuda
 
 
-def make_lanes(fake: FakeCuda, count: int, log: list[tuple[str, str]],
-               fail_capture: bool = False) -> tuple[OrtLanes, list[FakeGraphSession]]:
+def make_lanes(fake: FakeCuda, count: int, log: list[tuple[str, str]], fail_capture: bool = False,
+               replay: str = "onnxruntime") -> tuple[OrtLanes, list[FakeGraphSession]]:
+    """Lanes replaying ONNX Runtime's graphs on lane threads, or (replay="own") the agent's own."""
+    ort_lanes._REPLAY = replay  # restored by the `fake` fixture
     sessions: list[FakeGraphSession] = []
 
     def make_session(stream: Any) -> FakeGraphSession:
@@ -257,6 +300,44 @@ def test_capture_lock_excludes_replays_and_a_waiting_capture_goes_first() -> Non
     t.join(2)
     r.join(2)
     assert order == ["capture", "replay"]
+
+
+def test_capture_lock_shared_sections_nest_and_a_capture_waits_for_every_thread_inside() -> None:
+    lock = CaptureLock()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def camera() -> None:
+        with lock.shared(), lock.shared():  # nested on one thread: no deadlock
+            inside.set()
+            leave.wait(5)
+
+    cams = [threading.Thread(target=camera) for _ in range(3)]
+    for t in cams:
+        t.start()
+    assert inside.wait(5)
+    time.sleep(0.05)
+    assert lock._readers == 3
+    captured = threading.Event()
+
+    def capture() -> None:
+        with lock.exclusive():
+            assert lock._readers == 0 and lock._writer
+            captured.set()
+
+    c = threading.Thread(target=capture)
+    c.start()
+    time.sleep(0.05)
+    assert not captured.is_set()  # the cameras are still inside
+    leave.set()
+    c.join(5)
+    assert captured.is_set()
+    for t in cams:
+        t.join(5)
+    del cams, t
+    import gc
+    gc.collect()
+    assert len(lock._holders) == 0  # threads that ended are forgotten
 
 
 def gpu(**kw: Any) -> EngineConfig:
@@ -405,3 +486,93 @@ def test_a_submitted_job_that_fails_or_meets_closed_lanes_reports_through_failed
     lanes._jobs.put(late)  # as if put between the closed check and the stop markers
     lanes.close()
     assert "closed" in failures[-1]
+
+
+# ---- the agent's own graphs ---------------------------------------------------------------------
+
+def test_own_graphs_are_captured_one_lane_at_a_time_and_frames_need_no_thread_and_no_session_run(
+        fake: FakeCuda) -> None:
+    """Each lane: plain runs, then one unsynchronised run captured (under the exclusive lock) and
+    checked against a plain run; frames are then queued by the camera's thread itself (its `done`
+    runs there, before submit_device returns), with no ONNX Runtime call and no lane thread."""
+    log: list[tuple[str, str]] = []
+    lanes, sessions = make_lanes(fake, 3, log, replay="own")
+    try:
+        assert lanes.replay == "own" and lanes.count == 3
+        assert [e[0] for e in log] == ["own capture"] * 3
+        assert all(lane.thread is None for lane in lanes._lanes)
+        assert all(len(s.captured) == 0 for s in sessions)  # no graph of ONNX Runtime's
+        runs_before = [s.plain_runs for s in sessions]
+        inputs = [fake.buffer(16) for _ in range(9)]
+        seen: list[tuple[int, str, np.ndarray]] = []
+        me = threading.current_thread().name
+        for k, inp in enumerate(inputs):
+            fake.ptr_array(inp, IN)[:] = np.arange(4, dtype=np.float32) + 10 * k
+
+            def done(stream: Any, outputs: list[Any], k: int = k) -> None:
+                seen.append((k, threading.current_thread().name, fake.ptr_array(outputs[0].ptr, OUT[0])[0].copy()))
+
+            read: list[int] = []
+            lanes.submit_device(inp, object(), lambda stream, k=k, read=read: read.append(k), done,
+                                lambda exc: pytest.fail(str(exc)))
+            assert read == [k] and seen[-1][0] == k  # all queued before submit_device returned
+        for k, name, out in seen:
+            assert name == me
+            np.testing.assert_array_equal(out, (np.arange(4, dtype=np.float32) + 10 * k) * 2)
+        assert lanes.runs_per_lane() == [3, 3, 3]  # in turn
+        assert [s.plain_runs for s in sessions] == runs_before  # no ONNX Runtime run per frame
+        assert [g.launches for g in fake.graphs] == [4, 4, 4]  # the check at capture, then 3 frames each
+        host = lanes.run_host(np.full(IN.shape, 3, np.float32))
+        np.testing.assert_array_equal(host[0], np.full(IN.shape, 6, np.float32))
+        outs = [fake.buffer(16), fake.buffer(4)]
+        fake.ptr_array(inputs[0], IN)[:] = 5
+        lanes.run_device(inputs[0], outs)
+        assert float(fake.ptr_array(outs[1], OUT[1])[0, 0]) == 20.0
+    finally:
+        lanes.close()
+    assert all(g.freed for g in fake.graphs) and fake.mem == {k: v for k, v in fake.mem.items()
+                                                               if k in inputs or k in outs}
+    with pytest.raises(EngineError, match="closed"):
+        lanes.submit_device(inputs[0], None, None, lambda *a: None, lambda exc: None)
+
+
+@pytest.mark.parametrize("fault", ["refused", "differs"])
+def test_an_own_graph_refused_or_wrong_falls_back_to_onnxruntime_replays(
+        fake: FakeCuda, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    if fault == "refused":
+        fake.refuse_capture = "the captured work holds host nodes, which a replay would run again"
+    else:
+        fake.corrupt_replays = True  # the graph's outputs differ from a plain run's
+    log: list[tuple[str, str]] = []
+    with caplog.at_level("WARNING"):
+        lanes, _ = make_lanes(fake, 2, log, replay="own")
+    try:
+        assert lanes.replay == "onnxruntime"
+        assert ("host nodes" if fault == "refused" else "differs from a plain run") in caplog.text
+        assert all(g.freed for g in fake.graphs)
+        assert [e for e in log if e[0] == "capture"] == [("capture", f"ort-lane-{i}") for i in range(2)]
+        outs = [fake.buffer(16), fake.buffer(4)]
+        inp = fake.buffer(16)
+        fake.ptr_array(inp, IN)[:] = 1
+        lanes.run_device(inp, outs)
+        np.testing.assert_array_equal(fake.ptr_array(outs[0], OUT[0]), np.full(IN.shape, 2, np.float32))
+    finally:
+        lanes.close()
+
+
+def test_an_own_replay_that_fails_reaches_the_camera_through_failed(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, _ = make_lanes(fake, 1, log, replay="own")
+    failures: list[str] = []
+    try:
+        def broken(stream: Any) -> None:
+            raise EngineError("cuGraphLaunch: CUDA_ERROR_LAUNCH_FAILED (719)")
+
+        lanes._lanes[0].graph.launch = broken  # type: ignore[method-assign,union-attr]
+        lanes.submit_device(fake.buffer(16), None, None, lambda *a: pytest.fail("done after a failure"),
+                            lambda exc: failures.append(str(exc)))
+        assert failures and "CUDA_ERROR_LAUNCH_FAILED" in failures[0]
+        with pytest.raises(EngineError, match="LAUNCH_FAILED"):
+            lanes.run_device(fake.buffer(16), [fake.buffer(16), fake.buffer(4)])
+    finally:
+        lanes.close()
