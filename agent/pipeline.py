@@ -164,32 +164,24 @@ def _ready(item: object) -> bool:
 
 
 class _Handoff:
-    """The FIFO to the post thread. A bounded put waits while `maxsize` items are queued
-    (backpressure on the frames' producer).
+    """The FIFO to the post thread. An item whose run is still waiting for a lane stays at the head
+    until the lane queued its results (`wake()`, from the lane's thread): the post thread wakes once
+    per frame, when there is work, not once for the item and once more for its run. A bounded put
+    waits while `maxsize` items are queued (backpressure on the frames' producer)."""
 
-    With a `signal` (agent.engines.cuda.HostSignal), the post thread sleeps on it, and every item
-    counts it up once: a submitted GPU frame through the GPU itself, once its results are in host
-    memory (`put(item, gpu_posts=True)`), anything else at the put. So a frame wakes the post thread
-    once, when its results are there, not once at the put and again when the GPU is done.
-    Without one, an item whose run is still waiting for a lane stays at the head until the lane
-    queued its results (`wake()`, from the lane's thread)."""
-
-    def __init__(self, maxsize: int, wait_for_runs: bool, signal: Any = None) -> None:
+    def __init__(self, maxsize: int, wait_for_runs: bool) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._q: deque[tuple[object, float]] = deque()
         self._max = max(1, maxsize)
         self._wait_for_runs = wait_for_runs
-        self.signal = signal
 
-    def put(self, item: object, gpu_posts: bool = False) -> None:
+    def put(self, item: object) -> None:
         with self._cond:
             while len(self._q) >= self._max:
                 self._cond.wait()
             self._q.append((item, time.monotonic()))
             if len(self._q) == 1:
                 self._cond.notify_all()
-        if self.signal is not None and not gpu_posts:
-            self.signal.post()
 
     def wake(self) -> None:
         if not self._q:  # nothing queued waits for a run (a lane that queues on the caller's thread
@@ -200,17 +192,6 @@ class _Handoff:
     def get(self, timeout: float) -> object:
         """The head once it is ready, or once it waited the frontend's RESULT_WAIT_S (Pending.result then
         reports the run that never came); queue.Empty after `timeout` seconds."""
-        if self.signal is not None:
-            if not self.signal.wait(timeout):
-                raise queue.Empty
-            # one count per item; a GPU's count may come before the put that follows its submit, and
-            # frames on different lanes may finish out of order: the head is taken (its result() waits)
-            with self._cond:
-                while not self._q:
-                    self._cond.wait()
-                item, _ = self._q.popleft()
-                self._cond.notify_all()  # a producer waiting for room
-                return item
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -224,17 +205,6 @@ class _Handoff:
                 if left <= 0:
                     raise queue.Empty
                 self._cond.wait(left)
-
-
-def _host_signal() -> Any:
-    """A HostSignal for the post thread when the CUDA driver path is loaded (GPU runtimes), else None."""
-    from agent.engines import cuda
-
-    try:
-        return cuda.HostSignal.make()
-    except AgentError as exc:
-        log.warning("no GPU-posted wake-ups for the post thread: %s", exc)
-        return None
 
 
 def _submits(runtime: ModelRuntime) -> bool:
@@ -264,7 +234,7 @@ class Pipeline:
         self.infer_progress = time.monotonic()
         self.post_progress = time.monotonic()
         self.finished = threading.Event()
-        self._handoff = _Handoff(handoff_size, _WAKE_ON_RESULTS, _host_signal())
+        self._handoff = _Handoff(handoff_size, _WAKE_ON_RESULTS)
         self._launch_q: queue.Queue[object] = queue.Queue(maxsize=2)
         self.launch_progress = time.monotonic()
         self._stop = threading.Event()
@@ -455,7 +425,6 @@ class Pipeline:
         rt = self.runtime
         t0 = time.perf_counter()
         image = frame.image
-        gpu_posts = False  # the GPU counts up the post thread's signal for this frame
         try:
             if rt.frontend is None:
                 if not isinstance(image, np.ndarray):  # an NV12 frame on the GPU, CPU preprocessing: fetch it
@@ -467,11 +436,7 @@ class Pipeline:
                 staged = rt.frontend.stage(image)
                 outputs, lb = staged, staged.lb
                 if rt.frontend.submits:  # handed to a lane at once: nothing for the launch thread
-                    # the GPU posts the post thread's signal only for frames going straight to it
-                    signal = self._handoff.signal if self._direct else None
-                    outputs = rt.frontend.launch(staged, on_queued=None if signal else self._handoff.wake,
-                                                 signal=signal)
-                    gpu_posts = signal is not None
+                    outputs = rt.frontend.launch(staged, on_queued=self._handoff.wake)
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:
@@ -483,11 +448,7 @@ class Pipeline:
         if isinstance(image, np.ndarray):  # host frames only: device frames would pin decoder buffers
             self.recent_frames.append(image)
         self.submitted += 1
-        item = _Item(frame, outputs, lb, rt, stage)
-        if gpu_posts:
-            self._handoff.put(item, gpu_posts=True)
-        else:
-            self._next_q.put(item)
+        self._next_q.put(_Item(frame, outputs, lb, rt, stage))
         if self._new_ticket is not None:
             self._new_ticket.first_seq = frame.seq
             self._new_ticket.done.set()

@@ -40,7 +40,6 @@ __all__ = [
     "DeviceBuffer",
     "Event",
     "Graph",
-    "HostSignal",
     "Kernel",
     "Launch",
     "PinnedBuffer",
@@ -229,7 +228,6 @@ class _Driver:
         self._graph_launch = self._fn(held, "cuGraphLaunch", [vp, vp])
         self._graph_destroy = self._fn(held, "cuGraphDestroy", [vp])
         self._exec_destroy = self._fn(lib, "cuGraphExecDestroy", [vp])
-        self._host_func = self._fn(held, "cuLaunchHostFunc", [vp, vp, vp])
         self._tls = threading.local()
 
     @staticmethod
@@ -328,10 +326,6 @@ class _Driver:
     def graph_launch(self, exe: int, stream: int) -> None:
         self._ready()
         self._check(self._graph_launch(exe, stream), "cuGraphLaunch")
-
-    def host_func(self, stream: int, fn: int, data: int) -> None:
-        self._ready()
-        self._check(self._host_func(stream, fn, data), "cuLaunchHostFunc")
 
     def graph_destroy(self, graph: int) -> None:
         self._check(self._graph_destroy(graph), "cuGraphDestroy")
@@ -626,77 +620,6 @@ class Graph(_Owned):
 
     def _free_impl(self) -> None:
         self._drv.exec_destroy(self._exec)
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-_ETIMEDOUT, _EINTR = 110, 4
-_LIBC: list[Any] = []  # [(CDLL, PyDLL)] once loaded, [None] where libc has no POSIX semaphores
-_SIGNALS: list[HostSignal] = []  # kept for the process's life: a host function may still be queued for one
-
-
-def _libc() -> Any:
-    if not _LIBC:
-        try:
-            import ctypes.util
-
-            name = ctypes.util.find_library("c") or "libc.so.6"
-            lib, held = ctypes.CDLL(name, use_errno=True), ctypes.PyDLL(name, use_errno=True)
-            for f in (lib.sem_timedwait, held.sem_post, held.sem_init):
-                f.restype = ctypes.c_int
-            _LIBC.append((lib, held))
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    return _LIBC[0]
-
-
-class HostSignal:
-    """A counting semaphore (POSIX, libc's) that the GPU can count up: `post_after(stream)` queues
-    libc's own sem_post as a host function on `stream` (cuLaunchHostFunc), so once the work queued
-    before it is done, the driver's callback thread wakes the waiter with no Python in between (no
-    GIL, no thread of ours). `post()` counts one from Python; `wait(timeout)` takes one, the GIL
-    released meanwhile. Made by `HostSignal.make()`, which gives None without the ctypes driver path
-    or POSIX semaphores. Never freed: a host function may still be queued for it (a few bytes)."""
-
-    def __init__(self, libc: tuple[Any, Any], drv: _Driver) -> None:
-        self._lib, self._held = libc
-        self._drv = drv
-        self._sem = (ctypes.c_uint64 * 8)()  # sem_t: 32 bytes on 64-bit glibc, long-aligned
-        self._ptr = ctypes.addressof(self._sem)
-        if self._held.sem_init(ctypes.c_void_p(self._ptr), 0, 0) != 0:
-            raise EngineError(f"sem_init: errno {ctypes.get_errno()}")
-        self._post_fn = int(ctypes.cast(self._held.sem_post, ctypes.c_void_p).value or 0)
-        _SIGNALS.append(self)
-
-    @classmethod
-    def make(cls) -> HostSignal | None:
-        drv, libc = _driver(), _libc()
-        if drv is None or libc is None or os.environ.get("EDGE_AGENT_HOST_SIGNAL", "1") == "0":
-            return None
-        return cls(libc, drv)
-
-    def post(self) -> None:
-        self._held.sem_post(ctypes.c_void_p(self._ptr))
-
-    def post_after(self, stream: Stream) -> None:
-        self._drv.host_func(stream.ptr, self._post_fn, self._ptr)
-
-    def wait(self, timeout: float) -> bool:
-        """Takes one count; False when none came within `timeout` seconds."""
-        import time
-
-        end = time.time() + max(0.0, timeout)
-        ts = _Timespec(int(end), int((end % 1) * 1e9))
-        while True:
-            if self._lib.sem_timedwait(ctypes.c_void_p(self._ptr), ctypes.byref(ts)) == 0:
-                return True
-            err = ctypes.get_errno()
-            if err == _ETIMEDOUT:
-                return False
-            if err != _EINTR:
-                raise EngineError(f"sem_timedwait: errno {err}")
 
 
 def _host_ptr(host: PinnedBuffer | np.ndarray, nbytes: int, what: str) -> int:

@@ -688,14 +688,12 @@ class GpuFrontend:
              np.uint64(self.inputs[k].ptr)])
         return launch
 
-    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None,
-               signal: cuda.HostSignal | None = None) -> Pending:
+    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream
         (submitted engines: on a lane's, and this returns without waiting for the GPU; `on_queued`
-        is called on the lane's thread once the results are queued, or the run failed; `signal` is
-        posted once, by the GPU when the results are in the host buffers, or here if the run failed)."""
+        is called on the lane's thread once the results are queued, or the run failed)."""
         if self.submits:
-            return self._submit_to_lane(staged, on_queued, signal)
+            return self._submit_to_lane(staged, on_queued)
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
@@ -726,8 +724,7 @@ class GpuFrontend:
             raise
         return Pending(self, slot, staged.lb)
 
-    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None,
-                        signal: cuda.HostSignal | None = None) -> Pending:
+    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Hand the frame to whichever lane is free; the lane's thread queues the rest (hooks below)."""
         slot, k = staged.slot, staged.input
         slot.error = None
@@ -750,15 +747,11 @@ class GpuFrontend:
                 for host, dev in zip(slot.host_out, outputs, strict=True):
                     cuda.copy_dtoh_async(host, dev, stream)
             slot.done.record(stream)
-            if signal is not None:
-                signal.post_after(stream)  # the last thing queued: if it fails, failed() posts instead
             _run_finished(slot)
 
         def failed(exc: BaseException) -> None:
             slot.error = exc
             self._input_launched[k].set()
-            if signal is not None:
-                signal.post()
             _run_finished(slot)
 
         try:

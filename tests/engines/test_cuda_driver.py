@@ -25,7 +25,7 @@ class RecordingLibcuda:
              "cuStreamSynchronize", "cuEventSynchronize", "cuEventQuery", "cuLaunchKernel", "cuCtxGetCurrent",
              "cuGetErrorName", "cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphGetNodes",
              "cuGraphNodeGetType", "cuGraphInstantiateWithFlags", "cuGraphLaunch", "cuGraphDestroy",
-             "cuGraphExecDestroy", "cuLaunchHostFunc")
+             "cuGraphExecDestroy")
     GRAPH, EXEC = 0x6A00, 0x6E00
 
     def __init__(self, context: int = 0x1000) -> None:
@@ -227,33 +227,3 @@ def test_work_that_fails_inside_the_capture_still_ends_it(lib: RecordingLibcuda,
     monkeypatch.setattr(cuda, "_FAST", [None])
     with pytest.raises(EngineError, match="needs libcuda through ctypes"):
         cuda.Graph(Stream(), lambda: None)  # type: ignore[arg-type]
-
-
-def test_a_host_signal_counts_posts_from_python_and_from_the_gpus_host_function(
-        lib: RecordingLibcuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real libc semaphore; the GPU's part (cuLaunchHostFunc) is recorded, then the queued host
-    function is called the way the driver's callback thread would: as void fn(void *data)."""
-    import threading
-    import time
-
-    libc = cuda._libc()
-    assert libc is not None, "POSIX semaphores through libc (glibc) are expected on Linux"
-    graph_driver(lib, monkeypatch)
-    sig = cuda.HostSignal.make()
-    assert sig is not None
-    assert not sig.wait(0.02)  # nothing posted: a timeout, not an error
-    sig.post()
-    sig.post()
-    assert sig.wait(1) and sig.wait(1) and not sig.wait(0.01)
-    sig.post_after(Stream())  # type: ignore[arg-type]
-    ((stream, fn, data),) = lib.named("cuLaunchHostFunc")
-    assert stream == 0x51 and data == sig._ptr
-    host_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fn)
-    threading.Timer(0.05, host_fn, args=(data,)).start()  # the driver's thread, once the GPU is done
-    t0 = time.monotonic()
-    assert sig.wait(5) and time.monotonic() - t0 >= 0.04
-    monkeypatch.setenv("EDGE_AGENT_HOST_SIGNAL", "0")
-    assert cuda.HostSignal.make() is None
-    monkeypatch.setattr(cuda, "_FAST", [None])
-    monkeypatch.delenv("EDGE_AGENT_HOST_SIGNAL")
-    assert cuda.HostSignal.make() is None  # no driver path: the post thread keeps its condition
