@@ -64,6 +64,9 @@ class CountingComponent:
         self._pending: list[Crossing] = []
         self._published: dict[str, str] = {}
         self._last_values: dict[str, int] = {}
+        # counts change in a few frames of many: the retained messages are rebuilt only when they did
+        self._version = 0  # bumped (under _lock) by every change of a count
+        self._retained_version = -1  # the version the retained messages were last built from
         self._pub_lock = threading.Lock()  # retained publishing: post thread vs a reset's reply
         self._was_connected = False
         self.last_ids: list[int | None] = []
@@ -113,11 +116,17 @@ class CountingComponent:
                    for det, tid in zip(result.detections, ids, strict=True) if tid is not None]
         with self._lock:
             for line in self.lines.values():
-                self._pending.extend(line.update(objects))
+                crossed = line.update(objects)
+                if crossed:
+                    self._pending.extend(crossed)
+                    self._version += 1
                 if self.n["frames"] % 100 == 0:
                     line.forget_unseen(self.cfg.tracker.lost_frames + 10)
             for zone in self.zones.values():
+                before = zone.counts
                 zone.update(objects)
+                if zone.counts != before:
+                    self._version += 1
             self.n["frames"] += 1
         self.last_ids = ids
         self.last_result = result
@@ -140,6 +149,7 @@ class CountingComponent:
             if connected and not self._was_connected:
                 with self._pub_lock:  # a new session (the broker may have lost retained values): all again
                     self._published.clear()
+                    self._retained_version = -1
             self._was_connected = connected
             for c, seq in events:
                 line = self.lines[c.line]
@@ -168,12 +178,13 @@ class CountingComponent:
             out[f"zone/{name}/count"] = zone.total
         return out
 
-    def _retained_messages(self) -> dict[str, str]:
-        """topic -> payload of every retained counter (totals and per label)."""
+    def _retained_messages(self) -> tuple[dict[str, str], int]:
+        """topic -> payload of every retained counter (totals and per label), and the version they show."""
         t: Topics = self._host.topics
         cam = self.camera_id
         msgs: dict[str, str] = {}
         with self._lock:
+            version = self._version
             for name, line in self.lines.items():
                 n_in, n_out = line.totals()
                 msgs[t.line_count(cam, name, "in")] = str(n_in)
@@ -185,7 +196,7 @@ class CountingComponent:
                 msgs[t.zone_count(cam, name)] = str(zone.total)
                 for label in sorted(set(zone.labels) | set(zone.counts) | self._zone_seen(name)):
                     msgs[t.zone_count(cam, name, label)] = str(zone.counts.get(label, 0))
-        return msgs
+        return msgs, version
 
     def _zone_seen(self, zone: str) -> set[str]:
         # labels once published for this zone keep being published (as 0 when gone), never left stale
@@ -196,8 +207,9 @@ class CountingComponent:
         mqtt = self._host.mqtt
         with self._pub_lock:
             before, self._last_values = self._last_values, values
-            if mqtt is not None:
-                for topic, payload in self._retained_messages().items():
+            if mqtt is not None and self._retained_version != self._version:
+                msgs, self._retained_version = self._retained_messages()
+                for topic, payload in msgs.items():
                     if self._published.get(topic) != payload:
                         mqtt.publish(topic, payload, qos=1, retain=True)
                         self._published[topic] = payload
@@ -243,6 +255,7 @@ class CountingComponent:
             line = self.lines.get(name)
             if line is not None:
                 line.reset()
+                self._version += 1
                 self.n["resets"] += 1
                 self._save_locked()
         if line is None:

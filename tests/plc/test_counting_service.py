@@ -257,3 +257,34 @@ def test_counters_are_published_again_after_the_broker_lost_them(
         late.close()
     finally:
         svc.shutdown()
+
+
+def test_retained_messages_are_rebuilt_only_when_a_count_changed(
+        tmp_path: Path, broker: Broker, clips: dict[str, tuple[Path, dict[str, int]]]) -> None:
+    """Most frames change no count: their retained topics are neither rebuilt nor published again."""
+    path, truth = clips["steady"]
+    svc = Service(config(tmp_path, path, broker.port), use_cache=False)
+    builds: list[int] = []
+    real_start = svc.start
+
+    def start() -> None:
+        real_start()
+        comp = svc.plc[0]  # type: ignore[attr-defined]
+        real_build = comp._retained_messages
+
+        def build() -> tuple[dict[str, str], int]:
+            msgs, version = real_build()
+            builds.append(version)
+            return msgs, version
+
+        comp._retained_messages = build
+
+    svc.start = start  # type: ignore[method-assign]
+    svc.run()
+    comp = svc.plc[0]  # type: ignore[attr-defined]
+    frames = comp.n["frames"]
+    assert comp.counters()["line/l1/in"] == truth["in"] >= 1
+    assert 1 <= len(builds) <= comp._version + 2  # at most one per change (and one after connecting)
+    assert len(builds) < frames / 2, f"{len(builds)} rebuilds for {frames} frames"
+    assert builds == sorted(builds) and len(set(builds)) == len(builds)  # each for a newer state
+    assert retained_on_broker(broker, "edge/dev1/cam0/line/l1/in", str(truth["in"]).encode())
