@@ -353,7 +353,12 @@ def test_results_survive_broker_restart_and_overrun(tmp_path: Path) -> None:
         # one more after the restart: delivered normally, not flagged
         plc.trigger("5")
         assert plc.wait_result(5)[0]["overrun"] is False
-        # retained single values for PLCs without a JSON parser; id is written last
+        # retained single values for PLCs without a JSON parser; id is written last: once it reads 5, every
+        # field of result 5 is on the broker, and a subscriber arriving after that gets only retained copies
+        # (one arriving earlier got some live, without the retain flag: failed once on 3.11)
+        first = Collector(broker.host, broker.port, [f"{BASE}/last/id"])
+        first.wait_for(lambda m: any(x.payload == b"5" for x in m))
+        first.close()
         late = Collector(broker.host, broker.port, [f"{BASE}/last/#"])
         msgs = late.wait_for(lambda m: any(x.topic.endswith("/last/id") for x in m)
                              and any(x.topic.endswith("/count/dent") for x in m))
