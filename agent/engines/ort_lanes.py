@@ -98,7 +98,7 @@ class _Lane:
     graph: cuda.Graph | None = None  # "own" replays
     lock: threading.Lock = field(default_factory=threading.Lock)  # one job at a time queued on the stream
     thread: threading.Thread | None = None  # "onnxruntime" replays
-    ready: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)  # "onnxruntime": captured on its thread
     error: BaseException | None = None
     runs: int = 0
 
@@ -183,7 +183,6 @@ class OrtLanes:
             for b in [inp, *outs]:
                 b.free()
             raise
-        # the replay synchronises the lane's stream itself; the copies after it are synchronised by the lane
         return _Lane(index, session, stream, inp, outs, binding, options, plain, unsynced)
 
     def _capture_own(self, lane: _Lane) -> None:
@@ -219,7 +218,6 @@ class OrtLanes:
             graph.free()
             raise
         lane.graph = graph
-        lane.ready.set()
         log.debug("%s lane %d: own graph %s", self.name, lane.index, graph.nodes)
 
     def _fetch(self, lane: _Lane) -> list[np.ndarray]:
@@ -342,11 +340,11 @@ class OrtLanes:
     def _submit(self, job: _Job) -> list[np.ndarray] | None:
         if self._closed:
             raise EngineError(f"graph lanes of {self.name} are closed")
-        if self.replay == "own":
-            return self._run_here(job)
-        self._jobs.put(job)
-        assert job.future is not None
         try:
+            if self.replay == "own":
+                return self._run_here(job)
+            self._jobs.put(job)
+            assert job.future is not None
             return job.future.result()
         except EngineError:
             raise
@@ -356,18 +354,13 @@ class OrtLanes:
     def _run_here(self, job: _Job) -> list[np.ndarray] | None:
         """A waited-for job on the calling thread: queued on a lane, then the lane's stream synchronised."""
         lane = self._next_lane()
-        try:
-            with lane.lock:
-                if self._closed:
-                    raise EngineError(f"graph lanes of {self.name} are closed")
-                with cuda.CAPTURE.shared():
-                    result = self._run(lane, job)
-                lane.runs += 1
-            return result
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise EngineError(f"inference failed: {str(exc).strip()[:300]}") from exc
+        with lane.lock:
+            if self._closed:
+                raise EngineError(f"graph lanes of {self.name} are closed")
+            with cuda.CAPTURE.shared():
+                result = self._run(lane, job)
+            lane.runs += 1
+        return result
 
     def run_device(self, input_ptr: int, output_ptrs: list[int]) -> None:
         """One inference on a camera's device buffers; they are final when this returns."""
