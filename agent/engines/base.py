@@ -127,6 +127,12 @@ class Engine(abc.ABC):
         engine's stream waits on `wait` (a cuda.Event) first; the hooks run on the engine's thread."""
         raise EngineError(f"{type(self).__name__} cannot submit device runs")
 
+    def submit_fill(self, fill: Callable[[Any, int], None], done: Callable[[Any, list[Any]], None],
+                    failed: Callable[[BaseException], None]) -> None:
+        """As submit_device, but `fill(stream, input_ptr)` queues what writes the run's own input
+        buffer on its stream (a preprocessing kernel straight into it: no copy of a bound input)."""
+        raise EngineError(f"{type(self).__name__} cannot submit device runs")
+
     def share(self) -> Engine:
         """Another context on this loaded model, for another camera (see the module docstring)."""
         raise EngineError(f"{type(self).__name__} cannot share one loaded model between cameras")

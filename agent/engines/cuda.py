@@ -707,13 +707,15 @@ def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> 
     check(rt.cudaMemcpyAsync(dst, src, nbytes, k, stream.raw), f"cudaMemcpyAsync({kind}, {nbytes})")
 
 
-def memset_async(dst: DeviceBuffer, value: int, stream: Stream) -> None:
+def memset_async(dst: DeviceBuffer, value: int, stream: Stream, nbytes: int | None = None) -> None:
+    """Set the buffer's bytes (its first `nbytes`, when given) to `value` on `stream`."""
     dst._alive()
+    n = dst.nbytes if nbytes is None else min(int(nbytes), dst.nbytes)
     drv = _driver()
     if drv is not None:
-        drv.memset(dst.ptr, value, dst.nbytes, stream.ptr)
+        drv.memset(dst.ptr, value, n, stream.ptr)
         return
-    check(cuda_runtime().cudaMemsetAsync(dst.ptr, value, dst.nbytes, stream.raw), "cudaMemsetAsync")
+    check(cuda_runtime().cudaMemsetAsync(dst.ptr, value, n, stream.raw), "cudaMemsetAsync")
 
 
 def memory_used(device: int = 0) -> int | None:

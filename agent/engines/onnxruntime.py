@@ -408,6 +408,12 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError("bind_device() first")
         self._lanes.submit_device(self._lane_bindings[binding][0], wait, input_read, done, failed)
 
+    def submit_fill(self, fill: Callable[[Any, int], None], done: Callable[[Any, list[Any]], None],
+                    failed: Callable[[BaseException], None]) -> None:
+        if self._lanes is None:
+            raise EngineError("submit_fill() needs CUDA-graph lanes (engine.graph_lanes)")
+        self._lanes.submit_fill(fill, done, failed)
+
     def run_device(self, binding: int = 0) -> None:
         if self._lanes is not None:
             if not 0 <= binding < len(self._lane_bindings):

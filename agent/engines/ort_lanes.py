@@ -29,6 +29,10 @@ and tells the camera (its input buffer may be written again once that copy ends)
 hands its stream and output buffers to the camera's `done`, which queues what it does with them
 (candidate selection, copies to the host) on that stream and records its own event. The camera's
 thread never waits for the GPU, so one camera keeps several frames on several lanes at once.
+A submitted job may instead bring a `fill(stream, input_ptr)` hook (`submit_fill`): the camera's
+preprocessing kernel, queued on the lane's stream, writes the lane's own input, so there is no
+camera input buffer to copy from and no event between the two streams (the GPU frontend does
+this for NVDEC frames).
 
 What a camera costs on top of the first: its own input and output buffers (and its frontend's),
 no graph and no session: measured on the H200 (docs/measurements/).
@@ -63,6 +67,7 @@ _LANE_READY_S = 120.0  # a capture on a cold GPU (cuDNN algorithm search) takes 
 _REPLAY = os.environ.get("EDGE_AGENT_GRAPH_REPLAY", "own")
 
 StreamHook = Callable[[cuda.Stream], None]
+FillHook = Callable[[cuda.Stream, int], None]  # queues work writing the lane's input (its device pointer)
 DoneHook = Callable[[cuda.Stream, list[cuda.DeviceBuffer]], None]
 FailHook = Callable[[BaseException], None]
 
@@ -80,6 +85,7 @@ class _Job:
     host_input: np.ndarray | None = None
     wait: Any = None
     input_read: StreamHook | None = None
+    fill: FillHook | None = None  # writes the lane's input itself (instead of the copy from input_ptr)
     done: DoneHook | None = None
     failed: FailHook | None = None
 
@@ -300,11 +306,14 @@ class OrtLanes:
         s = lane.stream
         try:
             with cuda.CAPTURE.shared():
-                if job.wait is not None:
-                    s.wait(job.wait)
-                cuda.memcpy_async(lane.input.ptr, job.input_ptr, lane.input.nbytes, "dtod", s)
-                if job.input_read is not None:
-                    job.input_read(s)
+                if job.fill is not None:
+                    job.fill(s, lane.input.ptr)
+                else:
+                    if job.wait is not None:
+                        s.wait(job.wait)
+                    cuda.memcpy_async(lane.input.ptr, job.input_ptr, lane.input.nbytes, "dtod", s)
+                    if job.input_read is not None:
+                        job.input_read(s)
                 self._replay(lane)
                 job.done(s, lane.outputs)  # queued on this stream, before the lane's next copy in
             lane.runs += 1
@@ -320,16 +329,25 @@ class OrtLanes:
         docstring): `input_read(stream)` once the input copy is queued, `done(stream, outputs)` once
         the replay ran, `failed(exc)` instead when anything failed. The hooks run on a lane's
         thread: they queue work, they never wait."""
+        self._queue(_Job(None, input_ptr=int(input_ptr), wait=wait, input_read=input_read, done=done,
+                         failed=failed))
+
+    def submit_fill(self, fill: FillHook, done: DoneHook, failed: FailHook) -> None:
+        """As submit_device, but `fill(stream, input_ptr)` queues the work that writes the lane's input
+        (a preprocessing kernel straight into it): no camera input buffer, no copy, no event between."""
+        self._queue(_Job(None, fill=fill, done=done, failed=failed))
+
+    def _queue(self, job: _Job) -> None:
+        assert job.failed is not None
         if self._closed:
             raise EngineError(f"graph lanes of {self.name} are closed")
-        job = _Job(None, input_ptr=int(input_ptr), wait=wait, input_read=input_read, done=done, failed=failed)
         if self.replay != "own":
             self._jobs.put(job)
             return
         lane = self._next_lane()
         with lane.lock:  # the calling thread queues it all on the lane's stream
             if self._closed:
-                failed(EngineError(f"graph lanes of {self.name} are closed"))
+                job.failed(EngineError(f"graph lanes of {self.name} are closed"))
                 return
             self._run_submitted(lane, job)
 

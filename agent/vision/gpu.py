@@ -332,14 +332,13 @@ class _Slot:
     index: int
     uploaded: cuda.Event  # on the copy stream: the frame is on the device
     done: cuda.Event  # on the engine stream: results are in the host buffers
-    host_out: list[cuda.PinnedBuffer]  # candidates: [count, rows]; other layouts: every output
+    host_out: list[cuda.PinnedBuffer]  # candidates: [count and rows] (_CandidateBuffers); other layouts: every output
     free: threading.Event
     keep: object = None  # an Nv12Frame read by this slot's letterbox: its memory stays until the result
     # submitted runs (engine.submits_device_runs): set once `done` is recorded, or the run failed
     queued: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    rows: cuda.DeviceBuffer | None = None  # this slot's own candidate buffers (its frame may be on any lane)
-    count: cuda.DeviceBuffer | None = None
+    candidates: cuda.DeviceBuffer | None = None  # this slot's own (its frame may be on any lane)
     lock: threading.Lock = field(default_factory=threading.Lock)
     abandoned: bool = False  # its reader gave up on a submitted run: the run frees the slot when it ends
     on_queued: Callable[[], None] | None = None  # told (lane thread) once `queued` is set: wakes the reader
@@ -363,11 +362,14 @@ def _run_finished(slot: _Slot) -> None:
 
 @dataclass
 class Staged:
-    """A frame uploaded and letterboxed (or queued to be) into input buffer `input`."""
+    """A frame uploaded and letterboxed (or queued to be) into input buffer `input`; or (`frame`) an
+    NV12 frame the lane that runs it letterboxes straight into its own input (input -1)."""
 
     slot: _Slot
     input: int
     lb: Letterbox
+    frame: Nv12Frame | None = None
+    size: _SourceSize | None = None
 
 
 class Pending:
@@ -447,6 +449,9 @@ class GpuFrontend:
         # runs submitted to the engine's lanes (no launch wait): launch() returns at once
         # (EDGE_AGENT_LANE_SUBMIT=0 launches from the launch thread and waits instead: measurement only)
         self.submits = bool(engine.submits_device_runs) and os.environ.get("EDGE_AGENT_LANE_SUBMIT", "1") != "0"
+        # NV12 frames letterboxed by the lane's stream into the lane's input: no input buffer of the
+        # camera's, no copy, no events between (EDGE_AGENT_LANE_FILL=0: the copy, for measurement only)
+        self.fills = self.submits and os.environ.get("EDGE_AGENT_LANE_FILL", "1") != "0"
         self._lane_launches: dict[tuple[int, int], cuda.Launch] = {}  # (lane output, slot): candidates
         self._lane_lock = threading.Lock()
         self.pad_value = int(pad_value)
@@ -506,20 +511,18 @@ class GpuFrontend:
         if self.on_device_decode:
             self._nc, self._n = int(out.shape[1]) - 4, int(out.shape[2])
             self._candidates = "candidates_f32" if out.dtype == np.dtype(np.float32) else "candidates_f16"
-            self._rows = self._own(cuda.DeviceBuffer(self._n * 7 * 4))
-            self._count = self._own(cuda.DeviceBuffer(4))
+            # the count (int32), then n rows of 7 floats: one buffer, so one copy back per frame
+            self._cand = self._own(cuda.DeviceBuffer(4 + self._n * 28))
         for i in range(SLOTS):
             if self.on_device_decode:
-                host = [self._own(cuda.PinnedBuffer((1,), np.int32)),
-                        self._own(cuda.PinnedBuffer((self._n, 7), np.float32))]
+                host = [self._own(cuda.PinnedBuffer((1 + self._n * 7,), np.float32))]
             else:
                 host = [self._own(cuda.PinnedBuffer(o.shape, o.dtype)) for o in self.engine.output_specs]
             free = threading.Event()
             free.set()
             slot = _Slot(i, self._own(cuda.Event(timing=False)), self._own(cuda.Event(timing=False)), host, free)
             if self.submits and self.on_device_decode:
-                slot.rows = self._own(cuda.DeviceBuffer(self._n * 7 * 4))
-                slot.count = self._own(cuda.DeviceBuffer(4))
+                slot.candidates = self._own(cuda.DeviceBuffer(4 + self._n * 28))
             self._slots.append(slot)
 
     def _drain(self, timeout: float = 10.0) -> bool:
@@ -558,7 +561,7 @@ class GpuFrontend:
         """The candidate kernel with the postprocessor's current thresholds (re-packed after a live reload)."""
         if self.post.thresholds is not self._thr_state or self._cand_launch is None:
             self._new_thresholds()
-            self._cand_launch = self._prepare_candidates(self.outputs[0].ptr, self._rows.ptr, self._count.ptr)
+            self._cand_launch = self._prepare_candidates(self.outputs[0].ptr, self._cand.ptr)
         assert self._cand_launch is not None
         return self._cand_launch
 
@@ -570,7 +573,8 @@ class GpuFrontend:
         self._thr_state = st
         self._lane_launches = {}
 
-    def _prepare_candidates(self, output: int, rows: int, count: int) -> cuda.Launch:
+    def _prepare_candidates(self, output: int, candidates: int) -> cuda.Launch:
+        """The candidate kernel from `output` into a candidates buffer (count at 0, rows from byte 4)."""
         st = self.post.thresholds
         assert self._thr is not None
         lo = float(st.per_class.min()) if st.per_class.size else st.score
@@ -578,7 +582,8 @@ class GpuFrontend:
             self._candidates, ((self._n + 255) // 256, 1, 1), (256, 1, 1),
             [np.uint64(output), np.int32(self._nc), np.int32(self._n), np.uint64(self._thr.ptr),
              np.int32(st.per_class.size), np.float32(max(st.score, _TINY)),
-             np.float32(max(min(lo, st.score), _TINY)), np.uint64(rows), np.uint64(count), np.int32(self._n)])
+             np.float32(max(min(lo, st.score), _TINY)), np.uint64(candidates + 4), np.uint64(candidates),
+             np.int32(self._n)])
 
     def _lane_candidates(self, output: int, slot: _Slot) -> cuda.Launch:
         """The candidate kernel reading a lane's output into the slot's own buffers (lane threads)."""
@@ -588,8 +593,8 @@ class GpuFrontend:
             key = (output, slot.index)
             launch = self._lane_launches.get(key)
             if launch is None:
-                assert slot.rows is not None and slot.count is not None
-                launch = self._lane_launches[key] = self._prepare_candidates(output, slot.rows.ptr, slot.count.ptr)
+                assert slot.candidates is not None
+                launch = self._lane_launches[key] = self._prepare_candidates(output, slot.candidates.ptr)
             return launch
 
     def _on_thread(self) -> None:
@@ -608,9 +613,11 @@ class GpuFrontend:
         return slot, self._staged % INPUTS
 
     def ready_now(self) -> bool:
-        """stage() would not wait: the next slot was collected and its input buffer released (a new
-        source size, which drains every slot, is not foreseen: it is rare)."""
-        return self._slots[self._next].free.is_set() and self._input_launched[self._staged % INPUTS].is_set()
+        """stage() of a device frame would not wait: the next slot was collected and (unless the lane
+        letterboxes into its own input) its input buffer released (a new source size, which drains
+        every slot, is not foreseen: it is rare)."""
+        return self._slots[self._next].free.is_set() and (
+            self.fills or self._input_launched[self._staged % INPUTS].is_set())
 
     def stage(self, image: np.ndarray | Nv12Frame) -> Staged:
         """Upload and letterbox one frame on the prep stream (no wait for the GPU; only for a free
@@ -629,6 +636,8 @@ class GpuFrontend:
         # happens outside the capture lock: the post thread needs that lock to collect results.
         if self._size_state is not None and self._size_state[0] != size and not self._drain():
             raise EngineError("GPU results of earlier frames were never collected")
+        if self.fills and isinstance(image, Nv12Frame):
+            return self._stage_for_lane(image, size)
         slot, k = self._acquire()
         if not self._input_launched[k].wait(10.0):
             slot.free.set()
@@ -649,6 +658,19 @@ class GpuFrontend:
         self._staged += 1
         return Staged(slot, k, s.lb)
 
+    def _stage_for_lane(self, frame: Nv12Frame, size: tuple[int, int, bool]) -> Staged:
+        """Nothing queued yet: the lane that runs the frame letterboxes it into its own input."""
+        slot, _ = self._acquire()
+        try:
+            with cuda.CAPTURE.shared():
+                self._on_thread()
+                s = self._size(*size)
+        except BaseException:
+            slot.free.set()
+            raise
+        slot.keep = frame  # its device memory is read by the lane's letterbox, until the result
+        return Staged(slot, -1, s.lb, frame, s)
+
     def _stage_host(self, image: np.ndarray, s: _SourceSize, slot: _Slot, k: int) -> None:
         prep = self.copy_stream
         frame = s.frames[slot.index]
@@ -664,8 +686,8 @@ class GpuFrontend:
     def _stage_nv12(self, frame: Nv12Frame, s: _SourceSize, slot: _Slot, k: int) -> None:
         """Letterbox an NV12 frame already on the device (no upload): the kernel converts colour itself."""
         prep = self.copy_stream
-        key = (frame.y_ptr, frame.uv_ptr, frame.pitch, k, frame.matrix, frame.full_range)
-        launch = s.nv12.get(key) or self._nv12_launch(s, frame, k, key)
+        key = (frame.y_ptr, frame.uv_ptr, frame.pitch, self.inputs[k].ptr, frame.matrix, frame.full_range)
+        launch = s.nv12.get(key) or self._nv12_launch(s, frame, self.inputs[k].ptr, key)
         if frame.ready is not None:
             prep.wait(frame.ready)  # the decoder's copy into the frame's buffer
         prep.wait(self._input_free[k])
@@ -673,7 +695,7 @@ class GpuFrontend:
         slot.uploaded.record(prep)
         slot.keep = frame  # its device memory is read by the kernel just queued
 
-    def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, k: int, key: tuple[object, ...]) -> cuda.Launch:
+    def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, dst: int, key: tuple[object, ...]) -> cuda.Launch:
         if len(s.nv12) >= _NV12_LAUNCHES:  # a decoder that keeps handing out new buffers: start over
             s.nv12.clear()
         cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
@@ -685,7 +707,7 @@ class GpuFrontend:
              np.int32(s.left), np.int32(s.top), np.int32(self.width), np.int32(self.height),
              np.int32(self.pad_value), np.uint64(self._lut.ptr),
              np.int32(cy), np.int32(cvr), np.int32(cug), np.int32(cvg), np.int32(cub), np.int32(yoff),
-             np.uint64(self.inputs[k].ptr)])
+             np.uint64(dst)])
         return launch
 
     def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
@@ -700,7 +722,7 @@ class GpuFrontend:
             with cuda.CAPTURE.shared():
                 stream.wait(slot.uploaded)
                 if self.on_device_decode:
-                    cuda.memset_async(self._count, 0, stream)
+                    cuda.memset_async(self._cand, 0, stream, 4)
             try:
                 self.engine.run_device(self._bindings[k])  # guards its own CUDA calls (it may wait on a lane)
                 with cuda.CAPTURE.shared():
@@ -712,8 +734,7 @@ class GpuFrontend:
                     self._candidates_launch()(stream)
                     # every row slot, not just the kept ones: the count is not known on the host yet,
                     # and the device buffers belong to the next frame once this is queued (~28 B/anchor)
-                    cuda.memcpy_async(slot.host_out[0].ptr, self._count.ptr, 4, "dtoh", stream)
-                    cuda.memcpy_async(slot.host_out[1].ptr, self._rows.ptr, self._n * 28, "dtoh", stream)
+                    cuda.memcpy_async(slot.host_out[0].ptr, self._cand.ptr, self._cand.nbytes, "dtoh", stream)
                 else:
                     for host, dev in zip(slot.host_out, self.outputs, strict=True):
                         cuda.copy_dtoh_async(host, dev, stream)
@@ -730,6 +751,7 @@ class GpuFrontend:
         slot.error = None
         slot.queued.clear()
         slot.on_queued = on_queued
+        frame, size = staged.frame, staged.size
 
         def input_read(stream: cuda.Stream) -> None:
             self._input_free[k].record(stream)
@@ -738,11 +760,10 @@ class GpuFrontend:
         def done(stream: cuda.Stream, outputs: list[cuda.DeviceBuffer]) -> None:
             self._on_thread()
             if self.on_device_decode:
-                assert slot.count is not None and slot.rows is not None
-                cuda.memset_async(slot.count, 0, stream)
+                assert slot.candidates is not None
+                cuda.memset_async(slot.candidates, 0, stream, 4)
                 self._lane_candidates(outputs[0].ptr, slot)(stream)
-                cuda.memcpy_async(slot.host_out[0].ptr, slot.count.ptr, 4, "dtoh", stream)
-                cuda.memcpy_async(slot.host_out[1].ptr, slot.rows.ptr, self._n * 28, "dtoh", stream)
+                cuda.memcpy_async(slot.host_out[0].ptr, slot.candidates.ptr, slot.candidates.nbytes, "dtoh", stream)
             else:
                 for host, dev in zip(slot.host_out, outputs, strict=True):
                     cuda.copy_dtoh_async(host, dev, stream)
@@ -751,14 +772,32 @@ class GpuFrontend:
 
         def failed(exc: BaseException) -> None:
             slot.error = exc
-            self._input_launched[k].set()
+            if k >= 0:
+                self._input_launched[k].set()
             _run_finished(slot)
 
+        def fill(stream: cuda.Stream, input_ptr: int) -> None:
+            assert frame is not None and size is not None
+            self._on_thread()
+            key = (frame.y_ptr, frame.uv_ptr, frame.pitch, input_ptr, frame.matrix, frame.full_range)
+            launch = size.nv12.get(key)
+            if launch is None:
+                with self._lane_lock:  # lane threads (ONNX Runtime's replays) may fill at once
+                    launch = self._nv12_launch(size, frame, input_ptr, key)
+            if frame.ready is not None:
+                stream.wait(frame.ready)  # the decoder's copy into the frame's buffer
+            launch(stream)
+
         try:
-            self.engine.submit_device(self._bindings[k], slot.uploaded, input_read, done, failed)
+            if frame is not None:
+                self.engine.submit_fill(fill, done, failed)
+            else:
+                self.engine.submit_device(self._bindings[k], slot.uploaded, input_read, done, failed)
         except BaseException:
             slot.free.set()
-            self._input_launched[k].set()
+            slot.keep = None
+            if k >= 0:
+                self._input_launched[k].set()
             raise
         return Pending(self, slot, staged.lb)
 
@@ -768,8 +807,9 @@ class GpuFrontend:
     def _collect(self, slot: _Slot) -> Candidates | list[np.ndarray]:
         if not self.on_device_decode:
             return [h.array.copy() for h in slot.host_out]
-        n = min(int(slot.host_out[0].array[0]), self._n)
-        rows = slot.host_out[1].array[:n]
+        both = slot.host_out[0].array
+        n = min(int(both[:1].view(np.int32)[0]), self._n)
+        rows = both[1:].reshape(self._n, 7)[:n]
         rows = rows[np.argsort(rows[:, 6], kind="stable")]  # anchor order, as the CPU decoder yields them
         return Candidates(np.ascontiguousarray(rows[:, :4]), np.ascontiguousarray(rows[:, 4]),
                           rows[:, 5].astype(np.int32))

@@ -576,3 +576,60 @@ def test_an_own_replay_that_fails_reaches_the_camera_through_failed(fake: FakeCu
             lanes.run_device(fake.buffer(16), [fake.buffer(16), fake.buffer(4)])
     finally:
         lanes.close()
+
+
+@pytest.mark.parametrize("replay", ["own", "onnxruntime"])
+def test_a_filled_job_writes_the_lanes_own_input_on_its_stream_then_runs(fake: FakeCuda, replay: str) -> None:
+    """submit_fill: the camera's preprocessing writes straight into the lane's input (no copy from a
+    buffer of the camera's), on the stream the replay then runs on, before it; each frame's outputs
+    are its own, whichever lane took it."""
+    log: list[tuple[str, str]] = []
+    lanes, _ = make_lanes(fake, 2, log, replay=replay)
+    lane_inputs = {lane.input.ptr: lane.stream for lane in lanes._lanes}
+    got: dict[int, np.ndarray] = {}
+    filled: list[tuple[int, int]] = []
+    finished = threading.Semaphore(0)
+    try:
+        for k in range(6):
+            def fill(stream: Any, input_ptr: int, k: int = k) -> None:
+                assert lane_inputs[input_ptr] is stream  # the lane's own input, on its own stream
+                filled.append((k, input_ptr))
+                fake.ptr_array(input_ptr, IN)[:] = np.arange(4, dtype=np.float32) + 10 * k
+
+            def done(stream: Any, outputs: list[Any], k: int = k) -> None:
+                got[k] = fake.ptr_array(outputs[0].ptr, OUT[0])[0].copy()
+                finished.release()
+
+            lanes.submit_fill(fill, done, lambda exc: pytest.fail(str(exc)))
+        for _ in range(6):
+            assert finished.acquire(timeout=10)
+        for k in range(6):
+            np.testing.assert_array_equal(got[k], (np.arange(4, dtype=np.float32) + 10 * k) * 2)
+        assert sorted(k for k, _ in filled) == list(range(6)) and len({p for _, p in filled}) == 2
+    finally:
+        lanes.close()
+    with pytest.raises(EngineError, match="closed"):
+        lanes.submit_fill(lambda s, p: None, lambda *a: None, lambda exc: None)
+
+
+def test_a_fill_that_fails_reaches_the_camera_through_failed_and_the_lane_goes_on(fake: FakeCuda) -> None:
+    log: list[tuple[str, str]] = []
+    lanes, _ = make_lanes(fake, 1, log, replay="own")
+    failures: list[str] = []
+    outs: list[float] = []
+    try:
+        def bad_fill(stream: Any, input_ptr: int) -> None:
+            raise EngineError("cuLaunchKernel: CUDA_ERROR_INVALID_VALUE (1)")
+
+        lanes.submit_fill(bad_fill, lambda *a: pytest.fail("done after a failed fill"),
+                          lambda exc: failures.append(str(exc)))
+        assert failures == ["cuLaunchKernel: CUDA_ERROR_INVALID_VALUE (1)"]
+
+        def fill(stream: Any, input_ptr: int) -> None:
+            fake.ptr_array(input_ptr, IN)[:] = 1
+
+        lanes.submit_fill(fill, lambda s, o: outs.append(float(fake.ptr_array(o[1].ptr, OUT[1])[0, 0])),
+                          lambda exc: pytest.fail(str(exc)))
+        assert outs == [4.0]
+    finally:
+        lanes.close()

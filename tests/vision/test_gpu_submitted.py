@@ -85,10 +85,16 @@ def test_ready_now_says_whether_stage_would_wait() -> None:
     """The capture thread submits a live frame itself only when stage() would not wait."""
     slots = [_Slot(i, StandInEvent(), StandInEvent(), [], threading.Event()) for i in range(gpu.SLOTS)]  # type: ignore[arg-type]
     fe: Any = gpu.GpuFrontend.__new__(gpu.GpuFrontend)  # only its slot bookkeeping: no CUDA here
-    fe._slots, fe._next, fe._staged = slots, 1, 0
+    fe._slots, fe._next, fe._staged, fe.fills = slots, 1, 0, False
     fe._input_launched = [threading.Event() for _ in range(gpu.INPUTS)]
     assert not fe.ready_now()  # slot 1 not collected yet
     slots[1].free.set()
     assert not fe.ready_now()  # input buffer 0 not yet read by the run before
     fe._input_launched[0].set()
     assert fe.ready_now()
+    # a lane that letterboxes device frames into its own input: only the slot counts
+    fe.fills = True
+    fe._input_launched[0].clear()
+    assert fe.ready_now()
+    slots[1].free.clear()
+    assert not fe.ready_now()
