@@ -117,3 +117,74 @@ def test_frame_pool_hands_each_buffer_out_with_its_own_event(monkeypatch: pytest
     assert not kept[0].freed
     del b  # a frame outliving its pool frees its own buffer and event
     assert kept[0].freed and kept[1].freed
+
+
+def test_without_pyav_nvdec_is_unavailable_with_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV demuxes for NVDEC (agent.capture.sources.demux): missing, the source falls back like
+    without PyNvVideoCodec (NvdecUnavailable), naming the extra."""
+    from agent.capture.sources.nvdec import NvdecUnavailable
+
+    monkeypatch.setitem(sys.modules, "av", None)
+    src = open_source(CameraConfig(source="rtsp://127.0.0.1:8554/cam", decode="nvdec"))
+    assert isinstance(src, NvdecSource)
+    with pytest.raises(NvdecUnavailable, match=r"PyAV is not installed \(`pip install edge-agent\[nvdec\]`\)"):
+        src._demuxer(object())
+
+
+class StandInPacketData:
+    """PyNvVideoCodec's PacketData (its fields as printed on the H200: bsl_data, bsl, pts, ...)."""
+
+    bsl_data = 0
+    bsl = 0
+    pts = 0
+
+
+def test_stream_packets_reach_the_decoder_as_pointers_to_annex_b_bytes(tmp_path: Path) -> None:
+    """rtsp:// streams are demuxed by PyAV (it lets the GIL go and times out: test_demux.py); here on a
+    file, forced down that path: each PacketData the decoder gets points at the packet's bytes while
+    the decoder reads them, the last one empty (the decoder's flush). PyNvVideoCodec cannot exist
+    here: its module is a stand-in with the names it has."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from agent.capture.sources.demux import AvDemuxer
+    from agent.capture.sources.nvdec import _NetDemuxer
+    from agent.streams_bench import make_clip
+
+    clip = make_clip(tmp_path / "c.mp4", "h264", 160, 96, 30, 8)
+    nvc = SimpleNamespace(PacketData=StandInPacketData, cudaVideoCodec=SimpleNamespace(H264="h264-id"),
+                          cudaVideoChromaFormat=SimpleNamespace(**{"420": "420-id"}))
+    dmx = _NetDemuxer(nvc, str(clip), "clip", False, 5.0, 5.0)
+    try:
+        assert (dmx.codec, dmx.caps(), dmx.fps, dmx.size, dmx.color) == ("h264-id", ("420-id", 8), 30.0,
+                                                                         (160, 96), ("bt601", False))
+        seen = [ctypes.string_at(p.bsl_data, p.bsl) if p.bsl else b"" for p in dmx.packets()]
+    finally:
+        dmx.close()
+    ref = AvDemuxer(str(clip), "clip", False, 5.0, 5.0)
+    try:
+        expected = [data.tobytes() for data, _ in ref.packets()]
+    finally:
+        ref.close()
+    assert seen == expected and seen[-1] == b"" and all(b.startswith(b"\x00\x00\x00\x01") for b in seen[:-1])
+
+
+@pytest.mark.parametrize(("pix_fmt", "expected"), [
+    ("yuv420p", ("420", 8)), ("yuvj420p", ("420", 8)), ("nv12", ("420", 8)), ("yuv420p10le", ("420", 10)),
+    ("yuv422p", ("422", 8)), ("yuv444p12le", ("444", 12)), ("gray", ("Monochrome", 8))])
+def test_pixel_formats_map_to_nvdecs_chroma_and_depth(pix_fmt: str, expected: tuple[str, int]) -> None:
+    from agent.capture.sources.nvdec import _chroma
+
+    assert _chroma(pix_fmt) == expected
+
+
+def test_a_codec_nvdec_does_not_decode_is_nvdec_unavailable() -> None:
+    """The camera falls back to the CPU (NvdecUnavailable) instead of failing: e.g. a ProRes file."""
+    from types import SimpleNamespace
+
+    from agent.capture.sources.nvdec import NvdecUnavailable, _nv_codec
+
+    nvc = SimpleNamespace(cudaVideoCodec=SimpleNamespace(H264="h264-id"))  # stands in for PyNvVideoCodec's enum
+    assert _nv_codec(nvc, SimpleNamespace(codec="h264")) == "h264-id"  # type: ignore[arg-type]
+    with pytest.raises(NvdecUnavailable, match="NVDEC does not decode prores"):
+        _nv_codec(nvc, SimpleNamespace(codec="prores"))  # type: ignore[arg-type]

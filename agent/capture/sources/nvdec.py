@@ -1,11 +1,19 @@
 """NVDEC on discrete NVIDIA GPUs (`decode: nvdec`) through PyNvVideoCodec: frames stay on the GPU.
 
-Data flow: file or rtsp:// -> PyNvVideoCodec's demuxer (its own libavformat) -> packets -> NVDEC
-(CreateDecoder, device memory, on this source's CUDA stream) -> each decoded NV12 frame copied
+Data flow: packets from a demuxer -> NVDEC through PyNvVideoCodec (CreateDecoder, device memory, on
+this source's CUDA stream) -> each decoded NV12 frame copied
 (device to device, ~3 MB at 1080p) into a buffer of this source's pool, because the decoder
 reuses its own surfaces -> an `Nv12Frame` handed to the capture thread like a BGR frame. The GPU
 frontend letterboxes it where it lies (agent.vision.gpu); the buffer returns to the pool when
 the last reference to the frame goes (the frontend keeps one until the frame's result is read).
+
+Two demuxers. rtsp:// streams: PyAV's (agent.capture.sources.demux), which lets the GIL go while it
+waits for the network and times out after read_timeout_s; PyNvVideoCodec's own keeps the GIL while
+it waits and has no timeouts, so one camera that stopped sending would stop the whole process.
+Files: PyNvVideoCodec's own (a file never waits on a network; side by side on the H200 with 24
+streams it cost 0.17 ms less host CPU per frame than PyAV's plus the Annex B filter, measured in
+docs/measurements/h200-2026-12-02-lane-fill; EDGE_AGENT_NVDEC_DEMUX=pyav reads files through PyAV
+too, for measurement and to check that path's frames on the GPU machine).
 
 When NVDEC cannot serve (PyNvVideoCodec not installed, no GPU or CUDA bindings, a codec this GPU
 cannot decode) the source says why once, in the log, and decodes on the CPU instead (the
@@ -20,20 +28,24 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.capture.sources.base import FrameSource, _Pacer, file_path, gstreamer_available, redact
+from agent.capture.sources.demux import AvDemuxer, DemuxUnavailable
 from agent.config import CameraConfig
 from agent.engines import cuda
 from agent.errors import EngineError, SourceError
 
 log = logging.getLogger(__name__)
 
+# files through PyAV's demuxer as well ("pyav"): for measurement, and to check its frames on a GPU
+_FILE_DEMUX = os.environ.get("EDGE_AGENT_NVDEC_DEMUX", "")
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -151,6 +163,84 @@ class _Lease:
             pass
 
 
+# FFmpeg's codec names -> PyNvVideoCodec's cudaVideoCodec members (what NVDEC decodes at all)
+_NV_CODECS = {"h264": "H264", "hevc": "HEVC", "av1": "AV1", "vp9": "VP9", "vp8": "VP8", "mpeg4": "MPEG4",
+              "mpeg2video": "MPEG2", "mpeg1video": "MPEG1", "vc1": "VC1", "mjpeg": "JPEG"}
+
+
+def _nv_codec(nvc: Any, dmx: AvDemuxer) -> Any:
+    name = _NV_CODECS.get(dmx.codec)
+    codec = getattr(nvc.cudaVideoCodec, name, None) if name else None
+    if codec is None:
+        raise NvdecUnavailable(f"NVDEC does not decode {dmx.codec}")
+    return codec
+
+
+class _NetDemuxer:
+    """PyAV's demuxer (rtsp://): PacketData made from its Annex B packets."""
+
+    def __init__(self, nvc: Any, target: str, what: str, network: bool, open_timeout_s: float,
+                 read_timeout_s: float) -> None:
+        try:
+            self._av = AvDemuxer(target, what, network, open_timeout_s, read_timeout_s)
+        except DemuxUnavailable as exc:
+            raise NvdecUnavailable(str(exc)) from None
+        self._nvc = nvc
+        try:
+            self.codec = _nv_codec(nvc, self._av)
+        except BaseException:
+            self._av.close()
+            raise
+        self.what = f"{self._av.codec} ({self._av.pix_fmt})"
+        self.fps, self.size = self._av.fps, (self._av.width, self._av.height)
+        self.color = (self._av.matrix, self._av.full_range)
+
+    def caps(self) -> tuple[Any, int]:
+        chroma, depth = _chroma(self._av.pix_fmt)
+        return getattr(self._nvc.cudaVideoChromaFormat, chroma), depth
+
+    def packets(self) -> Iterator[Any]:
+        """PacketData for the decoder; the last one empty (the decoder hands out what it holds)."""
+        make = self._nvc.PacketData
+        for data, pts in self._av.packets():  # a SourceError when the stream fails or times out
+            packet = make()
+            packet.bsl_data, packet.bsl, packet.pts = data.ctypes.data if data.size else 0, data.size, pts
+            yield packet  # `data` stays alive until the decoder has read it (the next step)
+
+    def close(self) -> None:
+        self._av.close()
+
+
+class _FileDemuxer:
+    """PyNvVideoCodec's own demuxer (files): its packets as they are, the last one empty."""
+
+    def __init__(self, nvc: Any, target: str, what: str) -> None:
+        try:
+            self._dmx = nvc.CreateDemuxer(filename=target)
+        except Exception as exc:
+            raise SourceError(f"cannot open {what} for NVDEC: {str(exc)[:200]}") from None
+        self.codec = self._dmx.GetNvCodecId()
+        self.what = f"{self.codec} ({self._dmx.ChromaFormat()}, {self._dmx.BitDepth()} bit)"
+        try:
+            self.fps = float(self._dmx.FrameRate())
+        except Exception:
+            self.fps = 0.0
+        try:
+            self.size = (int(self._dmx.Width()), int(self._dmx.Height()))
+        except Exception:
+            self.size = (0, 0)
+        self.color = _color(self._dmx)
+
+    def caps(self) -> tuple[Any, int]:
+        return self._dmx.ChromaFormat(), self._dmx.BitDepth()
+
+    def packets(self) -> Iterator[Any]:
+        return iter(self._dmx)
+
+    def close(self) -> None:
+        self._dmx = None
+
+
 def _color(dmx: Any) -> tuple[str, bool]:
     """(matrix, full range) the stream declares; unspecified: BT.601, limited (what encoders write)."""
     try:
@@ -162,6 +252,17 @@ def _color(dmx: Any) -> tuple[str, bool]:
     except Exception:
         rng = ""
     return ("bt709" if "709" in space else "bt601"), ("JPEG" in rng or "FULL" in rng)
+
+
+def _chroma(pix_fmt: str) -> tuple[str, int]:
+    """(cudaVideoChromaFormat member, bit depth) of an FFmpeg pixel format: yuv420p10le -> ("420", 10)."""
+    chroma = "Monochrome" if pix_fmt.startswith("gray") else \
+        "444" if "444" in pix_fmt else "422" if "422" in pix_fmt else "420"
+    depth = 8
+    for bits in (10, 12, 16):
+        if f"p{bits}" in pix_fmt:
+            depth = bits
+    return chroma, depth
 
 
 def _geometry(frame: Any, width: int, height: int) -> tuple[int, int, int, int, int, int]:
@@ -225,19 +326,15 @@ class NvdecSource(FrameSource):
             self._stream = cuda.Stream()
         except EngineError as exc:
             raise NvdecUnavailable(f"no CUDA device: {exc}") from None
+        self._dmx = self._demuxer(nvc)
+        codec = self._dmx.codec
         try:
-            self._dmx = nvc.CreateDemuxer(filename=self.target)
-        except Exception as exc:
-            raise SourceError(f"cannot open {self.describe()} for NVDEC: {str(exc)[:200]}") from None
-        codec = self._dmx.GetNvCodecId()
-        try:
-            caps = nvc.GetDecoderCaps(gpuid=0, codec=codec, chromaformat=self._dmx.ChromaFormat(),
-                                      bitdepth=self._dmx.BitDepth())
+            chroma, depth = self._dmx.caps()
+            caps = nvc.GetDecoderCaps(gpuid=0, codec=codec, chromaformat=chroma, bitdepth=depth)
         except Exception:
             caps = {}
         if isinstance(caps, dict) and caps.get("supported") in (0, False):
-            raise NvdecUnavailable(f"this GPU's NVDEC cannot decode {codec} "
-                                   f"({self._dmx.ChromaFormat()}, {self._dmx.BitDepth()} bit)")
+            raise NvdecUnavailable(f"this GPU's NVDEC cannot decode {self._dmx.what}")
         kwargs: dict[str, Any] = {"gpuid": 0, "codec": codec, "usedevicememory": True}
         ctx = cuda.current_context()
         if ctx is not None:  # the agent's (primary) context and this source's stream: ordered copies
@@ -246,18 +343,11 @@ class NvdecSource(FrameSource):
             self._dec = nvc.CreateDecoder(**kwargs)
         except Exception as exc:
             raise NvdecUnavailable(f"NVDEC decoder for {codec}: {str(exc)[:200]}") from None
-        self._packets = iter(self._dmx)
-        fps = 0.0
-        try:
-            fps = float(self._dmx.FrameRate())
-        except Exception:
-            pass
+        self._packets = self._dmx.packets()
+        fps = self._dmx.fps
         self._fps = fps if 0.0 < fps < 1000.0 else self.cfg.fps
-        self._color = _color(self._dmx)
-        try:  # what the stream declares; each frame's own planes say its real size (_geometry)
-            self._stream_size = (int(self._dmx.Width()), int(self._dmx.Height()))
-        except Exception:
-            self._stream_size = (0, 0)
+        self._color = self._dmx.color
+        self._stream_size = self._dmx.size  # what the stream declares; each frame's planes say its real size
         self._pacer = _Pacer(self._fps or 30.0) if self.is_file and self.cfg.pace else None
         self.frames_read = 0
 
@@ -267,8 +357,16 @@ class NvdecSource(FrameSource):
             return
         self._close_nvdec()
 
+    def _demuxer(self, nvc: Any) -> _NetDemuxer | _FileDemuxer:
+        if self.is_file and _FILE_DEMUX != "pyav":
+            return _FileDemuxer(nvc, self.target, self.describe())
+        return _NetDemuxer(nvc, self.target, self.describe(), not self.is_file, self.cfg.open_timeout_s,
+                           self.cfg.read_timeout_s)
+
     def _close_nvdec(self) -> None:
         self._ready.clear()
+        if self._dmx is not None:
+            self._dmx.close()
         self._dec = self._dmx = self._packets = None
         if self._stream is not None:
             try:
@@ -293,7 +391,7 @@ class NvdecSource(FrameSource):
         if self._dec is None:
             return None
         while not self._ready:
-            packet = next(self._packets, None)
+            packet = next(self._packets, None)  # a SourceError when a stream fails or times out
             if packet is None:
                 if self.is_file and self.cfg.loop and self.frames_read > 0:
                     self._rewind()
@@ -313,9 +411,10 @@ class NvdecSource(FrameSource):
         return frame
 
     def _rewind(self) -> None:
-        nvc = _nvc()
-        self._dmx = nvc.CreateDemuxer(filename=self.target)
-        self._packets = iter(self._dmx)
+        """The file again from its start, on the same decoder (the empty packet at its end flushed it)."""
+        self._dmx.close()
+        self._dmx = self._demuxer(_nvc())
+        self._packets = self._dmx.packets()
 
     def _copy(self, f: Any) -> Any:
         from agent.vision.gpu import Nv12Frame
@@ -329,8 +428,11 @@ class NvdecSource(FrameSource):
             self._pool, self._size = _Pool(w * h * 3 // 2), (w, h)
         lease = self._pool.take()
         dst = lease.buf.ptr
-        cuda.copy_2d_async(dst, w, yp, ypitch, w, h, self._stream)
-        cuda.copy_2d_async(dst + w * h, w, uvp, uvpitch, w, h // 2, self._stream)
+        if uvp == yp + ypitch * h and uvpitch == ypitch:  # UV right below Y (PyNvVideoCodec's): one copy
+            cuda.copy_2d_async(dst, w, yp, ypitch, w, h * 3 // 2, self._stream)
+        else:
+            cuda.copy_2d_async(dst, w, yp, ypitch, w, h, self._stream)
+            cuda.copy_2d_async(dst + w * h, w, uvp, uvpitch, w, h // 2, self._stream)
         lease.ready.record(self._stream)
         matrix, full = self._color
         return Nv12Frame(dst, dst + w * h, w, w, h, matrix, full, owner=lease, ready=lease.ready)
@@ -364,14 +466,16 @@ def decode_rate(clip: Path, decoders: int, seconds: float = 3.0) -> dict[str, An
         try:
             cuda.use_device(0)
             dec = None
-            while not stop.is_set():
-                dmx = nvc.CreateDemuxer(filename=str(clip))
+            while not stop.is_set():  # demuxed as the cameras' files are
+                dmx = _FileDemuxer(nvc, str(clip), str(clip)) if _FILE_DEMUX != "pyav" else \
+                    _NetDemuxer(nvc, str(clip), str(clip), False, 10.0, 10.0)
                 if dec is None:
-                    dec = nvc.CreateDecoder(gpuid=0, codec=dmx.GetNvCodecId(), usedevicememory=True)
-                for packet in dmx:
+                    dec = nvc.CreateDecoder(gpuid=0, codec=dmx.codec, usedevicememory=True)
+                for packet in dmx.packets():
                     counts[i] += len(dec.Decode(packet))
                     if stop.is_set():
                         break
+                dmx.close()
         except Exception as exc:
             errors.append(str(exc)[:200])
 

@@ -1,0 +1,121 @@
+"""Compressed packets of a video file or rtsp:// stream, read by PyAV (FFmpeg), for NVDEC.
+
+Why not PyNvVideoCodec's own demuxer: it keeps the GIL while it waits for data and takes no
+timeouts (measured on the H200: a stream that stalled for 4 s stopped every thread of the process
+for those 4 s; docs/measurements/h200-2026-12-02-lane-fill). One camera that stops sending would
+stop every other camera, the MQTT client and the watchdog. PyAV lets the GIL go while FFmpeg
+reads, and its interrupt callback aborts a network open or read after `open_timeout_s` /
+`read_timeout_s` (a SourceError: the capture thread reconnects with backoff).
+
+NVDEC's parser reads elementary streams: H.264 / HEVC in Annex B (start codes, parameter sets in
+band). From MP4 / MKV they are length-prefixed, so FFmpeg's mp4toannexb filter converts them.
+Where the container keeps the parameter sets (or an MPEG-4 VOL header) in its extradata already
+in start-code form (RTSP's SDP, MPEG-4 Part 2 in MP4), that is sent once before the first packet.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from agent.errors import SourceError
+
+__all__ = ["END", "AvDemuxer", "DemuxUnavailable"]
+
+END = np.zeros(0, np.uint8)  # the packet after the last one: tells the decoder to hand out what it holds
+
+_START_CODES = (b"\x00\x00\x01", b"\x00\x00\x00\x01")
+
+
+class DemuxUnavailable(SourceError):
+    """PyAV is not installed: this source cannot be demuxed here."""
+
+
+def _av() -> Any:
+    try:
+        return importlib.import_module("av")
+    except ImportError as exc:
+        raise DemuxUnavailable(f"PyAV is not installed (`pip install edge-agent[nvdec]`): {exc}") from None
+
+
+class AvDemuxer:
+    """One open file or stream: its video stream's properties and its packets, in decode order.
+
+    `packets()` yields each packet as a uint8 array (valid until the next one is asked for) with its
+    pts, then END once, and stops; a failed or timed-out read raises SourceError."""
+
+    def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float) -> None:
+        av = _av()
+        self.what = what
+        options = {"rtsp_transport": "tcp"} if target.startswith("rtsp://") else {}
+        timeout = (open_timeout_s, read_timeout_s) if network else None
+        try:
+            self._container = av.open(target, options=options, timeout=timeout)
+        except Exception as exc:
+            raise SourceError(f"cannot open {what}: {str(exc)[:200]}") from None
+        try:
+            if not self._container.streams.video:
+                raise SourceError(f"{what} has no video stream")
+            self._stream = self._container.streams.video[0]
+            cc = self._stream.codec_context
+            self.codec: str = cc.name or "unknown"
+            self.width, self.height = int(cc.width or 0), int(cc.height or 0)
+            self.pix_fmt: str = cc.pix_fmt or ""
+            rate = self._stream.average_rate or self._stream.guessed_rate
+            self.fps = float(rate) if rate else 0.0
+            self.colorspace, self.color_range = int(cc.colorspace or 0), int(cc.color_range or 0)
+            extradata = bytes(cc.extradata or b"")
+            self._filter: Any = None
+            self._prefix: bytes | None = None
+            if self.codec in ("h264", "hevc") and extradata[:1] == b"\x01":  # avcC / hvcC: length-prefixed
+                self._filter = importlib.import_module("av.bitstream").BitStreamFilterContext(
+                    f"{self.codec}_mp4toannexb", self._stream)
+            elif extradata.startswith(_START_CODES):
+                self._prefix = extradata
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def matrix(self) -> str:
+        """The colour matrix the stream declares (FFmpeg's AVColorSpace); unspecified: BT.601."""
+        return "bt709" if self.colorspace == 1 else "bt601"
+
+    @property
+    def full_range(self) -> bool:
+        return self.color_range == 2  # AVCOL_RANGE_JPEG
+
+    def packets(self) -> Iterator[tuple[np.ndarray, int]]:
+        if self._prefix is not None:
+            yield np.frombuffer(self._prefix, np.uint8), 0
+        demuxed = self._container.demux(self._stream)
+        while True:
+            try:
+                packet = next(demuxed, None)
+            except Exception as exc:  # a timeout, a dropped connection, unreadable data
+                raise SourceError(f"reading {self.what}: {str(exc)[:200]}") from None
+            last = packet is None or not packet.size  # FFmpeg ends with an empty packet
+            if self._filter is not None:
+                try:  # the filter takes the packet's data: `last` was read before
+                    out = self._filter.filter(None if last else packet)
+                except Exception as exc:
+                    raise SourceError(f"{self.what}: converting to Annex B: {str(exc)[:200]}") from None
+            else:
+                out = [] if last else [packet]
+            for p in out:
+                if p.size:
+                    yield np.frombuffer(p, np.uint8), int(p.pts or 0)
+            if last:
+                yield END, 0
+                return
+
+    def close(self) -> None:
+        container, self._container = getattr(self, "_container", None), None
+        if container is not None:
+            try:
+                container.close()
+            except Exception:
+                pass
