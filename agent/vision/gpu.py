@@ -332,7 +332,7 @@ class _Slot:
     index: int
     uploaded: cuda.Event  # on the copy stream: the frame is on the device
     done: cuda.Event  # on the engine stream: results are in the host buffers
-    host_out: list[cuda.PinnedBuffer]  # candidates: [count and rows] (_CandidateBuffers); other layouts: every output
+    host_out: list[cuda.PinnedBuffer]  # candidates: [count, then rows, in one buffer]; other layouts: every output
     free: threading.Event
     keep: object = None  # an Nv12Frame read by this slot's letterbox: its memory stays until the result
     # submitted runs (engine.submits_device_runs): set once `done` is recorded, or the run failed
@@ -686,8 +686,7 @@ class GpuFrontend:
     def _stage_nv12(self, frame: Nv12Frame, s: _SourceSize, slot: _Slot, k: int) -> None:
         """Letterbox an NV12 frame already on the device (no upload): the kernel converts colour itself."""
         prep = self.copy_stream
-        key = (frame.y_ptr, frame.uv_ptr, frame.pitch, self.inputs[k].ptr, frame.matrix, frame.full_range)
-        launch = s.nv12.get(key) or self._nv12_launch(s, frame, self.inputs[k].ptr, key)
+        launch = self._nv12_launch(s, frame, self.inputs[k].ptr)
         if frame.ready is not None:
             prep.wait(frame.ready)  # the decoder's copy into the frame's buffer
         prep.wait(self._input_free[k])
@@ -695,7 +694,16 @@ class GpuFrontend:
         slot.uploaded.record(prep)
         slot.keep = frame  # its device memory is read by the kernel just queued
 
-    def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, dst: int, key: tuple[object, ...]) -> cuda.Launch:
+    def _nv12_launch(self, s: _SourceSize, frame: Nv12Frame, dst: int) -> cuda.Launch:
+        """The letterbox kernel from `frame` into the input at `dst`, packed once per such pair."""
+        key = (frame.y_ptr, frame.uv_ptr, frame.pitch, dst, frame.matrix, frame.full_range)
+        launch = s.nv12.get(key)
+        if launch is not None:
+            return launch
+        with self._lane_lock:  # lane threads (ONNX Runtime's replays) may pack at once
+            return self._pack_nv12(s, frame, dst, key)
+
+    def _pack_nv12(self, s: _SourceSize, frame: Nv12Frame, dst: int, key: tuple[object, ...]) -> cuda.Launch:
         if len(s.nv12) >= _NV12_LAUNCHES:  # a decoder that keeps handing out new buffers: start over
             s.nv12.clear()
         cy, cvr, cug, cvg, cub, yoff = nv12_coefficients(frame.matrix, frame.full_range)
@@ -779,11 +787,7 @@ class GpuFrontend:
         def fill(stream: cuda.Stream, input_ptr: int) -> None:
             assert frame is not None and size is not None
             self._on_thread()
-            key = (frame.y_ptr, frame.uv_ptr, frame.pitch, input_ptr, frame.matrix, frame.full_range)
-            launch = size.nv12.get(key)
-            if launch is None:
-                with self._lane_lock:  # lane threads (ONNX Runtime's replays) may fill at once
-                    launch = self._nv12_launch(size, frame, input_ptr, key)
+            launch = self._nv12_launch(size, frame, input_ptr)
             if frame.ready is not None:
                 stream.wait(frame.ready)  # the decoder's copy into the frame's buffer
             launch(stream)
