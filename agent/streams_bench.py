@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=30.0, help="--streams, and bench's live row: the frame rate")
     p.add_argument("--seconds", type=float, default=10.0, help="--streams: measuring window per run")
     p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
+    p.add_argument("--find-from", type=int, default=1, metavar="N",
+                   help="--find-max: the first N tried (default 1; with --processes K at least K), doubling "
+                        "from it: a search near a known N_max takes fewer runs")
     p.add_argument("--clip", default=None, help="--streams, and bench's live row: read this H.264 / HEVC file "
                    "instead of encoding one")
     p.add_argument("--processes", type=int, default=1, metavar="K",
@@ -295,6 +298,10 @@ def run_streams(args: argparse.Namespace) -> int:
     if not 1 <= k <= n:
         print(f"bench: --processes must be between 1 and --streams ({n}), got {k}", file=sys.stderr)
         return 2
+    start = int(getattr(args, "find_from", 1))
+    if not 1 <= start <= n:
+        print(f"bench: --find-from must be between 1 and --streams ({n}), got {start}", file=sys.stderr)
+        return 2
     base = load_config(args.config) if args.config else parse_config({"cameras": [{"source": "synthetic:"}]})
     if args.model:
         base.model.path = Path(args.model)
@@ -338,7 +345,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
                 return run_service(_config(base, server.urls, args.decode, work, False), seconds, fps)
         return run_service(_config(base, [str(clip)] * k, args.decode, work, True), seconds, fps)
 
-    runs, best = _search(n, measure, args.find_max)
+    runs, best = _search(n, measure, args.find_max, start=_find_from(args, 1))
     n_limit = n
     if best is not None:
         results["n_max"] = best
@@ -354,6 +361,10 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     if args.decode in ("nvdec", "auto"):
         results["nvdec_limit"] = nvdec_limit(clip, n_limit)
     return _report(results, args)
+
+
+def _find_from(args: argparse.Namespace, least: int) -> int:
+    return max(int(getattr(args, "find_from", 1) or 1), least)
 
 
 def _search(n: int, measure: Callable[[int], _Fig], find: bool, start: int = 1,
@@ -394,7 +405,8 @@ def _run_processes(args: argparse.Namespace, results: dict[str, Any], clip: Path
     print(f"bench: {k} processes, MPS {'running' if mps else 'NOT running (the processes time-slice the GPU)'}",
           file=sys.stderr)
     try:
-        merged, best = _search(n, lambda total: measure_procs(args, clip, total, k, work), args.find_max, start=k,
+        merged, best = _search(n, lambda total: measure_procs(args, clip, total, k, work), args.find_max,
+                               start=_find_from(args, k),
                                row=lambda m: m["run"])
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)

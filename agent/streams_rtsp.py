@@ -5,21 +5,26 @@ h264parse|h265parse ! rtph264pay|rtph265pay` in a GStreamer RTSP server (one mou
 /s0, /s1, ...; every client gets its own pipeline, paced by the server's clock) -> OpenCV's
 FFmpeg backend (or NVDEC) reading rtsp://127.0.0.1:PORT/sN over TCP like any camera.
 
-The server runs under the system python3 (python3-gi, gir1.2-gst-rtsp-server-1.0 and the
-GStreamer plugins are Debian packages, not wheels): `RtspStreams` starts this file with it as a
-subprocess and kills it on `stop()`. Nothing here is imported by the service.
+The server calls libgstrtspserver through ctypes (about a dozen C functions), so it runs under
+any Python, the agent's venv included, with only GStreamer's shared libraries and plugins present
+(Debian packages; on a machine without them, such as the lent GPU machine, a folder of them:
+EDGE_AGENT_GSTREAMER_DIR with lib/ and plugins/, used by the server process only), no PyGObject.
+`RtspStreams` starts this file as a subprocess and kills it on `stop()`. Nothing here is imported
+by the service.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-SYSTEM_PYTHON = "/usr/bin/python3"
-APT_LINE = ("apt-get install -y python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
+APT_LINE = ("apt-get install -y libgstrtspserver-1.0-0 gstreamer1.0-plugins-base "
             "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad")
 
 
@@ -47,11 +52,11 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, nee
 
 
 def start_server(args: list[str], port: int, timeout: float, needs: str,
-                 stderr: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+                 stderr: int = subprocess.PIPE, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a server process and return it once it listens on `port`; RuntimeError (saying what to
     install: `needs`) when it cannot start, exits or never listens (then it is stopped)."""
     try:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, env=env)
     except OSError as exc:
         raise RuntimeError(f"cannot start the RTSP server with {args[0]} ({exc}); install: {needs}") from None
     try:
@@ -73,6 +78,20 @@ def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
             fh.close()
 
 
+def gstreamer_env() -> dict[str, str] | None:
+    """The server's environment: with EDGE_AGENT_GSTREAMER_DIR set, its lib/ and plugins/ only
+    (the registry cached beside them, plugins scanned in-process); None: this process's own."""
+    root = os.environ.get("EDGE_AGENT_GSTREAMER_DIR")
+    if not root:
+        return None
+    env = dict(os.environ)
+    lib = str(Path(root, "lib"))
+    env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env.update(GST_PLUGIN_SYSTEM_PATH=str(Path(root, "plugins")), GST_PLUGIN_PATH="", GST_REGISTRY_FORK="no",
+               GST_REGISTRY=str(Path(root, "registry.bin")))
+    return env
+
+
 class RtspStreams:
     """N RTSP mounts on one loopback server, each serving `clip` from its start for every client."""
 
@@ -88,9 +107,9 @@ class RtspStreams:
         return [f"rtsp://127.0.0.1:{self.port}/s{i}" for i in range(self.count)]
 
     def start(self, timeout: float = 15.0) -> RtspStreams:
-        args = [SYSTEM_PYTHON, str(Path(__file__).resolve()), str(self.port), self.codec, str(self.clip.resolve()),
+        args = [sys.executable, str(Path(__file__).resolve()), str(self.port), self.codec, str(self.clip.resolve()),
                 str(self.count)]
-        self._proc = start_server(args, self.port, timeout, APT_LINE)
+        self._proc = start_server(args, self.port, timeout, APT_LINE, env=gstreamer_env())
         return self
 
     def stop(self) -> None:
@@ -104,32 +123,69 @@ class RtspStreams:
         self.stop()
 
 
-def _serve(port: int, codec: str, clip: str, count: int) -> None:  # runs under the system python3
-    import gi
+def _gst_libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
+    """GStreamer core, its RTSP server, GObject and GLib, with the signatures `_serve` calls."""
+    try:
+        gst = ctypes.CDLL("libgstreamer-1.0.so.0")
+        rtsp = ctypes.CDLL("libgstrtspserver-1.0.so.0")
+        gobject = ctypes.CDLL("libgobject-2.0.so.0")
+        glib = ctypes.CDLL("libglib-2.0.so.0")
+    except OSError as exc:
+        raise SystemExit(f"GStreamer RTSP server library missing ({exc})") from None
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    sigs: list[tuple[ctypes.CDLL, str, Any, list[Any]]] = [
+        (gst, "gst_init", None, [vp, vp]),
+        (gst, "gst_element_factory_find", vp, [cp]),
+        (gst, "gst_object_unref", None, [vp]),
+        (rtsp, "gst_rtsp_server_new", vp, []),
+        (rtsp, "gst_rtsp_server_set_address", None, [vp, cp]),
+        (rtsp, "gst_rtsp_server_set_service", None, [vp, cp]),
+        (rtsp, "gst_rtsp_server_get_mount_points", vp, [vp]),
+        (rtsp, "gst_rtsp_media_factory_new", vp, []),
+        (rtsp, "gst_rtsp_media_factory_set_launch", None, [vp, cp]),
+        (rtsp, "gst_rtsp_media_factory_set_shared", None, [vp, ctypes.c_int]),
+        (rtsp, "gst_rtsp_mount_points_add_factory", None, [vp, cp, vp]),
+        (rtsp, "gst_rtsp_server_attach", ctypes.c_uint, [vp, vp]),
+        (gobject, "g_object_unref", None, [vp]),
+        (glib, "g_main_loop_new", vp, [vp, ctypes.c_int]),
+        (glib, "g_main_loop_run", None, [vp]),
+    ]
+    for lib, name, res, args in sigs:
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return gst, rtsp, gobject, glib
 
-    gi.require_version("Gst", "1.0")
-    gi.require_version("GstRtspServer", "1.0")
-    from gi.repository import GLib, Gst, GstRtspServer
 
-    Gst.init(None)
+def _serve(port: int, codec: str, clip: str, count: int) -> None:
+    gst, rtsp, gobject, glib = _gst_libs()
+    gst.gst_init(None, None)
     parse, pay = ("h264parse", "rtph264pay") if codec == "h264" else ("h265parse", "rtph265pay")
-    missing = [e for e in ("filesrc", "qtdemux", parse, pay) if Gst.ElementFactory.find(e) is None]
+    missing = []
+    for element in ("filesrc", "qtdemux", parse, pay):
+        factory = gst.gst_element_factory_find(element.encode())
+        if factory:
+            gst.gst_object_unref(factory)
+        else:
+            missing.append(element)
     if missing:
         raise SystemExit(f"GStreamer elements missing: {', '.join(missing)}")
-    server = GstRtspServer.RTSPServer()
-    server.set_address("127.0.0.1")
-    server.set_service(str(port))
-    mounts = server.get_mount_points()
+    server = rtsp.gst_rtsp_server_new()
+    rtsp.gst_rtsp_server_set_address(server, b"127.0.0.1")
+    rtsp.gst_rtsp_server_set_service(server, str(port).encode())
+    mounts = rtsp.gst_rtsp_server_get_mount_points(server)
     for i in range(count):
-        factory = GstRtspServer.RTSPMediaFactory()
+        factory = rtsp.gst_rtsp_media_factory_new()
         # config-interval=-1: parameter sets with every key frame, so a client joining late decodes
-        factory.set_launch(f'( filesrc location="{clip}" ! qtdemux ! {parse} ! {pay} config-interval=-1 '
-                           f'name=pay0 pt=96 )')
-        factory.set_shared(False)
-        mounts.add_factory(f"/s{i}", factory)
-    server.attach(None)
+        launch = (f'( filesrc location="{clip}" ! qtdemux ! {parse} ! {pay} config-interval=-1 '
+                  f'name=pay0 pt=96 )')
+        rtsp.gst_rtsp_media_factory_set_launch(factory, launch.encode())
+        rtsp.gst_rtsp_media_factory_set_shared(factory, 0)
+        rtsp.gst_rtsp_mount_points_add_factory(mounts, f"/s{i}".encode(), factory)  # takes the factory
+    gobject.g_object_unref(mounts)
+    if rtsp.gst_rtsp_server_attach(server, None) == 0:
+        raise SystemExit(f"GStreamer RTSP server cannot listen on 127.0.0.1:{port}")
     print("READY", flush=True)
-    GLib.MainLoop().run()
+    glib.g_main_loop_run(glib.g_main_loop_new(None, 0))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
    served alone, frame by frame.
 5. swap: 8 NVDEC cameras on CUDA-graph lanes, the model swapped 6 times under load (the new lanes
    captured while every camera runs): no errors, every camera keeps serving.
+7. rtsp_detections: the demo clip served by the GStreamer RTSP server on loopback (agent.streams_rtsp;
+   where GStreamer is not installed, its libraries and plugins named by LD_LIBRARY_PATH and
+   GST_PLUGIN_SYSTEM_PATH), read over rtsp:// by NVDEC (PyAV's demuxer) and by the CPU decoder:
+   the first 90 frames of each, in order with no drop, give the detections of the file decoded
+   on the CPU.
 4. shared (shared_cpu_decode): N cameras on one engine: one model load, GPU memory per extra
    camera, with NVDEC (and with CPU decoding, to tell the decoder's memory from the engine's).
 
@@ -240,6 +245,30 @@ def check_detections(clips: Path, work: Path) -> dict[str, Any]:
     return out
 
 
+def check_rtsp_detections(clips: Path, work: Path) -> dict[str, Any]:
+    from agent.streams_rtsp import RtspStreams
+
+    clip = clips / "demo1080_h264.mp4"
+    ref, _ = serve(gpu_config(DEMO / "model.onnx", [{"id": "c", "source": str(clip), "pace": False,
+                                                     "decode": "cpu"}], work))
+    with RtspStreams(clip, "h264", 2) as server:
+        cams = [{"id": decode, "source": url, "decode": decode}
+                for decode, url in zip(("nvdec", "cpu"), server.urls, strict=True)]
+        got, tele = serve(gpu_config(DEMO / "model.onnx", cams, work), seconds=8.0)  # 90 frames at 30 fps: 3 s
+    out: dict[str, Any] = {"frames_file_cpu": len(ref["c"])}
+    ok = len(ref["c"]) == 90
+    for c in tele["cameras"]:
+        rows = [r for r in got[c["camera"]] if r.frame_seq < 90]  # the first pass through the clip
+        bad = [r.frame_seq for r in rows if not _match(r.detections, ref["c"][r.frame_seq].detections)[0]]
+        in_order = [r.frame_seq for r in rows] == list(range(90))  # none dropped, none reordered
+        out[c["camera"]] = {"frames": len(rows), "mismatched": bad[:10], "in_order": in_order,
+                            "detections": sum(len(r.detections) for r in rows), "decode": c.get("decode"),
+                            "frames_dropped": c.get("frames_dropped"), "errors": c.get("errors")}
+        ok = ok and not bad and in_order and c.get("decode") == c["camera"]
+    out["ok"] = ok
+    return out
+
+
 def check_lanes_detections(clips: Path, work: Path) -> dict[str, Any]:
     """Three cameras on CUDA-graph lanes, each on its own clip (the demo clip and two flips, 1080p
     H.264, NVDEC, the demo model): each camera's detections, frame by frame in order, equal that clip
@@ -397,6 +426,7 @@ def main() -> int:
               "shared": lambda: check_shared(args.clips, work, args.model),
               "swap": lambda: check_swap(args.clips, work, args.model),
               "lanes_detections": lambda: check_lanes_detections(args.clips, work),
+              "rtsp_detections": lambda: check_rtsp_detections(args.clips, work),
               "shared_lanes": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), cuda_graph=True),
               "shared_lanes_cpu_decode": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), "cpu",
                                                               cuda_graph=True),

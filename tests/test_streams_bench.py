@@ -1,7 +1,7 @@
 """`edge-agent bench --streams N` on the CPU: live RTSP streams from a real GStreamer server on loopback.
 
 The streams are the demo clip encoded here with PyAV (libx264 / libx265) and served by Debian's
-GStreamer RTSP server under the system python3 (CI installs it: .ci/run); the service decodes
+GStreamer RTSP server, called through ctypes (CI installs it: .ci/run); the service decodes
 them with OpenCV's FFmpeg backend, as it does a camera. Figures are not judged here (speed is
 measured by the bench itself, not by tests); the rows must be there and make sense.
 """
@@ -66,8 +66,27 @@ def test_bench_streams_rejects_zero(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--streams must be >= 1" in r.stderr
 
 
+@pytest.mark.parametrize("start", ["0", "3", "-2"])
+def test_bench_refuses_a_search_start_outside_one_to_the_streams(start: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "2", "--find-max", "--find-from",
+                        start], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "--find-from must be between 1 and --streams (2)" in r.stderr
+
+
+def test_find_max_search_starts_where_it_is_told(tmp_path: Path) -> None:
+    out = tmp_path / "streams.json"
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "3", "--find-max", "--find-from", "2",
+                        "--size", "160x90", "--fps", "5", "--seconds", "1", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert sorted(res["runs"]) == ["2", "3"]  # 1 never tried; 4 > --streams
+    assert res["n_max"] in (0, 2, 3)
+
+
 @pytest.mark.parametrize(("n", "start", "holds_up_to", "want"), [
-    (56, 1, 29, 29), (56, 4, 48, 48), (40, 1, 40, 40), (40, 1, 0, 0), (64, 4, 3, 0), (64, 4, 64, 64)])
+    (56, 1, 29, 29), (56, 4, 48, 48), (40, 1, 40, 40), (40, 1, 0, 0), (64, 4, 3, 0), (64, 4, 64, 64),
+    (64, 48, 62, 62)])
 def test_find_max_finds_the_largest_n_that_holds(n: int, start: int, holds_up_to: int, want: int) -> None:
     from agent.streams_bench import find_max
 

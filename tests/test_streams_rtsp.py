@@ -1,0 +1,87 @@
+"""agent.streams_rtsp: the bench's RTSP server, Debian's GStreamer RTSP server called through ctypes.
+
+Real parts: the server process, its GStreamer libraries and plugins, PyAV (FFmpeg) as the client.
+The folder test is what the lent GPU machine gets (it has no GStreamer): a folder of the
+libraries and plugins named by EDGE_AGENT_GSTREAMER_DIR; here the folder holds copies of this
+machine's plugins, so the test proves the plugin set is enough and that the server loads them
+from the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.streams_bench import make_clip
+from agent.streams_rtsp import RtspStreams, gstreamer_env
+
+av = pytest.importorskip("av", reason="PyAV makes and reads the test streams (the test extra)")
+
+# what the server needs besides the libraries: filesrc / queue, appsrc / appsink, qtdemux, h264parse,
+# RTP payloaders, rtpbin, UDP and TCP elements (the server builds them per client)
+PLUGINS = ["coreelements", "app", "isomp4", "videoparsersbad", "rtp", "rtpmanager", "udp", "tcp"]
+SYSTEM_PLUGINS = Path("/usr/lib/x86_64-linux-gnu/gstreamer-1.0")
+
+
+def _frames(url: str, n: int) -> list[tuple[int, int]]:
+    sizes = []
+    with av.open(url, options={"rtsp_transport": "tcp"}, timeout=(10.0, 10.0)) as c:
+        for frame in c.decode(video=0):
+            sizes.append((frame.width, frame.height))
+            if len(sizes) == n:
+                break
+    return sizes
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_every_mount_serves_the_clip_from_its_start(tmp_path: Path, codec: str) -> None:
+    clip = make_clip(tmp_path / f"c.{codec}.mp4", codec, 320, 180, 30.0, 45)
+    with RtspStreams(clip, codec, 2) as server:
+        assert server.urls == [f"rtsp://127.0.0.1:{server.port}/s0", f"rtsp://127.0.0.1:{server.port}/s1"]
+        for url in server.urls:
+            assert _frames(url, 30) == [(320, 180)] * 30
+
+
+def test_gstreamer_env_names_the_folder_for_the_server_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("EDGE_AGENT_GSTREAMER_DIR", raising=False)
+    assert gstreamer_env() is None
+    monkeypatch.setenv("EDGE_AGENT_GSTREAMER_DIR", str(tmp_path))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/x")
+    env = gstreamer_env()
+    assert env is not None
+    assert env["LD_LIBRARY_PATH"] == f"{tmp_path}/lib{os.pathsep}/opt/x"
+    assert env["GST_PLUGIN_SYSTEM_PATH"] == f"{tmp_path}/plugins" and env["GST_PLUGIN_PATH"] == ""
+    assert env["GST_REGISTRY"] == f"{tmp_path}/registry.bin"
+    assert os.environ["LD_LIBRARY_PATH"] == "/opt/x"  # this process is not touched
+
+
+def test_server_runs_from_a_folder_of_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    missing = [p for p in PLUGINS if not (SYSTEM_PLUGINS / f"libgst{p}.so").exists()]
+    if missing:
+        pytest.fail(f"GStreamer plugins missing from {SYSTEM_PLUGINS}: {missing} (.ci/run installs them)")
+    root = tmp_path / "gst"
+    (root / "lib").mkdir(parents=True)
+    (root / "plugins").mkdir()
+    for p in PLUGINS:
+        shutil.copy(SYSTEM_PLUGINS / f"libgst{p}.so", root / "plugins")  # copies: /proc maps names them
+    monkeypatch.setenv("EDGE_AGENT_GSTREAMER_DIR", str(root))
+    clip = make_clip(tmp_path / "c.mp4", "h264", 320, 180, 30.0, 45)
+    with RtspStreams(clip, "h264", 1) as server:
+        assert _frames(server.urls[0], 10) == [(320, 180)] * 10
+        assert server._proc is not None
+        maps = Path(f"/proc/{server._proc.pid}/maps").read_text()
+    loaded = {line.split()[-1] for line in maps.splitlines() if "libgst" in line and line.endswith(".so")}
+    assert loaded and all(p.startswith(str(root / "plugins")) for p in loaded), loaded
+    assert (root / "registry.bin").exists()
+
+
+def test_a_missing_plugin_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = tmp_path / "gst"
+    (root / "plugins").mkdir(parents=True)  # no plugins at all: filesrc and the rest are missing
+    monkeypatch.setenv("EDGE_AGENT_GSTREAMER_DIR", str(root))
+    clip = make_clip(tmp_path / "c.mp4", "h264", 320, 180, 30.0, 5)
+    with pytest.raises(RuntimeError, match="GStreamer elements missing: filesrc, qtdemux, h264parse, rtph264pay"):
+        RtspStreams(clip, "h264", 1).start()
