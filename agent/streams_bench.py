@@ -123,7 +123,28 @@ def _gpu_used() -> int | None:
         return None
 
 
-def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 3.0) -> dict[str, Any]:
+def wait_steady(counts: Callable[[], list[int]], fps: float, timeout_s: float, step_s: float = 1.0,
+                slack: float = 1.15) -> tuple[float, bool]:
+    """Wait until no stream gets more than `slack` x its rate over `step_s`: (seconds waited, settled).
+
+    Why: an RTSP server whose client fell behind while the service started (decoders created, lanes
+    captured) does not drop what it could not send; it sends it late, faster than the clip's rate,
+    until it has caught up. On the H200 at 24 RTSP streams that was 45-60 frames/s per stream for
+    the 5 s window after a 3 s warm-up (docs/measurements/h200-2026-12-02-rtsp): a window there
+    measures a burst, not a camera."""
+    t0 = time.monotonic()
+    prev = counts()
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(step_s)
+        now = counts()
+        if all(b - a <= slack * fps * step_s for a, b in zip(prev, now, strict=True)):
+            return time.monotonic() - t0, True
+        prev = now
+    return time.monotonic() - t0, False
+
+
+def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 3.0,
+                settle_s: float = 15.0) -> dict[str, Any]:
     """The service with cfg's cameras: per-stream figures over `seconds` after a warm-up."""
     from agent.service import Service
     from agent.telemetry.metrics import StageTimes
@@ -139,20 +160,30 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             time.sleep(0.1)
         barrier("window")  # --processes: every process's cameras run before any window starts
         time.sleep(warmup_s)
+        settled: tuple[float, bool] | None = None
+        if any(c.source.startswith("rtsp://") for c in cfg.cameras):
+            settled = wait_steady(lambda: [p.processed for p in svc.pipelines], fps, settle_s)
+            if not settled[1]:
+                print(f"bench: the RTSP streams still ran faster than {fps:g} fps after {settled[0]:.0f} s: "
+                      "the window holds a server catching up", file=sys.stderr)
+            barrier("steady")
         for p in svc.pipelines:
             p.times = StageTimes()  # the window's latencies only
-        start = [(p.processed, p.capture.stats().get("frames_dropped", 0), p.errors) for p in svc.pipelines]
+        start = [(p.processed, p.capture.stats().get("frames_dropped", 0), p.errors,
+                  p.capture.stats().get("reconnects", 0)) for p in svc.pipelines]
         cpu_window, t0 = ThreadCpuWindow(), time.perf_counter()
         time.sleep(seconds)
         wall = time.perf_counter() - t0
         by_thread, cpu = cpu_window.stop(), cpu_window.process_s or 0.0
         streams = []
-        for p, (n0, d0, e0) in zip(svc.pipelines, start, strict=True):
+        for p, (n0, d0, e0, r0) in zip(svc.pipelines, start, strict=True):
             e2e = p.times.values("e2e")
             streams.append({"camera": p.camera_id, "fps": round((p.processed - n0) / wall, 2),
                             "frames": p.processed - n0,
                             "dropped": int(p.capture.stats().get("frames_dropped", 0)) - int(d0),  # type: ignore[call-overload]
                             "errors": p.errors - e0,
+                            # a reconnect in the window: a live stream starts again (RTSP: with a burst)
+                            "reconnects": int(p.capture.stats().get("reconnects", 0)) - int(r0),  # type: ignore[call-overload]
                             "p50_ms": round(float(np.percentile(e2e, 50)), 2) if e2e.size else None,
                             "p99_ms": round(float(np.percentile(e2e, 99)), 2) if e2e.size else None,
                             "state": p.capture.state})
@@ -168,9 +199,11 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             # the same window split by thread kind (agent.telemetry.threads); "native" = the rest
             "host_cpu_ms_per_frame_by_thread": {g: round(s * 1e3 / max(frames, 1), 3) for g, s in by_thread.items()},
             "worst_p99_ms": max((s["p99_ms"] or 0.0) for s in streams),
-            "min_fps": min(s["fps"] for s in streams), "dropped": sum(s["dropped"] for s in streams),
+            "min_fps": min(s["fps"] for s in streams), "max_fps": max(s["fps"] for s in streams),
+            "dropped": sum(s["dropped"] for s in streams), "reconnects": sum(s["reconnects"] for s in streams),
             "gpu_mem_mb": None if gpu0 is None or gpu2 is None else round((gpu2 - gpu0) / 2**20, 1),
             "gpu_mem_at_start_mb": None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 2**20, 1),
+            "settle_s": None if settled is None else round(settled[0], 1),
             "model_loads": tele["engine"].get("model_loads"), "preprocess": tele["engine"].get("preprocess"),
             "decode": [c.get("decode") for c in tele["cameras"]],
             "goal_held": held}
@@ -321,7 +354,9 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     fps = float(args.fps)
     ext = "mp4"
     seconds = float(args.seconds)
-    clip_frames = int(fps * (seconds + 20)) if args.source == "rtsp" else int(fps * 4)
+    # RTSP: every client's stream starts at the clip's start and must not end within start-up, warm-up,
+    # settling (up to 15 s: run_service) and the window
+    clip_frames = int(fps * (seconds + 35)) if args.source == "rtsp" else int(fps * 4)
     t0 = time.perf_counter()
     if getattr(args, "clip", None):
         clip = Path(args.clip)
@@ -427,7 +462,9 @@ def _row(r: dict[str, Any]) -> str:
     return (f"N={r['streams']:<3} total {r['total_fps']:>8.1f} fps  min/stream {r['min_fps']:>6.1f}  "
             f"worst p99 {r['worst_p99_ms']:>7.1f} ms  dropped {r['dropped']:>4}  "
             f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {gpu} MB  loads {r['model_loads']}  "
-            f"{'held' if r['goal_held'] else 'MISSED'}")
+            f"{'held' if r['goal_held'] else 'MISSED'}"
+            + (f"  reconnects {r['reconnects']}" if r.get("reconnects") else "")
+            + (f"  max/stream {r['max_fps']:.1f}" if r.get("max_fps", 0) > 1.2 * r["min_fps"] else ""))
 
 
 def _thread_row(r: dict[str, Any], top: int = 6) -> str:

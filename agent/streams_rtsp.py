@@ -175,8 +175,10 @@ def _serve(port: int, codec: str, clip: str, count: int) -> None:
     mounts = rtsp.gst_rtsp_server_get_mount_points(server)
     for i in range(count):
         factory = rtsp.gst_rtsp_media_factory_new()
-        # config-interval=-1: parameter sets with every key frame, so a client joining late decodes
-        launch = (f'( filesrc location="{clip}" ! qtdemux ! {parse} ! {pay} config-interval=-1 '
+        # config-interval=-1: parameter sets before every key frame, so a client joining late decodes.
+        # On the parser, which inserts them per access unit: the payloader put them before each IDR
+        # slice, which split a key frame of several slices into two broken pictures for FFmpeg.
+        launch = (f'( filesrc location="{clip}" ! qtdemux ! {parse} config-interval=-1 ! {pay} '
                   f'name=pay0 pt=96 )')
         rtsp.gst_rtsp_media_factory_set_launch(factory, launch.encode())
         rtsp.gst_rtsp_media_factory_set_shared(factory, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -50,6 +51,7 @@ def test_bench_two_rtsp_streams_on_one_engine(tmp_path: Path) -> None:
         assert s["state"] == "streaming" and s["frames"] > 0 and s["errors"] == 0
         assert 0 < s["p50_ms"] <= s["p99_ms"]
     assert run["host_cpu_ms_per_frame"] > 0
+    assert run["settle_s"] is not None and run["reconnects"] == 0  # RTSP: the window waited for steady streams
     # the same window split by thread kind: the pipeline's threads are there, and the split adds
     # up to the process figure (rounding and the readings being a hair apart aside)
     by_thread = run["host_cpu_ms_per_frame_by_thread"]
@@ -64,6 +66,30 @@ def test_bench_streams_rejects_zero(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "--streams must be >= 1" in r.stderr
+
+
+def test_wait_steady_waits_out_a_source_catching_up() -> None:
+    """Stand-in counters (the pipelines' processed counts), driven by the clock: one stream runs at
+    3x its rate for 0.6 s (a server catching up), then at its rate; the other at its rate."""
+    from agent.streams_bench import wait_steady
+
+    t0 = time.monotonic()
+
+    def counts() -> list[int]:
+        t = time.monotonic() - t0
+        fast = 30 * min(t, 0.6) + 10 * max(t - 0.6, 0.0)
+        return [int(fast), int(10 * t)]
+
+    waited, settled = wait_steady(counts, fps=10.0, timeout_s=5.0, step_s=0.2)
+    assert settled and 0.6 <= waited < 1.6, waited
+
+
+def test_wait_steady_gives_up_on_a_stream_that_never_settles() -> None:
+    from agent.streams_bench import wait_steady
+
+    t0 = time.monotonic()
+    waited, settled = wait_steady(lambda: [int(30 * (time.monotonic() - t0))], fps=10.0, timeout_s=0.7, step_s=0.2)
+    assert not settled and 0.7 <= waited < 1.2
 
 
 @pytest.mark.parametrize("start", ["0", "3", "-2"])

@@ -45,6 +45,46 @@ def test_every_mount_serves_the_clip_from_its_start(tmp_path: Path, codec: str) 
             assert _frames(url, 30) == [(320, 180)] * 30
 
 
+def _sliced_clip(path: Path, frames: int) -> Path:
+    """H.264 with 4 slices per picture and a key frame every 10 (what multi-threaded encoders make)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 255, (180, 320, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        stream.options = {"preset": "ultrafast", "g": "10", "x264-params": "slices=4"}
+        for i in range(frames):
+            img = np.roll(base, 4 * i, axis=1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_served_pictures_decode_equal_to_the_file_with_several_slices(tmp_path: Path) -> None:
+    """Parameter sets go in before each key frame's access unit, not between its slices (the
+    payloader's config-interval put them before every IDR slice: FFmpeg then split the key frame
+    into two broken pictures and every frame to the next key frame decoded wrong)."""
+    import numpy as np
+
+    clip = _sliced_clip(tmp_path / "sliced.mp4", 25)
+    with av.open(str(clip)) as c:
+        ref = [f.to_ndarray(format="yuv420p") for f in c.decode(video=0)]
+    with RtspStreams(clip, "h264", 1) as server, \
+            av.open(server.urls[0], options={"rtsp_transport": "tcp"}, timeout=(10.0, 10.0)) as c:
+        got = []
+        for frame in c.decode(video=0):
+            got.append(frame.to_ndarray(format="yuv420p"))
+            if len(got) == 22:  # past two key frames
+                break
+    assert len(got) == 22
+    differ = [i for i, (a, b) in enumerate(zip(got, ref, strict=False)) if not np.array_equal(a, b)]
+    assert differ == []
+
+
 def test_gstreamer_env_names_the_folder_for_the_server_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("EDGE_AGENT_GSTREAMER_DIR", raising=False)
     assert gstreamer_env() is None

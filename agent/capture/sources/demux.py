@@ -4,8 +4,11 @@ Why not PyNvVideoCodec's own demuxer: it keeps the GIL while it waits for data a
 timeouts (measured on the H200: a stream that stalled for 4 s stopped every thread of the process
 for those 4 s; docs/measurements/h200-2026-12-02-lane-fill). One camera that stops sending would
 stop every other camera, the MQTT client and the watchdog. PyAV lets the GIL go while FFmpeg
-reads, and its interrupt callback aborts a network open or read after `open_timeout_s` /
-`read_timeout_s` (a SourceError: the capture thread reconnects with backoff).
+reads. A network open is bounded by PyAV's interrupt callback (`open_timeout_s`), a read by
+FFmpeg's own socket timeout (`read_timeout_s`): either ends in a SourceError and the capture
+thread reconnects with backoff. Not PyAV's read timeout: its callback takes the GIL each time
+FFmpeg polls it, several times per RTP packet: on the H200 at 24 streams the capture thread spent
+2.2-2.7 ms per 1080p frame with it, 0.8-0.9 ms without (docs/measurements/h200-2026-12-02-rtsp).
 
 NVDEC's parser reads elementary streams: H.264 / HEVC in Annex B (start codes, parameter sets in
 band). From MP4 / MKV they are length-prefixed, so FFmpeg's mp4toannexb filter converts them.
@@ -50,8 +53,11 @@ class AvDemuxer:
     def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float) -> None:
         av = _av()
         self.what = what
-        options = {"rtsp_transport": "tcp"} if target.startswith("rtsp://") else {}
-        timeout = (open_timeout_s, read_timeout_s) if network else None
+        options: dict[str, str] = {}
+        if target.startswith("rtsp://"):  # the socket's I/O timeout, in microseconds (FFmpeg's rtsp option)
+            options = {"rtsp_transport": "tcp", "timeout": str(max(1, round(read_timeout_s * 1e6)))}
+        # the open only: with no read timeout PyAV's callback returns before taking the GIL
+        timeout = (open_timeout_s, None) if network else None
         try:
             self._container = av.open(target, options=options, timeout=timeout)
         except Exception as exc:
