@@ -380,7 +380,11 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
                 return run_service(_config(base, server.urls, args.decode, work, False), seconds, fps)
         return run_service(_config(base, [str(clip)] * k, args.decode, work, True), seconds, fps)
 
-    runs, best = _search(n, measure, args.find_max, start=_find_from(args, 1))
+    try:
+        runs, best = _search(n, measure, args.find_max, start=_find_from(args, 1))
+    except RuntimeError as exc:  # the RTSP server cannot start here: say why (and what to install)
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
     n_limit = n
     if best is not None:
         results["n_max"] = best

@@ -118,6 +118,19 @@ def test_server_runs_from_a_folder_of_plugins(monkeypatch: pytest.MonkeyPatch, t
     assert (root / "registry.bin").exists()
 
 
+def test_bench_says_what_the_rtsp_server_lacks_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGE_AGENT_GSTREAMER_DIR": str(tmp_path / "none")}
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--streams", "1", "--source", "rtsp", "--size",
+                        "160x90", "--fps", "5", "--seconds", "1"], env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 1
+    assert "bench: RTSP server exited (GStreamer elements missing: filesrc" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_a_missing_plugin_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root = tmp_path / "gst"
     (root / "plugins").mkdir(parents=True)  # no plugins at all: filesrc and the rest are missing
