@@ -143,6 +143,11 @@ def wait_steady(counts: Callable[[], list[int]], fps: float, timeout_s: float, s
     return time.monotonic() - t0, False
 
 
+def _grew(before: dict[str, object], after: dict[str, object], key: str) -> int:
+    """How much a capture counter grew between two `stats()` readings."""
+    return int(after.get(key, 0)) - int(before.get(key, 0))  # type: ignore[call-overload]
+
+
 def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 3.0,
                 settle_s: float = 15.0) -> dict[str, Any]:
     """The service with cfg's cameras: per-stream figures over `seconds` after a warm-up."""
@@ -169,21 +174,21 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             barrier("steady")
         for p in svc.pipelines:
             p.times = StageTimes()  # the window's latencies only
-        start = [(p.processed, p.capture.stats().get("frames_dropped", 0), p.errors,
-                  p.capture.stats().get("reconnects", 0)) for p in svc.pipelines]
+        start = [(p.processed, p.errors, p.capture.stats()) for p in svc.pipelines]
         cpu_window, t0 = ThreadCpuWindow(), time.perf_counter()
         time.sleep(seconds)
         wall = time.perf_counter() - t0
         by_thread, cpu = cpu_window.stop(), cpu_window.process_s or 0.0
-        streams = []
-        for p, (n0, d0, e0, r0) in zip(svc.pipelines, start, strict=True):
+        streams: list[dict[str, Any]] = []
+        for p, (n0, e0, s0) in zip(svc.pipelines, start, strict=True):
             e2e = p.times.values("e2e")
+            s1 = p.capture.stats()
             streams.append({"camera": p.camera_id, "fps": round((p.processed - n0) / wall, 2),
                             "frames": p.processed - n0,
-                            "dropped": int(p.capture.stats().get("frames_dropped", 0)) - int(d0),  # type: ignore[call-overload]
+                            "dropped": _grew(s0, s1, "frames_dropped"),
                             "errors": p.errors - e0,
                             # a reconnect in the window: a live stream starts again (RTSP: with a burst)
-                            "reconnects": int(p.capture.stats().get("reconnects", 0)) - int(r0),  # type: ignore[call-overload]
+                            "reconnects": _grew(s0, s1, "reconnects"),
                             "p50_ms": round(float(np.percentile(e2e, 50)), 2) if e2e.size else None,
                             "p99_ms": round(float(np.percentile(e2e, 99)), 2) if e2e.size else None,
                             "state": p.capture.state})
