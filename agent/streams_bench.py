@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
     p.add_argument("--find-from", type=int, default=1, metavar="N",
                    help="--find-max: the first N tried (default 1; with --processes K at least K), doubling "
-                        "from it: a search near a known N_max takes fewer runs")
+                        "from it, or halving below it when N itself misses: a search near a known N_max takes "
+                        "fewer runs")
     p.add_argument("--clip", default=None, help="--streams, and bench's live row: read this H.264 / HEVC file "
                    "instead of encoding one")
     p.add_argument("--processes", type=int, default=1, metavar="K",
@@ -101,6 +102,41 @@ def make_clip(path: Path, codec: str, width: int, height: int, fps: float, frame
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def loop_clip(src: Path, dst: Path, min_seconds: float) -> tuple[Path, int]:
+    """`src` played as many times in a row as it takes to last `min_seconds`, as one file, without
+    re-encoding (PyAV remux): (the clip to serve, times played). A clip that lasts already is `src`."""
+    import av
+
+    with av.open(str(src)) as inp:
+        stream = inp.streams.video[0]
+        seconds = float(stream.duration * stream.time_base) if stream.duration else \
+            float(inp.duration or 0) / 1e6
+    if seconds <= 0:
+        raise SystemExit(f"bench: --clip: cannot read the length of {src}")
+    times = int(np.ceil(min_seconds / seconds))
+    if times <= 1:
+        return src, 1
+    with av.open(str(dst), "w") as out:
+        ostream: Any = None
+        offset = 0
+        for _ in range(times):
+            with av.open(str(src)) as inp:
+                stream = inp.streams.video[0]
+                if ostream is None:
+                    ostream = out.add_stream_from_template(stream)
+                end = offset
+                for packet in inp.demux(stream):
+                    if packet.dts is None:  # the demuxer's flush packet
+                        continue
+                    packet.pts = (packet.pts if packet.pts is not None else packet.dts) + offset
+                    packet.dts += offset
+                    end = max(end, packet.pts + (packet.duration or 0))
+                    packet.stream = ostream
+                    out.mux(packet)
+                offset = end
+    return dst, times
 
 
 def _config(base: AgentConfig, sources: list[str], decode: str, work: Path, file: bool) -> AgentConfig:
@@ -209,6 +245,7 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             "gpu_mem_mb": None if gpu0 is None or gpu2 is None else round((gpu2 - gpu0) / 2**20, 1),
             "gpu_mem_at_start_mb": None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 2**20, 1),
             "settle_s": None if settled is None else round(settled[0], 1),
+            "settled": None if settled is None else settled[1],
             "model_loads": tele["engine"].get("model_loads"), "preprocess": tele["engine"].get("preprocess"),
             "decode": [c.get("decode") for c in tele["cameras"]],
             "goal_held": held}
@@ -308,23 +345,22 @@ def nvdec_limit(clip: Path, n: int, seconds: float = 3.0) -> dict[str, Any]:
         return {"error": str(exc)[:300]}
 
 
-def find_max(n: int, trial: Callable[[int], bool], start: int = 1) -> int:
-    """The largest k in [start, n] for which trial(k) holds (0 if none): doubling from `start` until
-    it breaks, then halving between the last pass and the first failure."""
-    lo, hi, k = 0, n + 1, start
+def find_max(n: int, trial: Callable[[int], bool], start: int = 1, least: int = 1) -> int:
+    """The largest k in [least, n] for which trial(k) holds (0 if none): from `start`, doubling until it
+    breaks, then halving between the last pass and the first failure; when `start` itself fails, halving
+    between `least` and it (a start set too high still finds the N below it)."""
+    lo, hi, k = least - 1, n + 1, start
     while k <= n:
         if not trial(k):
             hi = k
             break
         lo, k = k, k * 2
-    if lo == 0 and hi <= n:  # the first trial failed (below `start` nothing is tried)
-        return 0
     if hi == n + 1 and lo < n:
         lo, hi = (n, hi) if trial(n) else (lo, n)
     while hi - lo > 1 and lo < n:
         k = (lo + hi) // 2
         lo, hi = (k, hi) if trial(k) else (lo, k)
-    return max(lo, 0)
+    return lo if lo >= least else 0
 
 
 def run_streams(args: argparse.Namespace) -> int:
@@ -365,6 +401,12 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     t0 = time.perf_counter()
     if getattr(args, "clip", None):
         clip = Path(args.clip)
+        if args.source == "rtsp":  # a stream that ends mid-run would count as lost: serve the clip looped
+            need = seconds + 35 + 10 * int(getattr(args, "processes", 1) or 1)  # K processes start slower
+            clip, times = loop_clip(clip, work / f"looped{clip.suffix}", need)
+            if times > 1:
+                print(f"bench: --clip served {times} times in a row ({need:.0f} s needed for start-up, "
+                      "settling and the window)", file=sys.stderr)
     else:
         clip = make_clip(work / f"clip-{args.codec}.{ext}", args.codec, width, height, fps, clip_frames)
         print(f"bench: {clip_frames} frames {width}x{height} {args.codec} encoded in "
@@ -411,7 +453,7 @@ def _find_from(args: argparse.Namespace, least: int) -> int:
     return max(int(getattr(args, "find_from", 1) or 1), least)
 
 
-def _search(n: int, measure: Callable[[int], _Fig], find: bool, start: int = 1,
+def _search(n: int, measure: Callable[[int], _Fig], find: bool, start: int = 1, least: int = 1,
             row: Callable[[_Fig], _Fig] = lambda r: r) -> tuple[dict[int, _Fig], int | None]:
     """measure(n) once, or (`find`) the find-max search up to n, each run's row printed as it ends:
     (the results by N, N_max or None). `row` picks a result's row (its goal_held)."""
@@ -427,7 +469,7 @@ def _search(n: int, measure: Callable[[int], _Fig], find: bool, start: int = 1,
             print(_thread_row(row(runs[k])), file=sys.stderr)
         return bool(row(runs[k])["goal_held"])
 
-    return runs, find_max(n, trial, start)
+    return runs, find_max(n, trial, start, least)
 
 
 def _report(results: dict[str, Any], args: argparse.Namespace) -> int:
@@ -450,7 +492,7 @@ def _run_processes(args: argparse.Namespace, results: dict[str, Any], clip: Path
           file=sys.stderr)
     try:
         merged, best = _search(n, lambda total: measure_procs(args, clip, total, k, work), args.find_max,
-                               start=_find_from(args, k),
+                               start=_find_from(args, k), least=k,
                                row=lambda m: m["run"])
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -473,7 +515,8 @@ def _row(r: dict[str, Any]) -> str:
             f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {gpu} MB  loads {r['model_loads']}  "
             f"{'held' if r['goal_held'] else 'MISSED'}"
             + (f"  reconnects {r['reconnects']}" if r.get("reconnects") else "")
-            + (f"  max/stream {r['max_fps']:.1f}" if r.get("max_fps", 0) > 1.2 * r["min_fps"] else ""))
+            + (f"  max/stream {r['max_fps']:.1f}" if r.get("max_fps", 0) > 1.2 * r["min_fps"] else "")
+            + ("  (server still catching up)" if r.get("settled") is False else ""))
 
 
 def _thread_row(r: dict[str, Any], top: int = 6) -> str:

@@ -140,6 +140,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
            # each process sees the others' allocations too: a per-process figure would mislead
            "gpu_mem_mb": None, "model_loads": sum(r.get("model_loads") or 0 for r in runs),
            "goal_held": all(r["goal_held"] for r in runs), "processes": len(runs)}
+    settles = [r for r in runs if r.get("settle_s") is not None]  # RTSP: each process waited for its streams
+    if settles:
+        row["settle_s"] = max(r["settle_s"] for r in settles)
+        row["settled"] = all(r.get("settled") is not False for r in settles)
     limits = [p.get("engine_limit") or {} for p in parts]
     engine = {"contexts": sum(e.get("contexts") or 0 for e in limits),
               "inferences_per_s": round(sum(e.get("inferences_per_s") or 0.0 for e in limits), 1),

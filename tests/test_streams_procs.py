@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import streams_procs
+from agent.streams_bench import _row
 from agent.streams_procs import barrier, merge, split
 from tests.support.cli import assert_clean, edge_agent
 
@@ -73,6 +74,19 @@ def test_merge_sums_the_processes_and_keeps_the_worst_stream() -> None:
     assert [s["camera"] for s in run["per_stream"]] == ["p0.s0", "p1.s0", "p1.s1", "p1.s2"]
     assert m["engine_limit"]["inferences_per_s"] == 1500.0 and m["engine_limit"]["contexts"] == 4
     assert m["nvdec_limit"] == {"decoders": 4, "frames_per_s": 200.0}
+
+
+def test_merge_keeps_the_longest_settling_and_whether_every_process_settled() -> None:
+    files = merge([_part(1, 30.0, 20.0, True, 700.0), _part(2, 30.0, 20.0, True, 700.0)])["run"]
+    assert "settle_s" not in files and "settled" not in files  # file sources: nothing to wait for
+    a, b = _part(1, 30.0, 20.0, True, 700.0), _part(2, 30.0, 20.0, True, 700.0)
+    a["runs"]["1"].update(settle_s=4.0, settled=True)  # type: ignore[index]
+    b["runs"]["2"].update(settle_s=15.1, settled=False)  # type: ignore[index]
+    run = merge([a, b])["run"]
+    assert run["settle_s"] == 15.1 and run["settled"] is False
+    assert "server still catching up" in _row(run)
+    b["runs"]["2"].update(settled=True)  # type: ignore[index]
+    assert merge([a, b])["run"]["settled"] is True
 
 
 def test_bench_splits_streams_over_processes_on_this_cpu(tmp_path: Path) -> None:
