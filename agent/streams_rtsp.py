@@ -9,13 +9,15 @@ The server calls libgstrtspserver through ctypes (about a dozen C functions), so
 any Python, the agent's venv included, with only GStreamer's shared libraries and plugins present
 (Debian packages; on a machine without them, such as the lent GPU machine, a folder of them:
 EDGE_AGENT_GSTREAMER_DIR with lib/ and plugins/, used by the server process only), no PyGObject.
-`RtspStreams` starts this file as a subprocess and kills it on `stop()`. Nothing here is imported
-by the service.
+`RtspStreams` starts this file as a subprocess (the mounts and their launch lines as JSON:
+`server_command`) and kills it on `stop()`; the tests' live camera (tests/support/rtsp_server.py)
+runs the same server with an x264 encoder. Nothing here is imported by the service.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -107,9 +109,15 @@ class RtspStreams:
         return [f"rtsp://127.0.0.1:{self.port}/s{i}" for i in range(self.count)]
 
     def start(self, timeout: float = 15.0) -> RtspStreams:
-        args = [sys.executable, str(Path(__file__).resolve()), str(self.port), self.codec, str(self.clip.resolve()),
-                str(self.count)]
-        self._proc = start_server(args, self.port, timeout, APT_LINE, env=gstreamer_env())
+        parse, pay = ("h264parse", "rtph264pay") if self.codec == "h264" else ("h265parse", "rtph265pay")
+        # config-interval=-1: parameter sets before every key frame, so a client joining late decodes.
+        # On the parser, which inserts them per access unit: the payloader put them before each IDR
+        # slice, which split a key frame of several slices into two broken pictures for FFmpeg.
+        launch = (f'( filesrc location="{self.clip.resolve()}" ! qtdemux ! {parse} config-interval=-1 ! {pay} '
+                  'name=pay0 pt=96 )')
+        mounts = {f"/s{i}": launch for i in range(self.count)}  # every client its own pipeline: from the start
+        self._proc = start_server(server_command(self.port, mounts, False, ["filesrc", "qtdemux", parse, pay]),
+                                  self.port, timeout, APT_LINE, env=gstreamer_env())
         return self
 
     def stop(self) -> None:
@@ -156,34 +164,50 @@ def _gst_libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
     return gst, rtsp, gobject, glib
 
 
-def _serve(port: int, codec: str, clip: str, count: int) -> None:
-    gst, rtsp, gobject, glib = _gst_libs()
-    gst.gst_init(None, None)
-    parse, pay = ("h264parse", "rtph264pay") if codec == "h264" else ("h265parse", "rtph265pay")
+def server_command(port: int, mounts: dict[str, str], shared: bool, elements: list[str]) -> list[str]:
+    """The command that serves each mount's launch line on 127.0.0.1:`port` (`shared`: one pipeline
+    for all clients, as a live camera; else one per client), once `elements` are all there."""
+    spec = {"mounts": mounts, "shared": shared, "elements": elements}
+    return [sys.executable, str(Path(__file__).resolve()), str(port), json.dumps(spec)]
+
+
+def missing_elements(elements: list[str]) -> list[str]:
+    """Which GStreamer elements are not installed, asked in a process of the server's environment;
+    RuntimeError when GStreamer itself cannot load."""
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--missing", *elements], check=False,
+                       capture_output=True, text=True, timeout=60, env=gstreamer_env())
+    if r.returncode != 0:
+        raise RuntimeError((r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1])
+    return r.stdout.split()
+
+
+def _missing(gst: ctypes.CDLL, elements: list[str]) -> list[str]:
     missing = []
-    for element in ("filesrc", "qtdemux", parse, pay):
+    for element in elements:
         factory = gst.gst_element_factory_find(element.encode())
         if factory:
             gst.gst_object_unref(factory)
         else:
             missing.append(element)
+    return missing
+
+
+def _serve(port: int, mounts: dict[str, str], shared: bool, elements: list[str]) -> None:
+    gst, rtsp, gobject, glib = _gst_libs()
+    gst.gst_init(None, None)
+    missing = _missing(gst, elements)
     if missing:
         raise SystemExit(f"GStreamer elements missing: {', '.join(missing)}")
     server = rtsp.gst_rtsp_server_new()
     rtsp.gst_rtsp_server_set_address(server, b"127.0.0.1")
     rtsp.gst_rtsp_server_set_service(server, str(port).encode())
-    mounts = rtsp.gst_rtsp_server_get_mount_points(server)
-    for i in range(count):
+    points = rtsp.gst_rtsp_server_get_mount_points(server)
+    for path, launch in mounts.items():
         factory = rtsp.gst_rtsp_media_factory_new()
-        # config-interval=-1: parameter sets before every key frame, so a client joining late decodes.
-        # On the parser, which inserts them per access unit: the payloader put them before each IDR
-        # slice, which split a key frame of several slices into two broken pictures for FFmpeg.
-        launch = (f'( filesrc location="{clip}" ! qtdemux ! {parse} config-interval=-1 ! {pay} '
-                  f'name=pay0 pt=96 )')
         rtsp.gst_rtsp_media_factory_set_launch(factory, launch.encode())
-        rtsp.gst_rtsp_media_factory_set_shared(factory, 0)
-        rtsp.gst_rtsp_mount_points_add_factory(mounts, f"/s{i}".encode(), factory)  # takes the factory
-    gobject.g_object_unref(mounts)
+        rtsp.gst_rtsp_media_factory_set_shared(factory, int(shared))
+        rtsp.gst_rtsp_mount_points_add_factory(points, path.encode(), factory)  # takes the factory
+    gobject.g_object_unref(points)
     if rtsp.gst_rtsp_server_attach(server, None) == 0:
         raise SystemExit(f"GStreamer RTSP server cannot listen on 127.0.0.1:{port}")
     print("READY", flush=True)
@@ -191,4 +215,10 @@ def _serve(port: int, codec: str, clip: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1] == "--missing":  # missing_elements(): print the ones not installed
+        gst_lib = _gst_libs()[0]
+        gst_lib.gst_init(None, None)
+        print(" ".join(_missing(gst_lib, sys.argv[2:])))
+    else:
+        spec = json.loads(sys.argv[2])
+        _serve(int(sys.argv[1]), dict(spec["mounts"]), bool(spec["shared"]), list(spec["elements"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.streams_bench import make_clip
-from agent.streams_rtsp import RtspStreams, gstreamer_env
+from agent.streams_rtsp import RtspStreams, gstreamer_env, missing_elements
 
 av = pytest.importorskip("av", reason="PyAV makes and reads the test streams (the test extra)")
 
@@ -138,3 +138,20 @@ def test_a_missing_plugin_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     clip = make_clip(tmp_path / "c.mp4", "h264", 320, 180, 30.0, 5)
     with pytest.raises(RuntimeError, match="GStreamer elements missing: filesrc, qtdemux, h264parse, rtph264pay"):
         RtspStreams(clip, "h264", 1).start()
+
+
+def test_missing_elements_are_asked_in_the_servers_environment(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """The test camera's probe (tests.support.rtsp_server) asks the same process the server runs in."""
+    from tests.support.rtsp_server import unavailable_reason
+
+    wanted = ["filesrc", "videotestsrc", "no-such-element"]
+    assert missing_elements(wanted) == ["no-such-element"]
+    assert unavailable_reason() is None  # CI installs the live encoder's plugins (.ci/run)
+    root = tmp_path / "gst"
+    (root / "plugins").mkdir(parents=True)
+    monkeypatch.setenv("EDGE_AGENT_GSTREAMER_DIR", str(root))
+    assert missing_elements(wanted) == wanted
+    reason = unavailable_reason()
+    assert reason is not None and reason.startswith("GStreamer elements missing: videotestsrc, x264enc, rtph264pay;")
+    assert "apt-get install -y libgstrtspserver-1.0-0" in reason
