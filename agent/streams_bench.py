@@ -104,6 +104,9 @@ def make_clip(path: Path, codec: str, width: int, height: int, fps: float, frame
     return path
 
 
+_RTSP_STARTUP_S = 35.0  # an RTSP run's start-up, warm-up and settling before its window
+
+
 def loop_clip(src: Path, dst: Path, min_seconds: float) -> tuple[Path, int]:
     """`src` played as many times in a row as it takes to last `min_seconds`, as one file, without
     re-encoding (PyAV remux): (the clip to serve, times played). A clip that lasts already is `src`."""
@@ -396,13 +399,14 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     ext = "mp4"
     seconds = float(args.seconds)
     # RTSP: every client's stream starts at the clip's start and must not end within start-up, warm-up,
-    # settling (up to 15 s: run_service) and the window
-    clip_frames = int(fps * (seconds + 35)) if args.source == "rtsp" else int(fps * 4)
+    # settling (up to 15 s: run_service) and the window; K processes start slower
+    rtsp_s = seconds + _RTSP_STARTUP_S
+    clip_frames = int(fps * rtsp_s) if args.source == "rtsp" else int(fps * 4)
     t0 = time.perf_counter()
     if getattr(args, "clip", None):
         clip = Path(args.clip)
         if args.source == "rtsp":  # a stream that ends mid-run would count as lost: serve the clip looped
-            need = seconds + 35 + 10 * int(getattr(args, "processes", 1) or 1)  # K processes start slower
+            need = rtsp_s + 10 * int(getattr(args, "processes", 1) or 1)
             clip, times = loop_clip(clip, work / f"looped{clip.suffix}", need)
             if times > 1:
                 print(f"bench: --clip served {times} times in a row ({need:.0f} s needed for start-up, "

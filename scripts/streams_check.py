@@ -14,18 +14,18 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
 3. bad_input: an MPEG-4 part 2 file, a corrupt H.264 file, an H.264 stream that changes
    resolution mid-way, served at once with a good camera: each says what happened, the good
    camera keeps its rate.
-6. lanes_detections: 3 cameras on CUDA-graph lanes, each its own clip: detections equal each clip
-   served alone, frame by frame.
+4. shared (shared_cpu_decode): N cameras on one engine: one model load, GPU memory per extra
+   camera, with NVDEC (and with CPU decoding, to tell the decoder's memory from the engine's).
 5. swap: 8 NVDEC cameras on CUDA-graph lanes, the model swapped 6 times under load (the new lanes
    captured while every camera runs): no errors, every camera keeps serving.
+6. lanes_detections: 3 cameras on CUDA-graph lanes, each its own clip: detections equal each clip
+   served alone, frame by frame.
 7. rtsp_detections: the demo clip served by the GStreamer RTSP server on loopback (agent.streams_rtsp;
    where GStreamer is not installed, its libraries and plugins in EDGE_AGENT_GSTREAMER_DIR), read
    over rtsp:// by NVDEC (PyAV's demuxer) and by the CPU decoder:
    every frame of the first pass through the clip gives the detections of the same frame of the
    file decoded on the CPU (a live camera drops frames while the service starts: counted, and at
    least 60 of the 90 must be there).
-4. shared (shared_cpu_decode): N cameras on one engine: one model load, GPU memory per extra
-   camera, with NVDEC (and with CPU decoding, to tell the decoder's memory from the engine's).
 
 usage: PYTHONPATH=/tmp/site python3 scripts/streams_check.py --clips .carry/clips [--model M] [--only a,b]
 Exit 1 when a check fails.

@@ -13,12 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+import av  # the test extra: PyAV makes and reads the test streams
 import pytest
 
 from agent.streams_bench import make_clip
 from agent.streams_rtsp import RtspStreams, gstreamer_env, missing_elements
-
-av = pytest.importorskip("av", reason="PyAV makes and reads the test streams (the test extra)")
 
 # what the server needs besides the libraries: filesrc / queue, appsrc / appsink, qtdemux, h264parse,
 # RTP payloaders, rtpbin, UDP and TCP elements (the server builds them per client)
