@@ -449,9 +449,6 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
     barrier("limits")  # --processes: the limit rows of every process at once
     results["engine_limit"] = engine_limit(base, n_limit, width, height, nv12=args.decode == "nvdec")
     if args.decode in ("nvdec", "auto"):
-        from agent.capture.sources import nvdec
-
-        results["nvdec_backend"] = nvdec.BACKEND
         results["nvdec_limit"] = nvdec_limit(clip, n_limit)
     return _report(results, args)
 
@@ -537,9 +534,8 @@ def _thread_row(r: dict[str, Any], top: int = 6) -> str:
 
 
 def format_streams(r: dict[str, Any]) -> str:
-    backend = f" ({r['nvdec_backend']})" if r.get("nvdec_backend") else ""
     lines = [f"streams: {r['size'][0]}x{r['size'][1]} {r['codec']} @ {r['fps']} fps, {r['source']} sources, "
-             f"decode {r['decode']}{backend}, model {Path(r['model']).name}, window {r['seconds']} s"]
+             f"decode {r['decode']}, model {Path(r['model']).name}, window {r['seconds']} s"]
     for run in r["runs"].values():
         lines.append(_row(run))
         if run.get("host_cpu_ms_per_frame_by_thread"):

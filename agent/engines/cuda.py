@@ -561,16 +561,6 @@ class Event(_Handled):
             return
         check(cuda_runtime().cudaEventRecord(self._event, stream.raw), "cudaEventRecord")
 
-    def record_default(self) -> None:
-        """Record on the context's legacy default stream (handle 0), where FFmpeg's CUDA device queues
-        its work: NVDEC's copies of the frames it decodes (agent.capture.sources.nvdec)."""
-        self._alive()
-        drv = _driver()
-        if drv is not None:
-            drv.record(self.ptr, 0)
-            return
-        check(cuda_runtime().cudaEventRecord(self._event, 0), "cudaEventRecord")
-
     def synchronize(self) -> None:
         self._alive()
         drv = _driver()

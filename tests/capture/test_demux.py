@@ -94,49 +94,6 @@ def test_mpeg4_in_mp4_gets_its_header_from_the_extradata_first(tmp_path: Path) -
     assert all(np.array_equal(a, b) for a, b in zip(decoded, expected, strict=True))
 
 
-def test_decode_gives_the_files_frames_in_order_the_empty_packet_flushing_the_rest(tmp_path: Path) -> None:
-    """The FFmpeg backend's loop (agent.capture.sources.nvdec), here with FFmpeg's CPU decoder: PyAV
-    packets as they are, each decoded on its own, then None, which hands out what is held."""
-    clip = make_clip(tmp_path / "c.mp4", "h264", 320, 192, 30, 24)
-    dmx = AvDemuxer(str(clip), "clip", False, 5, 5)
-    try:
-        packets = list(dmx.av_packets())
-        assert packets[-1] is None and all(p.size for p in packets[:-1])
-        decoded = [f.to_ndarray(format="gray") for p in packets for f in dmx.decode(p)]
-    finally:
-        dmx.close()
-    expected = frames_of_file(clip)
-    assert len(decoded) == len(expected) == 24
-    assert all(np.array_equal(a, b) for a, b in zip(decoded, expected, strict=True))
-
-
-def test_undecodable_data_is_a_source_error_naming_the_stream(tmp_path: Path) -> None:
-    clip = make_clip(tmp_path / "c.mp4", "h264", 320, 192, 30, 6)
-    dmx = AvDemuxer(str(clip), "cam7", False, 5, 5)
-    try:
-        packet = next(dmx.av_packets())
-        bad = av.Packet(os.urandom(64))
-        errors = 0
-        for p in (bad, bad, packet):
-            try:
-                dmx.decode(p)
-            except SourceError as exc:
-                assert str(exc).startswith("decoding cam7:")
-                errors += 1
-        assert errors >= 1
-    finally:
-        dmx.close()
-
-
-def test_without_a_cuda_device_ffmpeg_says_it_cannot_decode_on_it() -> None:
-    from agent.engines import cuda
-
-    if cuda.device_count() > 0:
-        pytest.skip("a CUDA device is here: the GPU machine checks this path (scripts/streams_check.py)")
-    why = demux.cuda_decoding_unavailable(0)
-    assert why is not None and ("CUDA device 0" in why or "PyAV" in why)
-
-
 def test_a_missing_or_unreadable_file_is_a_clear_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="cannot open nothing here"):
         AvDemuxer(str(tmp_path / "missing.mp4"), "nothing here", False, 5, 5)

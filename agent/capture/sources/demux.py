@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.errors import SourceError
 
-__all__ = ["END", "AvDemuxer", "DemuxUnavailable", "cuda_decoding_unavailable", "cuda_hwaccel"]
+__all__ = ["END", "AvDemuxer", "DemuxUnavailable"]
 
 END = np.zeros(0, np.uint8)  # the packet after the last one: tells the decoder to hand out what it holds
 
@@ -44,38 +44,13 @@ def _av() -> Any:
         raise DemuxUnavailable(f"PyAV is not installed (`pip install edge-agent[nvdec]`): {exc}") from None
 
 
-def cuda_hwaccel(device: int) -> Any:
-    """PyAV's request to decode on `device`'s NVDEC through FFmpeg, frames left on the device (in the
-    device's primary context, the agent's); DemuxUnavailable when this PyAV cannot."""
-    try:
-        return importlib.import_module("av.codec.hwaccel").HWAccel(
-            "cuda", device=str(device), allow_software_fallback=False, is_hw_owned=True)
-    except (ImportError, AttributeError, TypeError) as exc:  # PyAV without hwaccel / is_hw_owned
-        raise DemuxUnavailable(f"this PyAV cannot keep decoded frames on the GPU (needs av>=17): {exc}") from None
-
-
-def cuda_decoding_unavailable(device: int, codec: str = "h264") -> str | None:
-    """None when FFmpeg can make a CUDA device for decoding `codec` here, else why not."""
-    try:
-        hw = cuda_hwaccel(device)
-        hw.create(importlib.import_module("av").Codec(codec, "r"))
-    except DemuxUnavailable as exc:
-        return str(exc)
-    except NotImplementedError:
-        return f"this FFmpeg has no NVDEC decoder for {codec}"
-    except Exception as exc:  # no driver, no device: FFmpeg's error (EPERM without libcuda)
-        return f"FFmpeg cannot open CUDA device {device}: {str(exc)[:160]}"
-    return None
-
-
 class AvDemuxer:
     """One open file or stream: its video stream's properties and its packets, in decode order.
 
     `packets()` yields each packet as a uint8 array (valid until the next one is asked for) with its
     pts, then END once, and stops; a failed or timed-out read raises SourceError."""
 
-    def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float,
-                 cuda_device: int | None = None) -> None:
+    def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float) -> None:
         av = _av()
         self.what = what
         options: dict[str, str] = {}
@@ -83,12 +58,8 @@ class AvDemuxer:
             options = {"rtsp_transport": "tcp", "timeout": str(max(1, round(read_timeout_s * 1e6)))}
         # the open only: with no read timeout PyAV's callback returns before taking the GIL
         timeout = (open_timeout_s, None) if network else None
-        hwaccel = cuda_hwaccel(cuda_device) if cuda_device is not None else None
         try:
-            self._container = av.open(target, options=options, timeout=timeout, hwaccel=hwaccel) if hwaccel \
-                else av.open(target, options=options, timeout=timeout)
-        except NotImplementedError as exc:  # PyAV: no hardware config for this codec
-            raise DemuxUnavailable(f"NVDEC cannot decode {what}: {str(exc)[:200]}") from None
+            self._container = av.open(target, options=options, timeout=timeout)
         except Exception as exc:
             raise SourceError(f"cannot open {what}: {str(exc)[:200]}") from None
         try:
@@ -105,9 +76,7 @@ class AvDemuxer:
             extradata = bytes(cc.extradata or b"")
             self._filter: Any = None
             self._prefix: bytes | None = None
-            if cuda_device is not None:  # FFmpeg's own decoder reads the container's form as it is
-                pass
-            elif self.codec in ("h264", "hevc") and extradata[:1] == b"\x01":  # avcC / hvcC: length-prefixed
+            if self.codec in ("h264", "hevc") and extradata[:1] == b"\x01":  # avcC / hvcC: length-prefixed
                 self._filter = importlib.import_module("av.bitstream").BitStreamFilterContext(
                     f"{self.codec}_mp4toannexb", self._stream)
             elif extradata.startswith(_START_CODES):
@@ -128,38 +97,26 @@ class AvDemuxer:
     def packets(self) -> Iterator[tuple[np.ndarray, int]]:
         if self._prefix is not None:
             yield np.frombuffer(self._prefix, np.uint8), 0
-        for packet in self.av_packets():
-            if self._filter is not None:
-                try:  # None at the end flushes the filter
-                    out = self._filter.filter(packet)
-                except Exception as exc:
-                    raise SourceError(f"{self.what}: converting to Annex B: {str(exc)[:200]}") from None
-            else:
-                out = [] if packet is None else [packet]
-            for p in out:
-                if p.size:
-                    yield np.frombuffer(p, np.uint8), int(p.pts or 0)
-        yield END, 0
-
-    def av_packets(self) -> Iterator[Any]:
-        """PyAV's packets as they are (what `decode` takes), then None once: the end."""
         demuxed = self._container.demux(self._stream)
         while True:
             try:
                 packet = next(demuxed, None)
             except Exception as exc:  # a timeout, a dropped connection, unreadable data
                 raise SourceError(f"reading {self.what}: {str(exc)[:200]}") from None
-            if packet is None or not packet.size:  # FFmpeg ends with an empty packet
-                yield None
+            last = packet is None or not packet.size  # FFmpeg ends with an empty packet
+            if self._filter is not None:
+                try:  # the filter takes the packet's data: `last` was read before
+                    out = self._filter.filter(None if last else packet)
+                except Exception as exc:
+                    raise SourceError(f"{self.what}: converting to Annex B: {str(exc)[:200]}") from None
+            else:
+                out = [] if last else [packet]
+            for p in out:
+                if p.size:
+                    yield np.frombuffer(p, np.uint8), int(p.pts or 0)
+            if last:
+                yield END, 0
                 return
-            yield packet
-
-    def decode(self, packet: Any) -> list[Any]:
-        """The frames `packet` completes; None: every frame the decoder still holds."""
-        try:
-            return list(self._stream.codec_context.decode(packet))
-        except Exception as exc:
-            raise SourceError(f"decoding {self.what}: {str(exc)[:200]}") from None
 
     def close(self) -> None:
         container, self._container = getattr(self, "_container", None), None

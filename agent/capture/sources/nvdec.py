@@ -15,12 +15,6 @@ streams it cost 0.17 ms less host CPU per frame than PyAV's plus the Annex B fil
 docs/measurements/h200-2026-12-02-lane-fill; EDGE_AGENT_NVDEC_DEMUX=pyav reads files through PyAV
 too, for measurement and to check that path's frames on the GPU machine).
 
-A second backend, EDGE_AGENT_NVDEC_BACKEND=ffmpeg: PyAV's FFmpeg drives NVDEC (its CUDA hwaccel in
-the device's primary context). One PyAV call demuxes, decodes and copies the frame out of the
-decoder into FFmpeg's pool, in C with the GIL let go; the frame object is the owner (no copy of
-ours). FFmpeg queues that copy on the context's legacy default stream, so each frame's event is
-recorded there (`Event.record_default`) and readers wait on it as on the pool copy's.
-
 When NVDEC cannot serve (PyNvVideoCodec not installed, no GPU or CUDA bindings, a codec this GPU
 cannot decode) the source says why once, in the log, and decodes on the CPU instead (the
 capture's `decode` figure says `cpu (nvdec unavailable: ...)`): the camera keeps serving. A
@@ -43,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.capture.sources.base import FrameSource, _Pacer, file_path, gstreamer_available, redact
-from agent.capture.sources.demux import AvDemuxer, DemuxUnavailable, cuda_decoding_unavailable
+from agent.capture.sources.demux import AvDemuxer, DemuxUnavailable
 from agent.config import CameraConfig
 from agent.engines import cuda
 from agent.errors import EngineError, SourceError
@@ -52,12 +46,10 @@ log = logging.getLogger(__name__)
 
 # files through PyAV's demuxer as well ("pyav"): for measurement, and to check its frames on a GPU
 _FILE_DEMUX = os.environ.get("EDGE_AGENT_NVDEC_DEMUX", "")
-# the decoder's hold-back (PyNvVideoCodec's DisplayDecodeLatencyType: native | low | zero), for measurement
+# how many frames the decoder holds back: PyNvVideoCodec's DisplayDecodeLatencyType (native: its
+# default, 2 frames of a 30 fps stream on the H200; low: 1, but each Decode call then waits for the
+# frame with the GIL held, 1.5 ms against 0.14; docs/measurements/h200-2026-12-02-decoder)
 _LATENCY = os.environ.get("EDGE_AGENT_NVDEC_LATENCY", "")
-# who drives NVDEC: "pynvvideocodec", or "ffmpeg" (PyAV's FFmpeg, its CUDA hwaccel: demux and decode in C)
-BACKEND = os.environ.get("EDGE_AGENT_NVDEC_BACKEND", "pynvvideocodec")
-_EVENTS = 32  # ready-events a source cycles through (FFmpeg backend): one per frame in flight at most
-_ffmpeg_why: list[str | None] = []  # FFmpeg's CUDA device checked once per process
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -89,13 +81,7 @@ def on_jetson() -> bool:
 
 
 def nvdec_available() -> str | None:
-    """None when NVDEC (through the configured backend) can be tried here, else why not."""
-    if BACKEND == "ffmpeg":
-        from agent.engines import cuda
-
-        if cuda.device_count() == 0:
-            return "no CUDA device (or no CUDA Python bindings)"
-        return _ffmpeg_unavailable()
+    """None when NVDEC through PyNvVideoCodec can be tried here, else why not."""
     try:
         spec = importlib.util.find_spec("PyNvVideoCodec")
     except (ImportError, ValueError, AttributeError):  # blocked in sys.modules, or a broken install
@@ -109,14 +95,6 @@ def nvdec_available() -> str | None:
     return None
 
 
-def _ffmpeg_unavailable() -> str | None:
-    """Why FFmpeg cannot decode on CUDA device 0 here (None: it can); checked once per process."""
-    with _warned_lock:
-        if not _ffmpeg_why:
-            _ffmpeg_why.append(cuda_decoding_unavailable(0))
-        return _ffmpeg_why[0]
-
-
 def choose_decode(cfg: CameraConfig) -> tuple[str, str]:
     """`decode: auto` -> (nvdec | jetson | cpu, why); other values are returned as they are."""
     if cfg.decode != "auto":
@@ -125,8 +103,7 @@ def choose_decode(cfg: CameraConfig) -> tuple[str, str]:
         return ("jetson", "auto: a Jetson") if gstreamer_available() else \
             ("cpu", "auto: a Jetson, but this OpenCV has no GStreamer")
     why = nvdec_available()
-    via = "FFmpeg (PyAV)" if BACKEND == "ffmpeg" else "PyNvVideoCodec"
-    return ("nvdec", f"auto: a discrete GPU with {via}") if why is None else ("cpu", f"auto: {why}")
+    return ("nvdec", "auto: a discrete GPU with PyNvVideoCodec") if why is None else ("cpu", f"auto: {why}")
 
 
 class _Pool:
@@ -313,7 +290,7 @@ class NvdecSource(FrameSource):
         self.cfg = cfg
         self._cpu_source = cpu_source
         self._fallback: FrameSource | None = None
-        self.decode_path = "nvdec" if BACKEND != "ffmpeg" else "nvdec (ffmpeg)"
+        self.decode_path = "nvdec"
         self.is_file = not cfg.source.startswith("rtsp://")
         self.target = str(file_path(cfg.source)) if self.is_file else cfg.source
         self._dmx: Any = None
@@ -325,8 +302,6 @@ class NvdecSource(FrameSource):
         self._pacer: _Pacer | None = None
         self._fps: float | None = None
         self._color = ("bt601", False)
-        self._events: list[Any] = []
-        self._wrapped = 0
         self._size = (0, 0)
         self._stream_size = (0, 0)
         self.frames_read = 0
@@ -347,9 +322,6 @@ class NvdecSource(FrameSource):
     def _open_nvdec(self) -> None:
         if self.is_file and not Path(self.target).is_file():
             raise SourceError(f"video file not found: {self.target}")
-        if BACKEND == "ffmpeg":
-            self._open_ffmpeg()
-            return
         nvc = _nvc()
         from agent.engines import cuda
 
@@ -383,37 +355,6 @@ class NvdecSource(FrameSource):
         self._fps = fps if 0.0 < fps < 1000.0 else self.cfg.fps
         self._color = self._dmx.color
         self._stream_size = self._dmx.size  # what the stream declares; each frame's planes say its real size
-        self._pacer = _Pacer(self._fps or 30.0) if self.is_file and self.cfg.pace else None
-        self.frames_read = 0
-
-    def _open_ffmpeg(self) -> None:
-        """NVDEC through PyAV's FFmpeg: one call demuxes, decodes and copies each frame out of the
-        decoder into FFmpeg's pool, in C without the GIL; the frame (its pool buffer) is the owner."""
-        from agent.engines import cuda
-
-        try:
-            cuda.use_device(0)
-        except EngineError as exc:
-            raise NvdecUnavailable(f"no CUDA device: {exc}") from None
-        why = _ffmpeg_unavailable()
-        if why is not None:
-            raise NvdecUnavailable(why)
-        try:
-            ff = AvDemuxer(self.target, self.describe(), not self.is_file, self.cfg.open_timeout_s,
-                           self.cfg.read_timeout_s, cuda_device=0)
-        except DemuxUnavailable as exc:
-            raise NvdecUnavailable(str(exc)) from None
-        self._dmx = ff
-        if ff.codec not in _NV_CODECS:
-            raise NvdecUnavailable(f"NVDEC does not decode {ff.codec}")
-        if ff.pix_fmt not in ("yuv420p", "yuvj420p", "nv12", ""):
-            raise NvdecUnavailable(f"{ff.codec} in {ff.pix_fmt}: the GPU letterbox reads 8-bit 4:2:0 (NV12)")
-        if not self._events:
-            self._events = [cuda.Event(timing=False) for _ in range(_EVENTS)]
-        self._packets = ff.av_packets()
-        self._fps = ff.fps if 0.0 < ff.fps < 1000.0 else self.cfg.fps
-        self._color = (ff.matrix, ff.full_range)
-        self._stream_size = (ff.width, ff.height)
         self._pacer = _Pacer(self._fps or 30.0) if self.is_file and self.cfg.pace else None
         self.frames_read = 0
 
@@ -454,7 +395,7 @@ class NvdecSource(FrameSource):
     def read(self) -> Any:
         if self._fallback is not None:
             return self._fallback.read()
-        if self._dec is None and self._dmx is None:
+        if self._dec is None:
             return None
         while not self._ready:
             packet = next(self._packets, None)  # a SourceError when a stream fails or times out
@@ -464,10 +405,6 @@ class NvdecSource(FrameSource):
                     continue
                 return None
             with cuda.CAPTURE.shared():  # never while another thread captures a CUDA graph
-                if isinstance(self._dmx, AvDemuxer):  # FFmpeg backend: a SourceError when decoding fails
-                    for f in self._dmx.decode(packet):
-                        self._ready.append(self._wrap(f))
-                    continue
                 try:
                     decoded = self._dec.Decode(packet)
                 except Exception as exc:
@@ -481,31 +418,10 @@ class NvdecSource(FrameSource):
         return frame
 
     def _rewind(self) -> None:
-        """The file again from its start, on the same decoder (the empty packet at its end flushed it);
-        the FFmpeg backend opens it again, decoder included."""
+        """The file again from its start, on the same decoder (the empty packet at its end flushed it)."""
         self._dmx.close()
-        if isinstance(self._dmx, AvDemuxer):
-            self._dmx = AvDemuxer(self.target, self.describe(), False, self.cfg.open_timeout_s,
-                                  self.cfg.read_timeout_s, cuda_device=0)
-            self._packets = self._dmx.av_packets()
-            return
         self._dmx = self._demuxer(_nvc())
         self._packets = self._dmx.packets()
-
-    def _wrap(self, f: Any) -> Any:
-        """FFmpeg's decoded frame (device memory, NV12) as an Nv12Frame that keeps it alive."""
-        from agent.vision.gpu import Nv12Frame
-
-        y, uv = f.planes[0], f.planes[1]
-        pitch, w, h = int(y.line_size), int(f.width), int(f.height)
-        if w <= 0 or h <= 0 or w % 2 or h % 2 or int(uv.line_size) != pitch:
-            raise SourceError(f"NVDEC gave a frame of {w}x{h} (pitches {pitch}, {uv.line_size}) from "
-                              f"{self.describe()} (needs an even size, one pitch)")
-        self._wrapped += 1
-        ready = self._events[self._wrapped % _EVENTS]  # a later record only makes a reader wait longer
-        ready.record_default()  # after FFmpeg's copy out of the decoder, queued on the default stream
-        matrix, full = self._color
-        return Nv12Frame(y.buffer_ptr, uv.buffer_ptr, pitch, w, h, matrix, full, owner=f, ready=ready)
 
     def _copy(self, f: Any) -> Any:
         from agent.vision.gpu import Nv12Frame
@@ -546,7 +462,7 @@ class NvdecSource(FrameSource):
 
 def decode_rate(clip: Path, decoders: int, seconds: float = 3.0) -> dict[str, Any]:
     """NVDEC alone: `decoders` threads, each decoding `clip` in a loop into device memory; frames/s."""
-    nvc: Any = _nvc() if BACKEND != "ffmpeg" else None
+    nvc = _nvc()
     from agent.engines import cuda
 
     counts = [0] * decoders
@@ -557,13 +473,6 @@ def decode_rate(clip: Path, decoders: int, seconds: float = 3.0) -> dict[str, An
         try:
             cuda.use_device(0)
             dec = None
-            while not stop.is_set() and BACKEND == "ffmpeg":  # as the cameras' FFmpeg backend decodes
-                ff = AvDemuxer(str(clip), str(clip), False, 10.0, 10.0, cuda_device=0)
-                for packet in ff.av_packets():
-                    counts[i] += len(ff.decode(packet))
-                    if stop.is_set():
-                        break
-                ff.close()
             while not stop.is_set():  # demuxed as the cameras' files are
                 dmx = _FileDemuxer(nvc, str(clip), str(clip)) if _FILE_DEMUX != "pyav" else \
                     _NetDemuxer(nvc, str(clip), str(clip), False, 10.0, 10.0)

@@ -15,7 +15,8 @@ DisplayDecodeLatencyType), WAIT block (default) | spin, DEMUX nvc (default: its 
 pyav (agent.capture.sources.demux, the rtsp:// path). LATENCY "ffmpeg": PyAV's FFmpeg demuxes and
 decodes on NVDEC (its CUDA hwaccel, frames left on the device) instead of PyNvVideoCodec.
 "agent-LATENCY" reads through the agent's NvdecSource (its pool copy and Nv12Frame included) with
-that latency (EDGE_AGENT_NVDEC_LATENCY), "agent-ffmpeg" with EDGE_AGENT_NVDEC_BACKEND=ffmpeg.
+that latency (EDGE_AGENT_NVDEC_LATENCY). (The H200 run of 2026-12-02 also had "agent-ffmpeg", the
+0.5.7 commit's FFmpeg backend, since removed: see README.md.)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def one(clip: str, variant: str, streams: int, seconds: float) -> dict[str, Any]
     latency = parts[0]
     ffmpeg = latency == "ffmpeg"  # PyAV's FFmpeg decodes on NVDEC (its CUDA hwaccel), frames on the device
     if agent_path:  # read when agent.capture.sources.nvdec is imported (in the threads)
-        os.environ["EDGE_AGENT_NVDEC_BACKEND" if ffmpeg else "EDGE_AGENT_NVDEC_LATENCY"] = latency
+        os.environ["EDGE_AGENT_NVDEC_LATENCY"] = latency
     wait = "spin" if "spin" in parts else "block"
     demux = "pyav" if "pyav" in parts else "nvc"
     cuda.set_sync_mode(wait)
@@ -95,13 +96,18 @@ def one(clip: str, variant: str, streams: int, seconds: float) -> dict[str, Any]
         t0 = time.monotonic()
         fed_at: dict[int, float] = {}
         while not stop.is_set():
-            if ffmpeg:
-                ff = AvDemuxer(clip, clip, False, 10.0, 10.0, cuda_device=0)
-                packets = ff.av_packets()
+            if ffmpeg:  # as the 0.5.7 commit's backend opened it (PyAV >= 17, FFmpeg's CUDA hwaccel)
+                import av
+                from av.codec.hwaccel import HWAccel
+
+                hw = HWAccel("cuda", device="0", allow_software_fallback=False, is_hw_owned=True)  # primary ctx
+                container = av.open(clip, hwaccel=hw)
+                vstream = container.streams.video[0]
+                packets = container.demux(vstream)  # FFmpeg's last packet is empty: it flushes the decoder
 
                 class _Dec:
-                    def Decode(self, packet: Any, ff: AvDemuxer = ff) -> list[Any]:
-                        return [_Frame(f) for f in ff.decode(packet)]
+                    def Decode(self, packet: Any, ctx: Any = vstream.codec_context) -> list[Any]:
+                        return [_Frame(f) for f in ctx.decode(packet if packet.size else None)]
                 dec = _Dec()
             elif demux == "nvc":
                 dmx = nvc.CreateDemuxer(filename=clip)
@@ -215,7 +221,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--variants", default="native,low,zero,ffmpeg,native-spin,ffmpeg-spin,native-pyav,low-pyav,"
-                    "agent-native,agent-low,agent-ffmpeg")
+                    "agent-native,agent-low")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -1,7 +1,8 @@
 # This folder's program on the GPU machine, after `source env.sh` (with $OUT):
-#   bash run.sh probe | profile [VARIANT] | check | bench
+#   bash run.sh probe | profile [VARIANT] | bench
 set -u
 D=docs/measurements/h200-2026-12-02-decoder
+source $D/env.sh
 case $1 in
   probe)  # the decoder alone, 24 paced streams, each variant in its own process (nvdec_probe.py)
     timeout 420 python3 $D/nvdec_probe.py $C --streams 24 --seconds 8 ${2:+--variants $2} --json $OUT/probe24.json 2>&1 | tail -20;;
@@ -13,10 +14,7 @@ case $1 in
       > /dev/null 2>&1; echo "py-spy rc=$?"; wait $pid; tail -1 $OUT/profile_$v.json
     awk '{n=$NF; sub(/ [0-9]+$/, ""); sub(/^.*;/, ""); s[$0]+=n; t+=n} END {for (k in s) printf "%6.2f%% %s\n", 100*s[k]/t, k}' \
       $OUT/profile_$v.raw | sort -rn | head -25;;
-  check)  # streams_check.py with the FFmpeg backend: frames, kernel, detections, bad input, lanes, RTSP
-    EDGE_AGENT_NVDEC_BACKEND=ffmpeg bash scripts/gpu_streams.sh check $M $C $OUT \
-      nvdec_frames,nv12_kernel,detections,bad_input,lanes_detections,rtsp_detections;;
-  bench)  # the agent, 24 streams, files then RTSP: PyNvVideoCodec vs FFmpeg driving NVDEC
-    file nvc; EDGE_AGENT_NVDEC_BACKEND=ffmpeg file ffmpeg
-    rtsp nvc; EDGE_AGENT_NVDEC_BACKEND=ffmpeg rtsp ffmpeg;;
+  bench)  # the agent on NVDEC (PyNvVideoCodec): 24 paced files, then 24 / 8 / 12 RTSP streams (tags as in the folder;
+           # the lease's file_ffmpeg run used the 0.5.7 FFmpeg backend, since removed: README)
+    file file_nvc; rtsp rtsp_nvc1; rtsp rtsp_nvc2; rtsp rtsp_nvc 8; rtsp rtsp_nvc 12;;
 esac
