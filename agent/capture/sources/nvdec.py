@@ -340,9 +340,13 @@ class NvdecSource(FrameSource):
         if isinstance(caps, dict) and caps.get("supported") in (0, False):
             raise NvdecUnavailable(f"this GPU's NVDEC cannot decode {self._dmx.what}")
         kwargs: dict[str, Any] = {"gpuid": 0, "codec": codec, "usedevicememory": True}
-        latency = getattr(getattr(nvc, "DisplayDecodeLatencyType", None), _LATENCY.upper(), None) if _LATENCY else None
-        if latency is not None:
-            kwargs["latency"] = latency
+        if _LATENCY:
+            latency = getattr(getattr(nvc, "DisplayDecodeLatencyType", None), _LATENCY.upper(), None)
+            if latency is not None:
+                kwargs["latency"] = latency
+            else:
+                _warn_once(f"latency {_LATENCY}", "EDGE_AGENT_NVDEC_LATENCY=%r is not one of native, low, zero "
+                           "(or this PyNvVideoCodec lacks it): the decoder's default is used", _LATENCY)
         ctx = cuda.current_context()
         if ctx is not None:  # the agent's (primary) context and this source's stream: ordered copies
             kwargs.update(cudacontext=ctx, cudastream=self._stream.handle)
