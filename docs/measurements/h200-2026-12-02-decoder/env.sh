@@ -1,7 +1,7 @@
 # This folder's runs: `source env.sh`, then `file TAG [N]` / `rtsp TAG [N]` (N streams, default 24,
 # 1080p30 H.264 on NVDEC, cuda_graph.yaml) or scripts/gpu_streams.sh with $M $L $OUT.
 # Needs $OUT, /tmp/site (onnxruntime-gpu, PyNvVideoCodec, PyAV, paho-mqtt, pydantic), /tmp/m (model and
-# clips), /tmp/gst (GStreamer's libraries and plugins, for the RTSP server: agent/streams_rtsp.py),
+# clips, with make_check_clips.py's beside them for the checks), /tmp/gst (GStreamer's libraries and plugins, for the RTSP server: agent/streams_rtsp.py),
 # /tmp/pyspy/bin/py-spy for the profile step.
 set -u
 export PYTHONPATH=/tmp/site:$PWD CFGDIR=$PWD/docs/measurements/h200-2026-12-02-decoder EDGE_AGENT_GSTREAMER_DIR=/tmp/gst
@@ -9,5 +9,3 @@ export PYSPY=/tmp/pyspy/bin/py-spy
 M=/tmp/m/yolov8n.onnx; C=/tmp/m/live1080p30_h264.mp4; L=/tmp/m/live1080p30_long_h264.mp4
 file() { bash scripts/gpu_streams.sh streams $M $L $OUT cuda_graph "${2:-24}" "$1"; }
 rtsp() { SOURCE=rtsp bash scripts/gpu_streams.sh streams $M $L $OUT cuda_graph "${2:-24}" "$1"; }
-# split N K [find]: N file streams over K processes under MPS (CFG=lanes2: 2 graph lanes per process)
-split() { bash scripts/gpu_streams.sh split $M $L $OUT "${CFG:-cuda_graph}" "$1" "$2" mps ${3:-}; }
