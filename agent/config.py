@@ -250,6 +250,10 @@ class CameraConfig(_Strict):
         "when installed, jetson on a Jetson, cpu otherwise (the status says which)"
     )
     codec: Literal["h264", "h265"] = Field("h264", description="rtsp:// with decode 'jetson': the stream's codec")
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="rtsp:// only: RTP interleaved on the RTSP connection (tcp: no loss, passes NAT and "
+        "firewalls) or on its own UDP ports (udp: fewer system calls per packet, but a lost packet is a damaged frame)"
+    )
     open_timeout_s: float = Field(10.0, gt=0, le=300, description="network sources: open timeout")
     read_timeout_s: float = Field(5.0, gt=0, le=300, description="a read slower than this counts as a failure")
     # a returning camera is picked up within ~0.6 s (#8's goal: <= 1 s); a retry each 0.5 s costs nothing

@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--streams, and bench's live row: where to decode")
     p.add_argument("--source", choices=["file", "rtsp"], default="file",
                    help="--streams: paced looping files, or RTSP from a loopback GStreamer server")
+    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], default="tcp",
+                   help="--streams --source rtsp: the cameras' rtsp_transport (RTP interleaved over TCP, or UDP)")
     p.add_argument("--fps", type=float, default=30.0, help="--streams, and bench's live row: the frame rate")
     p.add_argument("--seconds", type=float, default=10.0, help="--streams: measuring window per run")
     p.add_argument("--find-max", action="store_true", help="--streams: search the largest N that holds the goal")
@@ -142,9 +144,11 @@ def loop_clip(src: Path, dst: Path, min_seconds: float) -> tuple[Path, int]:
     return dst, times
 
 
-def _config(base: AgentConfig, sources: list[str], decode: str, work: Path, file: bool) -> AgentConfig:
+def _config(base: AgentConfig, sources: list[str], decode: str, work: Path, file: bool,
+            transport: str = "tcp") -> AgentConfig:
     cams = [{"id": f"s{i}", "source": src, "pace": True, "loop": file, "decode": decode,
-             "reconnect": {"initial_s": 0.1, "max_s": 0.5}} for i, src in enumerate(sources)]
+             "rtsp_transport": transport, "reconnect": {"initial_s": 0.1, "max_s": 0.5}}
+            for i, src in enumerate(sources)]
     data = base.model_dump(mode="json")
     data.update({"cameras": cams, "mqtt": {"enabled": False},
                  "updates": {"enabled": False, "models_dir": str(work / "models")},
@@ -416,6 +420,7 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
         print(f"bench: {clip_frames} frames {width}x{height} {args.codec} encoded in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     results: dict[str, Any] = {"streams": n, "codec": args.codec, "decode": args.decode, "source": args.source,
+                               "rtsp_transport": getattr(args, "rtsp_transport", "tcp"),
                                "size": [width, height], "fps": fps, "seconds": seconds,
                                "model": str(base.model.path), "engine": base.engine.model_dump(mode="json"),
                                "ts": round(time.time(), 3)}
@@ -428,7 +433,8 @@ def _run_streams_in(work: Path, args: argparse.Namespace, base: AgentConfig, n: 
             from agent.streams_rtsp import RtspStreams
 
             with RtspStreams(clip, args.codec, k) as server:
-                return run_service(_config(base, server.urls, args.decode, work, False), seconds, fps)
+                cfg = _config(base, server.urls, args.decode, work, False, getattr(args, "rtsp_transport", "tcp"))
+                return run_service(cfg, seconds, fps)
         return run_service(_config(base, [str(clip)] * k, args.decode, work, True), seconds, fps)
 
     try:

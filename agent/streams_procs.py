@@ -67,6 +67,7 @@ def split(n: int, k: int) -> list[int]:
 def _child_command(args: argparse.Namespace, clip: Path, n: int, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "agent.cli", "bench", "--streams", str(n), "--clip", str(clip),
            "--codec", args.codec, "--decode", args.decode, "--source", args.source, "--fps", str(args.fps),
+           "--rtsp-transport", getattr(args, "rtsp_transport", "tcp"),
            "--seconds", str(args.seconds), "--json", str(out)]
     for flag, value in (("-c", args.config), ("--model", args.model), ("--size", getattr(args, "size", None))):
         if value:

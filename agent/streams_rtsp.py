@@ -152,6 +152,7 @@ def _gst_libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
         (rtsp, "gst_rtsp_media_factory_new", vp, []),
         (rtsp, "gst_rtsp_media_factory_set_launch", None, [vp, cp]),
         (rtsp, "gst_rtsp_media_factory_set_shared", None, [vp, ctypes.c_int]),
+        (rtsp, "gst_rtsp_media_factory_set_protocols", None, [vp, ctypes.c_int]),
         (rtsp, "gst_rtsp_mount_points_add_factory", None, [vp, cp, vp]),
         (rtsp, "gst_rtsp_server_attach", ctypes.c_uint, [vp, vp]),
         (gobject, "g_object_unref", None, [vp]),
@@ -164,10 +165,18 @@ def _gst_libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
     return gst, rtsp, gobject, glib
 
 
-def server_command(port: int, mounts: dict[str, str], shared: bool, elements: list[str]) -> list[str]:
+# GstRTSPLowerTrans flags: the RTP transports a mount offers its clients
+_LOWER_TRANS = {"udp": 1, "tcp": 4}
+
+
+def server_command(port: int, mounts: dict[str, str], shared: bool, elements: list[str],
+                   protocols: str | None = None) -> list[str]:
     """The command that serves each mount's launch line on 127.0.0.1:`port` (`shared`: one pipeline
-    for all clients, as a live camera; else one per client), once `elements` are all there."""
-    spec = {"mounts": mounts, "shared": shared, "elements": elements}
+    for all clients, as a live camera; else one per client), once `elements` are all there.
+    `protocols` ("tcp" or "udp"): the only RTP transport offered; None: the server's default (both)."""
+    if protocols is not None and protocols not in _LOWER_TRANS:
+        raise ValueError(f"protocols must be tcp or udp, got {protocols!r}")
+    spec = {"mounts": mounts, "shared": shared, "elements": elements, "protocols": protocols}
     return [sys.executable, str(Path(__file__).resolve()), str(port), json.dumps(spec)]
 
 
@@ -192,7 +201,7 @@ def _missing(gst: ctypes.CDLL, elements: list[str]) -> list[str]:
     return missing
 
 
-def _serve(port: int, mounts: dict[str, str], shared: bool, elements: list[str]) -> None:
+def _serve(port: int, mounts: dict[str, str], shared: bool, elements: list[str], protocols: str | None) -> None:
     gst, rtsp, gobject, glib = _gst_libs()
     gst.gst_init(None, None)
     missing = _missing(gst, elements)
@@ -206,6 +215,8 @@ def _serve(port: int, mounts: dict[str, str], shared: bool, elements: list[str])
         factory = rtsp.gst_rtsp_media_factory_new()
         rtsp.gst_rtsp_media_factory_set_launch(factory, launch.encode())
         rtsp.gst_rtsp_media_factory_set_shared(factory, int(shared))
+        if protocols is not None:
+            rtsp.gst_rtsp_media_factory_set_protocols(factory, _LOWER_TRANS[protocols])
         rtsp.gst_rtsp_mount_points_add_factory(points, path.encode(), factory)  # takes the factory
     gobject.g_object_unref(points)
     if rtsp.gst_rtsp_server_attach(server, None) == 0:
@@ -221,4 +232,5 @@ if __name__ == "__main__":
         print(" ".join(_missing(gst_lib, sys.argv[2:])))
     else:
         spec = json.loads(sys.argv[2])
-        _serve(int(sys.argv[1]), dict(spec["mounts"]), bool(spec["shared"]), list(spec["elements"]))
+        _serve(int(sys.argv[1]), dict(spec["mounts"]), bool(spec["shared"]), list(spec["elements"]),
+               spec.get("protocols"))

@@ -7,8 +7,10 @@
 #       split CONFIG N K mps|nomps [find] (N streams over K processes, MPS started and stopped around it);
 #       profile CONFIG N (py-spy, from $PYSPY, on one run of N streams: by thread kind, Python and native);
 #       streams CONFIG N [TAG] names its files TAG_... (A/B runs).
-# FIND_FROM=N: the find-max search starts at N. SOURCE=rtsp: the streams served by the GStreamer RTSP server on loopback (agent/streams_rtsp.py;
+# FIND_FROM=N: the find-max search starts at N. WINDOW_S: the streams step's window (default 5 s).
+# SOURCE=rtsp: the streams served by the GStreamer RTSP server on loopback (agent/streams_rtsp.py;
 # EDGE_AGENT_GSTREAMER_DIR where GStreamer is not installed), else the clip paced as a file.
+# TRANSPORT=udp|tcp: the RTSP cameras' rtsp_transport (default tcp).
 # Needs PYTHONPATH with onnxruntime-gpu, PyNvVideoCodec, paho-mqtt, pydantic (see ../shared/gpu/README.md).
 set -uo pipefail
 step=$1; model=$2; clip=$3; out=$4; shift 4
@@ -21,19 +23,19 @@ case $step in
   findmax)
     cfg=$1; n=${2:-32}; name=$(basename "$cfg" .yaml)
     timeout 560 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" --find-max ${FIND_FROM:+--find-from $FIND_FROM} \
-      --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 4 --json "$out/findmax_$name.json" \
+      --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds 4 --json "$out/findmax_$name.json" \
       > "$out/findmax_$name.txt" 2>&1
     echo "findmax $name rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory|N_max" "$out/findmax_$name.txt" | tail -40;;
   streams)  # [TAG]: files named TAG_streams..., for A/B runs alternating (environment switches, code trees)
     cfg=$1; n=$2; name=$(basename "$cfg" .yaml); f="$out/${3:+${3}_}streams${n}_$name"
     timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
-      --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 --json "$f.json" > "$f.txt" 2>&1
+      --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds "${WINDOW_S:-5}" --json "$f.json" > "$f.txt" 2>&1
     echo "streams $n $name ${3:-} rc=$?"; grep -E "^N=|cpu ms/f|limit|GPU memory" "$f.txt" | tail -20;;
   procs)  # K bench processes side by side, N streams each: cameras grouped per process
     cfg=$1; k=$2; n=$3; name=$(basename "$cfg" .yaml)
     for i in $(seq 1 "$k"); do
       timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
-        --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 6 \
+        --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds 6 \
         --json "$out/procs${k}x${n}_${name}_$i.json" > "$out/procs${k}x${n}_${name}_$i.txt" 2>&1 &
     done
     wait
@@ -42,7 +44,7 @@ case $step in
     cfg=$1; n=$2; k=$3; mps=$4; name=$(basename "$cfg" .yaml); find=${5:+--find-max}
     [ "$mps" = mps ] && nvidia-cuda-mps-control -d
     timeout 560 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" --processes "$k" $find ${FIND_FROM:+--find-from $FIND_FROM} \
-      --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
+      --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
       --json "$out/split${n}x${k}_${mps}${5:+_find}_$name.json" > "$out/split${n}x${k}_${mps}${5:+_find}_$name.txt" 2>&1
     echo "split $n streams, $k processes, $mps rc=$?"
     [ "$mps" = mps ] && echo quit | nvidia-cuda-mps-control
@@ -54,7 +56,7 @@ case $step in
   switch)  # the GIL switch interval at N streams: 1 ms (the agent's) vs the MS given
     cfg=$1; n=$2; ms=$3; name=$(basename "$cfg" .yaml)
     EDGE_AGENT_SWITCH_INTERVAL_MS=$ms timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" \
-      --streams "$n" --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
+      --streams "$n" --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds 5 \
       --json "$out/switch${ms}ms_streams${n}_$name.json" > "$out/switch${ms}ms_streams${n}_$name.txt" 2>&1
     echo "switch $ms ms, $n streams, $name rc=$?"; grep -E "^N=|cpu ms/f" "$out/switch${ms}ms_streams${n}_$name.txt" | head -2;;
   onestream)  # one camera, frames in memory, paced, and live from CLIP on NVDEC: the pipeline vs the bare limits (agent/bench.py)
@@ -66,7 +68,7 @@ case $step in
   profile)  # where the host CPU goes at N streams: py-spy attached in the measuring window (no pause)
     cfg=$1; n=$2; name=$(basename "$cfg" .yaml); pyspy=${PYSPY:-py-spy}
     timeout 300 python3 -m agent.cli bench -c "$cfgdir/$cfg.yaml" --model "$model" --streams "$n" \
-      --decode nvdec ${SOURCE:+--source $SOURCE} --clip "$clip" --size 1920x1080 --fps 30 --seconds 45 --json "$out/profile${n}_$name.json" \
+      --decode nvdec ${SOURCE:+--source $SOURCE} ${TRANSPORT:+--rtsp-transport $TRANSPORT} --clip "$clip" --size 1920x1080 --fps 30 --seconds 45 --json "$out/profile${n}_$name.json" \
       > "$out/profile${n}_$name.txt" 2>&1 &
     sleep "${PROFILE_DELAY_S:-25}"
     pid=$(pgrep -n -f "agent.cli bench -c $cfgdir/$cfg.yaml")  # python's, not timeout's

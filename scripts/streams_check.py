@@ -22,7 +22,7 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
    served alone, frame by frame.
 7. rtsp_detections: the demo clip served by the GStreamer RTSP server on loopback (agent.streams_rtsp;
    where GStreamer is not installed, its libraries and plugins in EDGE_AGENT_GSTREAMER_DIR), read
-   over rtsp:// by NVDEC (PyAV's demuxer) and by the CPU decoder:
+   over rtsp:// by NVDEC (PyAV's demuxer; RTP over TCP, and over UDP) and by the CPU decoder:
    every frame of the first pass through the clip gives the detections of the same frame of the
    file decoded on the CPU (a live camera drops frames while the service starts: counted, and at
    least 60 of the 90 must be there).
@@ -252,9 +252,12 @@ def check_rtsp_detections(clips: Path, work: Path) -> dict[str, Any]:
     clip = clips / "demo1080_h264.mp4"
     ref, _ = serve(gpu_config(DEMO / "model.onnx", [{"id": "c", "source": str(clip), "pace": False,
                                                      "decode": "cpu"}], work))
-    with RtspStreams(clip, "h264", 2) as server:
-        cams = [{"id": decode, "source": url, "decode": decode}
-                for decode, url in zip(("nvdec", "cpu"), server.urls, strict=True)]
+    # camera id: decode and RTP transport ("nvdec_udp": NVDEC, RTP over UDP; the others over TCP)
+    ids = ("nvdec", "cpu", "nvdec_udp")
+    with RtspStreams(clip, "h264", len(ids)) as server:
+        cams = [{"id": cid, "source": url, "decode": cid.split("_")[0],
+                 "rtsp_transport": "udp" if cid.endswith("_udp") else "tcp"}
+                for cid, url in zip(ids, server.urls, strict=True)]
         got, tele = serve(gpu_config(DEMO / "model.onnx", cams, work), seconds=8.0)  # 90 frames at 30 fps: 3 s
     out: dict[str, Any] = {"frames_file_cpu": len(ref["c"])}
     ok = len(ref["c"]) == 90
@@ -266,7 +269,7 @@ def check_rtsp_detections(clips: Path, work: Path) -> dict[str, Any]:
         out[c["camera"]] = {"frames": len(rows), "mismatched": bad[:10], "in_order": in_order,
                             "detections": sum(len(r.detections) for r in rows), "decode": c.get("decode"),
                             "frames_dropped": c.get("frames_dropped"), "errors": c.get("errors")}
-        ok = ok and len(rows) >= 60 and not bad and in_order and c.get("decode") == c["camera"]
+        ok = ok and len(rows) >= 60 and not bad and in_order and c.get("decode") == c["camera"].split("_")[0]
     out["ok"] = ok
     return out
 

@@ -30,6 +30,7 @@ def test_minimal_config_gets_defaults() -> None:
     cfg = parse_config({"cameras": [{"source": "synthetic:"}]})
     assert cfg.mqtt.topic_prefix == "edge" and cfg.mqtt.detections_qos == 0
     assert cfg.engine.providers[0].name == "CPUExecutionProvider"
+    assert cfg.cameras[0].rtsp_transport == "tcp"
 
 
 def test_every_error_named_with_its_path() -> None:
@@ -53,6 +54,7 @@ def test_every_error_named_with_its_path() -> None:
     ({"cameras": [{"source": "a"}], "engine": {"providers": [{"name": "FooEP"}]}}, "engine.providers[0].name"),
     ({"cameras": [{"source": "a"}], "device_id": "a/b"}, "device_id"),
     ([1, 2], "expected a mapping"),
+    ({"cameras": [{"source": "rtsp://h/x", "rtsp_transport": "http"}]}, "cameras[0].rtsp_transport"),
 ])
 def test_bad_configs(data: object, needle: str) -> None:
     assert any(needle in e for e in _errors(data)), _errors(data)

@@ -17,7 +17,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from agent.streams_bench import loop_clip, make_clip
+from agent.config import parse_config
+from agent.streams_bench import _config, loop_clip, make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +170,11 @@ def test_find_max_finds_the_largest_n_that_holds(n: int, start: int, least: int,
     assert len(tried) <= 2 * n.bit_length() + 2
     if want >= start:
         assert min(tried) >= start  # below the start only when the start itself failed
+
+
+def test_stream_cameras_take_the_rtsp_transport_asked_for(tmp_path: Path) -> None:
+    base = parse_config({"cameras": [{"source": "synthetic:"}]})
+    urls = ["rtsp://127.0.0.1:8554/s0", "rtsp://127.0.0.1:8554/s1"]
+    cfg = _config(base, urls, "nvdec", tmp_path, False, "udp")
+    assert [(c.source, c.rtsp_transport, c.decode) for c in cfg.cameras] == [(u, "udp", "nvdec") for u in urls]
+    assert {c.rtsp_transport for c in _config(base, urls, "cpu", tmp_path, False).cameras} == {"tcp"}

@@ -123,3 +123,13 @@ def test_a_failing_process_stops_the_others_and_says_why(tmp_path: Path, monkeyp
     with pytest.raises(RuntimeError, match=r"process 0 exited 3: bad model.*process 1 exited -9"):
         streams_procs.measure(argparse.Namespace(), tmp_path / "clip.mp4", 2, 2, tmp_path)
     assert time.monotonic() - t0 < 20
+
+
+def test_children_get_the_parents_stream_options(tmp_path: Path) -> None:
+    import argparse
+
+    args = argparse.Namespace(codec="h264", decode="nvdec", source="rtsp", fps=30.0, seconds=5.0, rtsp_transport="udp",
+                              config=None, model=None, size="1920x1080")
+    cmd = streams_procs._child_command(args, tmp_path / "c.mp4", 4, tmp_path / "p0.json")
+    assert cmd[cmd.index("--rtsp-transport") + 1] == "udp" and cmd[cmd.index("--source") + 1] == "rtsp"
+    assert cmd[cmd.index("--streams") + 1] == "4" and cmd[cmd.index("--size") + 1] == "1920x1080"

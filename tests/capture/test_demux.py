@@ -110,13 +110,16 @@ def test_without_pyav_the_demuxer_says_what_to_install(monkeypatch: pytest.Monke
 
 
 @pytest.mark.skipif(_RTSP_SKIP is not None, reason=f"RTSP tests need system packages: {_RTSP_SKIP}")
-def test_rtsp_packets_decode_and_a_camera_that_stops_sending_times_out_without_holding_the_gil() -> None:
-    """A live camera through the real GStreamer RTSP server: Annex B packets that decode alone (the
-    SDP's parameter sets first); then the server is frozen (SIGSTOP: the TCP session stays open, no
-    data): the read fails after read_timeout_s, and other threads run meanwhile."""
-    srv = RtspServer(fps=15).start()
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_rtsp_packets_decode_and_a_camera_that_stops_sending_times_out_without_holding_the_gil(
+        transport: str) -> None:
+    """A live camera through the real GStreamer RTSP server, offering only the transport asked for:
+    Annex B packets that decode alone (the SDP's parameter sets first); then the server is frozen
+    (SIGSTOP: the session stays open, no data): the read fails after read_timeout_s, and other
+    threads run meanwhile."""
+    srv = RtspServer(fps=15, protocols=transport).start()
     try:
-        dmx = AvDemuxer(srv.url, "rtsp test camera", True, 5.0, 1.0)
+        dmx = AvDemuxer(srv.url, "rtsp test camera", True, 5.0, 1.0, transport)
         try:
             assert (dmx.codec, dmx.width, dmx.height) == ("h264", 160, 120)
             packets = dmx.packets()
@@ -152,6 +155,15 @@ def test_rtsp_packets_decode_and_a_camera_that_stops_sending_times_out_without_h
             dmx.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(_RTSP_SKIP is not None, reason=f"RTSP tests need system packages: {_RTSP_SKIP}")
+def test_an_rtsp_transport_the_camera_does_not_offer_is_a_source_error() -> None:
+    with RtspServer(fps=15, protocols="tcp") as srv:
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match="cannot open cam"):
+            AvDemuxer(srv.url, "cam", True, 5.0, 1.0, "udp")
+        assert time.monotonic() - t0 < 5
 
 
 def test_an_rtsp_camera_nobody_answers_for_is_a_source_error_within_the_open_timeout() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from agent.capture.sources import (
     SOURCES,
     CsiSource,
     FileSource,
+    FrameSource,
     GstSource,
     HttpSource,
     RtspSource,
@@ -24,10 +26,14 @@ from agent.capture.sources import (
     redact,
     scheme_of,
 )
+from agent.capture.sources.network import _FfmpegOptions
 from agent.config import CameraConfig
 from agent.errors import SourceError
 from tests.capture.conftest import index_of
 from tests.support.mjpeg import MjpegServer
+from tests.support.rtsp_server import RtspServer, unavailable_reason
+
+_RTSP_SKIP = unavailable_reason()
 
 
 def cam(source: str, **kw: object) -> CameraConfig:
@@ -37,6 +43,16 @@ def cam(source: str, **kw: object) -> CameraConfig:
 def must(img: np.ndarray | None) -> np.ndarray:
     assert img is not None
     return img
+
+
+def assert_reads_frames(src: FrameSource, shape: tuple[int, int, int], n: int = 3) -> None:
+    """Open `src`, read `n` frames of `shape`, close it."""
+    src.open()
+    try:
+        imgs = [src.read() for _ in range(n)]
+    finally:
+        src.close()
+    assert all(i is not None and i.shape == shape for i in imgs)
 
 
 def read_all(src: FileSource, limit: int = 1000) -> list[np.ndarray]:
@@ -182,12 +198,7 @@ def test_redact_strips_credentials(uri: str, shown: str) -> None:
 def test_http_mjpeg_reads_frames() -> None:
     with MjpegServer(fps=30, width=160, height=120) as srv:
         src = open_source(cam(srv.url.replace("http://", "http://viewer:secret@"), read_timeout_s=3))
-        src.open()
-        try:
-            imgs = [src.read() for _ in range(3)]
-        finally:
-            src.close()
-        assert all(i is not None and i.shape == (120, 160, 3) for i in imgs)
+        assert_reads_frames(src, (120, 160, 3))
         assert "secret" not in src.describe()
 
 
@@ -205,8 +216,54 @@ def test_network_open_failure_is_quick_and_clear(monkeypatch: pytest.MonkeyPatch
 
 def test_rtsp_keeps_operator_ffmpeg_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;udp")
-    RtspSource(cam("rtsp://127.0.0.1:1/x"))._prepare()
-    assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+    with RtspSource(cam("rtsp://127.0.0.1:1/x"))._options():
+        assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+    with RtspSource(cam("rtsp://127.0.0.1:1/x", rtsp_transport="udp"))._options():
+        assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+
+
+def test_ffmpeg_options_open_one_value_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opens that need the value set go together; one that needs another waits for them to finish,
+    so no open reads a value meant for another camera."""
+    monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
+    gate = _FfmpegOptions()
+    seen: list[tuple[str, str]] = []
+    first_in, release = threading.Event(), threading.Event()
+
+    def open_with(value: str, hold: bool) -> None:
+        with gate.use(value):
+            seen.append((value, os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]))
+            if hold:
+                first_in.set()
+                release.wait(5)
+
+    a = threading.Thread(target=open_with, args=("rtsp_transport;tcp", True))
+    a.start()
+    assert first_in.wait(5)
+    same = threading.Thread(target=open_with, args=("rtsp_transport;tcp", False))
+    other = threading.Thread(target=open_with, args=("rtsp_transport;udp", False))
+    other.start()
+    same.start()
+    same.join(5)
+    time.sleep(0.1)
+    assert seen == [("rtsp_transport;tcp",) * 2] * 2  # the same value went in; the other waits
+    release.set()
+    a.join(5)
+    other.join(5)
+    assert seen[-1] == ("rtsp_transport;udp",) * 2 and len(seen) == 3
+
+
+@pytest.mark.skipif(_RTSP_SKIP is not None, reason=f"RTSP tests need system packages: {_RTSP_SKIP}")
+@pytest.mark.parametrize("offered", ["tcp", "udp"])
+def test_rtsp_transport_is_the_one_the_camera_asks_for(monkeypatch: pytest.MonkeyPatch, offered: str) -> None:
+    """A real server that offers one RTP transport only: the camera asking for it reads frames, the
+    camera asking for the other cannot open (a clear error), so the setting reaches FFmpeg."""
+    monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
+    other = "udp" if offered == "tcp" else "tcp"
+    with RtspServer(fps=15, protocols=offered) as srv:
+        assert_reads_frames(open_source(cam(srv.url, rtsp_transport=offered, read_timeout_s=5)), (120, 160, 3))
+        with pytest.raises(SourceError, match="cannot open RTSP stream"):
+            open_source(cam(srv.url, rtsp_transport=other, open_timeout_s=5)).open()
 
 
 # ---- GStreamer ---------------------------------------------------------------------------
@@ -255,6 +312,8 @@ def test_gst_pipeline_reads_frames() -> None:
 def test_jetson_rtsp_pipeline_decodes_on_nvdec(codec: str) -> None:
     pipe = jetson_decode_pipeline(cam("rtsp://10.0.0.5:8554/line1", decode="jetson", codec=codec))
     assert pipe.startswith('rtspsrc location="rtsp://10.0.0.5:8554/line1" protocols=tcp ')
+    udp = jetson_decode_pipeline(cam("rtsp://10.0.0.5:8554/line1", decode="jetson", codec=codec, rtsp_transport="udp"))
+    assert udp == pipe.replace("protocols=tcp", "protocols=udp")
     assert f"rtp{codec}depay ! {codec}parse ! nvv4l2decoder ! nvvidconv ! video/x-raw,format=BGRx" in pipe
     assert pipe.endswith("appsink drop=true max-buffers=1 sync=false")  # live: newest frame only
 

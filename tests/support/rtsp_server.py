@@ -34,9 +34,11 @@ def unavailable_reason() -> str | None:
 
 
 class RtspServer:
-    def __init__(self, port: int | None = None, width: int = 160, height: int = 120, fps: int = 15) -> None:
+    def __init__(self, port: int | None = None, width: int = 160, height: int = 120, fps: int = 15,
+                 protocols: str | None = None) -> None:
         self.port = port or free_port()
         self.width, self.height, self.fps = width, height, fps
+        self.protocols = protocols  # "tcp" / "udp": the only RTP transport offered; None: both
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,8 +49,8 @@ class RtspServer:
         launch = (f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={self.width},height={self.height},"
                   f"framerate={self.fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={self.fps} "
                   "! rtph264pay name=pay0 pt=96 )")
-        self._proc = start_server(server_command(self.port, {"/test": launch}, True, ELEMENTS), self.port, timeout,
-                                  APT_LINE, stderr=subprocess.DEVNULL, env=gstreamer_env())
+        command = server_command(self.port, {"/test": launch}, True, ELEMENTS, self.protocols)
+        self._proc = start_server(command, self.port, timeout, APT_LINE, stderr=subprocess.DEVNULL, env=gstreamer_env())
         return self
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ are resolved in `open_source`, and each source's `decode_path` says what it real
 | `path/to/video.mp4`, `file:///abs/video.mp4` | `FileSource` (OpenCV; `jetson`: NVDEC; `nvdec`: `NvdecSource`) | no |
 | `synthetic:`, `synthetic:WxH`, `synthetic:WxH@FPS` | `SyntheticSource` (procedural, deterministic) | yes |
 | `/dev/videoN`, `v4l2:///dev/videoN` | `V4L2Source` (cv2.CAP_V4L2) | yes |
-| `rtsp://` | `RtspSource` (FFmpeg over TCP; `jetson`: GStreamer NVDEC; `nvdec`: `NvdecSource`) | yes |
+| `rtsp://` | `RtspSource` (FFmpeg, RTP over `rtsp_transport`; `jetson`: GStreamer; `nvdec`: `NvdecSource`) | yes |
 | `http://`, `https://` | `HttpSource` (FFmpeg backend; MJPEG multipart) | yes |
 | `csi://N` | `CsiSource` (nvarguscamerasrc GStreamer pipeline) | yes |
 | `gst:PIPELINE` | `GstSource` (raw GStreamer pipeline ending in appsink) | yes |

@@ -50,12 +50,13 @@ class AvDemuxer:
     `packets()` yields each packet as a uint8 array (valid until the next one is asked for) with its
     pts, then END once, and stops; a failed or timed-out read raises SourceError."""
 
-    def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float) -> None:
+    def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float,
+                 transport: str = "tcp") -> None:
         av = _av()
         self.what = what
         options: dict[str, str] = {}
-        if target.startswith("rtsp://"):  # the socket's I/O timeout, in microseconds (FFmpeg's rtsp option)
-            options = {"rtsp_transport": "tcp", "timeout": str(max(1, round(read_timeout_s * 1e6)))}
+        if target.startswith("rtsp://"):  # RTP over tcp or udp; the I/O timeout (us) bounds reads over either
+            options = {"rtsp_transport": transport, "timeout": str(max(1, round(read_timeout_s * 1e6)))}
         # the open only: with no read timeout PyAV's callback returns before taking the GIL
         timeout = (open_timeout_s, None) if network else None
         try:

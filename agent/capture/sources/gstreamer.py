@@ -52,8 +52,8 @@ def jetson_decode_pipeline(cfg: CameraConfig, path: str | None = None) -> str:
     if not cfg.source.startswith("rtsp://"):
         raise SourceError(f"decode 'jetson' is for rtsp:// and file sources, not {redact(cfg.source)!r}")
     latency_ms = 200  # rtspsrc's jitter buffer: enough for a factory network, far below a frame period x 10
-    return (f'rtspsrc location="{cfg.source}" protocols=tcp latency={latency_ms} drop-on-latency=true ! '
-            f"rtp{cfg.codec}depay ! {cfg.codec}parse ! nvv4l2decoder ! {_JETSON_TAIL}"
+    return (f'rtspsrc location="{cfg.source}" protocols={cfg.rtsp_transport} latency={latency_ms} '
+            f"drop-on-latency=true ! rtp{cfg.codec}depay ! {cfg.codec}parse ! nvv4l2decoder ! {_JETSON_TAIL}"
             "appsink drop=true max-buffers=1 sync=false")
 
 

@@ -184,9 +184,9 @@ class _NetDemuxer:
     """PyAV's demuxer (rtsp://): PacketData made from its Annex B packets."""
 
     def __init__(self, nvc: Any, target: str, what: str, network: bool, open_timeout_s: float,
-                 read_timeout_s: float) -> None:
+                 read_timeout_s: float, transport: str = "tcp") -> None:
         try:
-            self._av = AvDemuxer(target, what, network, open_timeout_s, read_timeout_s)
+            self._av = AvDemuxer(target, what, network, open_timeout_s, read_timeout_s, transport)
         except DemuxUnavailable as exc:
             raise NvdecUnavailable(str(exc)) from None
         self._nvc = nvc
@@ -372,7 +372,7 @@ class NvdecSource(FrameSource):
         if self.is_file and _FILE_DEMUX != "pyav":
             return _FileDemuxer(nvc, self.target, self.describe())
         return _NetDemuxer(nvc, self.target, self.describe(), not self.is_file, self.cfg.open_timeout_s,
-                           self.cfg.read_timeout_s)
+                           self.cfg.read_timeout_s, self.cfg.rtsp_transport)
 
     def _close_nvdec(self) -> None:
         self._ready.clear()
