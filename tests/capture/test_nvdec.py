@@ -188,3 +188,42 @@ def test_a_codec_nvdec_does_not_decode_is_nvdec_unavailable() -> None:
     assert _nv_codec(nvc, SimpleNamespace(codec="h264")) == "h264-id"  # type: ignore[arg-type]
     with pytest.raises(NvdecUnavailable, match="NVDEC does not decode prores"):
         _nv_codec(nvc, SimpleNamespace(codec="prores"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("", None), ("native", "NATIVE-id"), ("low", "LOW-id"),
+                                                   ("Zero", "ZERO-id"), ("fast", None)])
+def test_the_decoders_hold_back_is_the_one_the_environment_names(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, setting: str, expected: str | None) -> None:
+    """EDGE_AGENT_NVDEC_LATENCY reaches CreateDecoder as PyNvVideoCodec's DisplayDecodeLatencyType member;
+    unset: the decoder's default (no argument); an unknown value: the default, said once in the log.
+    PyNvVideoCodec and a CUDA device cannot exist here: a recording stand-in takes their calls."""
+    import logging
+    from types import ModuleType, SimpleNamespace
+
+    from agent.capture.sources import nvdec
+    from agent.engines import cuda
+
+    made: list[dict[str, object]] = []
+    nvc = ModuleType("PyNvVideoCodec")
+    nvc.DisplayDecodeLatencyType = SimpleNamespace(NATIVE="NATIVE-id", LOW="LOW-id", ZERO="ZERO-id")  # type: ignore[attr-defined]
+    nvc.GetDecoderCaps = lambda **kw: {"supported": 1}  # type: ignore[attr-defined]
+    nvc.CreateDecoder = lambda **kw: made.append(kw) or SimpleNamespace()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", nvc)
+    monkeypatch.setattr(cuda, "use_device", lambda device: None)
+    monkeypatch.setattr(cuda, "Stream", lambda: SimpleNamespace(handle=7, synchronize=lambda: None, free=lambda: None))
+    monkeypatch.setattr(cuda, "current_context", lambda: None)
+    monkeypatch.setattr(nvdec, "_LATENCY", setting)
+    monkeypatch.setattr(nvdec, "_warned", set())
+    demuxer = SimpleNamespace(codec="h264-id", what="h264 (yuv420p)", fps=30.0, color=("bt709", False),
+                              size=(1920, 1080), caps=lambda: ("420-id", 8), packets=lambda: iter(()),
+                              close=lambda: None)
+    src = NvdecSource(CameraConfig(source="rtsp://127.0.0.1:8554/cam", decode="nvdec"), open_source)
+    monkeypatch.setattr(src, "_demuxer", lambda nvc: demuxer)
+    with caplog.at_level(logging.WARNING, logger="agent.capture.sources.nvdec"):
+        src._open_nvdec()
+        src._open_nvdec()  # a reconnect: an unknown value is not said again
+    assert len(made) == 2 and all(kw["codec"] == "h264-id" and kw["usedevicememory"] is True for kw in made)
+    assert [kw.get("latency") for kw in made] == [expected, expected]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == (["EDGE_AGENT_NVDEC_LATENCY='fast' is not one of native, low, zero (or this PyNvVideoCodec "
+                         "lacks it): the decoder's default is used"] if setting == "fast" else [])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from agent.capture.sources import (
     V4L2Source,
     gstreamer_available,
     jetson_decode_pipeline,
+    network,
     open_source,
     pipeline_for,
     redact,
@@ -211,46 +213,64 @@ def test_network_open_failure_is_quick_and_clear(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(SourceError, match=r"cannot open RTSP stream rtsp://127\.0\.0\.1:"):
         open_source(cam(f"rtsp://u:p@127.0.0.1:{port}/x", open_timeout_s=3)).open()
     assert time.monotonic() - t0 < 5
-    assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;tcp"
+    assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ  # set for the open only
 
 
-def test_rtsp_keeps_operator_ffmpeg_options(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rtsp_keeps_operator_ffmpeg_options(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;udp")
-    with RtspSource(cam("rtsp://127.0.0.1:1/x"))._options():
-        assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
-    with RtspSource(cam("rtsp://127.0.0.1:1/x", rtsp_transport="udp"))._options():
-        assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+    monkeypatch.setattr(network, "_said", set())
+    with caplog.at_level(logging.WARNING, logger="agent.capture.sources.network"):
+        for _ in range(2):
+            with RtspSource(cam("rtsp://127.0.0.1:1/x"))._options():
+                assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+        with RtspSource(cam("rtsp://127.0.0.1:1/x", rtsp_transport="udp"))._options():
+            assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"
+    assert os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] == "rtsp_transport;udp"  # still the operator's
+    assert [r.getMessage() for r in caplog.records] == [  # said once
+        "OPENCV_FFMPEG_CAPTURE_OPTIONS='rtsp_transport;udp' set before the agent started: it wins over the "
+        "cameras' rtsp_transport"]
 
 
-def test_ffmpeg_options_open_one_value_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ffmpeg_options_open_one_value_at_a_time_and_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Opens that need the value set go together; one that needs another waits for them to finish,
-    so no open reads a value meant for another camera."""
+    and a later open with the first value waits behind it (reconnecting cameras never keep it out);
+    when the last open is done the variable is gone."""
     monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
     gate = _FfmpegOptions()
     seen: list[tuple[str, str]] = []
-    first_in, release = threading.Event(), threading.Event()
+    release = {name: threading.Event() for name in ("a", "same", "other", "later")}
+    inside = {name: threading.Event() for name in release}
 
-    def open_with(value: str, hold: bool) -> None:
+    def open_with(name: str, value: str) -> None:
         with gate.use(value):
-            seen.append((value, os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]))
-            if hold:
-                first_in.set()
-                release.wait(5)
+            seen.append((name, os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]))
+            inside[name].set()
+            release[name].wait(5)
 
-    a = threading.Thread(target=open_with, args=("rtsp_transport;tcp", True))
-    a.start()
-    assert first_in.wait(5)
-    same = threading.Thread(target=open_with, args=("rtsp_transport;tcp", False))
-    other = threading.Thread(target=open_with, args=("rtsp_transport;udp", False))
-    other.start()
-    same.start()
-    same.join(5)
+    tcp, udp = "rtsp_transport;tcp", "rtsp_transport;udp"
+    threads = {name: threading.Thread(target=open_with, args=(name, value))
+               for name, value in (("a", tcp), ("same", tcp), ("other", udp), ("later", tcp))}
+    threads["a"].start()
+    assert inside["a"].wait(5)
+    threads["same"].start()
+    assert inside["same"].wait(5)  # the same value goes in beside it
+    threads["other"].start()
     time.sleep(0.1)
-    assert seen == [("rtsp_transport;tcp",) * 2] * 2  # the same value went in; the other waits
-    release.set()
-    a.join(5)
-    other.join(5)
-    assert seen[-1] == ("rtsp_transport;udp",) * 2 and len(seen) == 3
+    threads["later"].start()
+    time.sleep(0.2)
+    assert seen == [("a", tcp), ("same", tcp)]  # the other value waits; the later one waits behind it
+    release["a"].set()
+    release["same"].set()
+    assert inside["other"].wait(5)
+    time.sleep(0.1)
+    assert seen[2:] == [("other", udp)]
+    release["other"].set()
+    assert inside["later"].wait(5)
+    release["later"].set()
+    for t in threads.values():
+        t.join(5)
+    assert seen[3:] == [("later", tcp)]
+    assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ
 
 
 @pytest.mark.skipif(_RTSP_SKIP is not None, reason=f"RTSP tests need system packages: {_RTSP_SKIP}")
@@ -262,8 +282,9 @@ def test_rtsp_transport_is_the_one_the_camera_asks_for(monkeypatch: pytest.Monke
     other = "udp" if offered == "tcp" else "tcp"
     with RtspServer(fps=15, protocols=offered) as srv:
         assert_reads_frames(open_source(cam(srv.url, rtsp_transport=offered, read_timeout_s=5)), (120, 160, 3))
-        with pytest.raises(SourceError, match="cannot open RTSP stream"):
+        with pytest.raises(SourceError, match=f"cannot open RTSP stream .*RTP over {other} .* not offered"):
             open_source(cam(srv.url, rtsp_transport=other, open_timeout_s=5)).open()
+    assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ
 
 
 # ---- GStreamer ---------------------------------------------------------------------------

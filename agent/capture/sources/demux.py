@@ -18,6 +18,7 @@ in start-code form (RTSP's SDP, MPEG-4 Part 2 in MP4), that is sent once before 
 
 from __future__ import annotations
 
+import errno
 import importlib
 from collections.abc import Iterator
 from typing import Any
@@ -62,7 +63,10 @@ class AvDemuxer:
         try:
             self._container = av.open(target, options=options, timeout=timeout)
         except Exception as exc:
-            raise SourceError(f"cannot open {what}: {str(exc)[:200]}") from None
+            hint = ""
+            if options and getattr(exc, "errno", None) == errno.EPROTONOSUPPORT:  # FFmpeg's answer to RTSP's 461
+                hint = f" (the camera does not offer RTP over {transport}: rtsp_transport)"
+            raise SourceError(f"cannot open {what}: {str(exc)[:200]}{hint}") from None
         try:
             if not self._container.streams.video:
                 raise SourceError(f"{what} has no video stream")

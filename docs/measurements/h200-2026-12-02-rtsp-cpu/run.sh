@@ -3,13 +3,14 @@
 set -u
 D=docs/measurements/h200-2026-12-02-rtsp-cpu
 source $D/env.sh
+mode=$1
 case $1 in
   profile)  # py-spy on 24 RTSP streams (TCP): by thread kind, Python and native (scripts/gpu_streams.sh profile)
     SOURCE=rtsp PROFILE_DELAY_S=40 bash scripts/gpu_streams.sh profile $M $L $OUT cuda_graph 24
     python3 scripts/pyspy_summary.py $OUT/pyspy24_cuda_graph.txt --top 14 > $OUT/pyspy24_summary.txt 2>&1
     python3 scripts/pyspy_summary.py $OUT/pyspy24_gil_cuda_graph.txt --top 14 > $OUT/pyspy24_gil_summary.txt 2>&1
     head -120 $OUT/pyspy24_summary.txt;;
-  ab)  # RTP over TCP, then over UDP, 24 streams, for each pair K given: tags tK / uK (WINDOW_S, default 5 s)
+  ab)  # RTP over TCP, then over UDP, 24 streams, for each pair K given: tags tK / uK (WINDOW_S: env.sh)
     shift
     for k in "$@"; do tcp t$k; udp u$k; done;;
   pinned)  # the agent and the RTSP server on separate physical cores (lscpu), 24 streams: TAG... (tcpN / udpN)
@@ -26,12 +27,13 @@ P
     [ -n "$AG" ] && [ -n "$SV" ] || { echo "no CPU split from lscpu"; exit 1; }
     echo "agent on cpus $AG, RTSP server on cpus $SV"; lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\))" > $OUT/lscpu.txt
     for tag in "$@"; do
-      (for _ in $(seq 300); do pid=$(pgrep -f "streams_rtsp.py [0-9]") && break; sleep 0.2; done
-       sleep 0.5; taskset -a -p -c $SV $pid > /dev/null && echo "server $pid pinned") &
+      (for _ in $(seq 300); do pid=$(pgrep -n -f "streams_rtsp.py [0-9]") && break; sleep 0.2; done
+       sleep 0.5; taskset -a -p -c $SV ${pid:-none} > $OUT/pin_$tag.taskset 2>&1 && echo "server $pid pinned" \
+         || echo "server NOT pinned: run pin_$tag does not count") &
       SOURCE=rtsp TRANSPORT=${tag%%[0-9]*} taskset -c $AG bash scripts/gpu_streams.sh streams $M $L $OUT cuda_graph 24 pin_$tag
       wait
     done;;
   check)  # the demo clip over RTSP: NVDEC over TCP and UDP, CPU over TCP, against the file on the CPU
     bash scripts/gpu_streams.sh check $M $C $OUT rtsp_detections;;
 esac
-(cd $OUT && tar czf /tmp/pack.tgz --exclude '*.tgz' . && find . -type f ! -name '*.tgz' -delete && mv /tmp/pack.tgz ./$1${2:+_$2}.tgz)
+(cd $OUT && tar czf /tmp/pack.tgz --exclude '*.tgz' . && find . -type f ! -name '*.tgz' -delete && mv /tmp/pack.tgz ./$mode.tgz)
