@@ -529,5 +529,6 @@ class Pipeline:
             "camera_state": cap.get("state"),
             "decode": cap.get("decode", "cpu"),
             "reconnects": cap.get("reconnects", 0),
+            "decode_errors": cap.get("decode_errors", 0),
             "model": {"name": self.runtime.name, "version": self.runtime.version},
         }

@@ -232,6 +232,8 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
                             "errors": p.errors - e0,
                             # a reconnect in the window: a live stream starts again (RTSP: with a burst)
                             "reconnects": _grew(s0, s1, "reconnects"),
+                            # pictures the decoder refused (NVDEC then starts over at a keyframe)
+                            "decode_errors": _grew(s0, s1, "decode_errors"),
                             "p50_ms": round(float(np.percentile(e2e, 50)), 2) if e2e.size else None,
                             "p99_ms": round(float(np.percentile(e2e, 99)), 2) if e2e.size else None,
                             "state": p.capture.state})
@@ -249,6 +251,7 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             "worst_p99_ms": max((s["p99_ms"] or 0.0) for s in streams),
             "min_fps": min(s["fps"] for s in streams), "max_fps": max(s["fps"] for s in streams),
             "dropped": sum(s["dropped"] for s in streams), "reconnects": sum(s["reconnects"] for s in streams),
+            "decode_errors": sum(s["decode_errors"] for s in streams),
             "gpu_mem_mb": None if gpu0 is None or gpu2 is None else round((gpu2 - gpu0) / 2**20, 1),
             "gpu_mem_at_start_mb": None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 2**20, 1),
             "settle_s": None if settled is None else round(settled[0], 1),
@@ -525,6 +528,7 @@ def _row(r: dict[str, Any]) -> str:
             f"cpu {r['host_cpu_ms_per_frame']:>6.2f} ms/f  gpu {gpu} MB  loads {r['model_loads']}  "
             f"{'held' if r['goal_held'] else 'MISSED'}"
             + (f"  reconnects {r['reconnects']}" if r.get("reconnects") else "")
+            + (f"  decode errors {r['decode_errors']}" if r.get("decode_errors") else "")
             + (f"  max/stream {r['max_fps']:.1f}" if r.get("max_fps", 0) > 1.2 * r["min_fps"] else "")
             + ("  (server still catching up)" if r.get("settled") is False else ""))
 

@@ -138,6 +138,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
            "worst_p99_ms": max(r["worst_p99_ms"] for r in runs), "min_fps": min(r["min_fps"] for r in runs),
            "max_fps": max(r.get("max_fps", r["min_fps"]) for r in runs),
            "dropped": sum(r["dropped"] for r in runs), "reconnects": sum(r.get("reconnects", 0) for r in runs),
+           "decode_errors": sum(r.get("decode_errors", 0) for r in runs),
            # each process sees the others' allocations too: a per-process figure would mislead
            "gpu_mem_mb": None, "model_loads": sum(r.get("model_loads") or 0 for r in runs),
            "goal_held": all(r["goal_held"] for r in runs), "processes": len(runs)}

@@ -26,6 +26,10 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
    every frame of the first pass through the clip gives the detections of the same frame of the
    file decoded on the CPU (a live camera drops frames while the service starts: counted, and at
    least 60 of the 90 must be there).
+8. nvdec_damage: the demo clip at 1080p with pictures damaged or left out, and the resolution
+   change, through NVDEC on PyAV's demuxer (the rtsp:// path): the read goes on past a picture
+   NVDEC refuses (a new decoder from the next keyframe), and the frames after the last keyframe
+   equal OpenCV's decode of the undamaged clip.
 
 usage: PYTHONPATH=/tmp/site python3 scripts/streams_check.py --clips .carry/clips [--model M] [--only a,b]
 Exit 1 when a check fails.
@@ -268,9 +272,106 @@ def check_rtsp_detections(clips: Path, work: Path) -> dict[str, Any]:
         in_order = seqs == sorted(set(seqs))
         out[c["camera"]] = {"frames": len(rows), "mismatched": bad[:10], "in_order": in_order,
                             "detections": sum(len(r.detections) for r in rows), "decode": c.get("decode"),
-                            "frames_dropped": c.get("frames_dropped"), "errors": c.get("errors")}
+                            "frames_dropped": c.get("frames_dropped"), "errors": c.get("errors"),
+                            "decode_errors": c.get("decode_errors"), "reconnects": c.get("reconnects")}
         ok = ok and len(rows) >= 60 and not bad and in_order and c.get("decode") == c["camera"].split("_")[0]
     out["ok"] = ok
+    return out
+
+
+def _damage(src: Path, dst: Path, kind: str, packets: tuple[int, ...]) -> None:
+    """`src` remuxed (PyAV) with `packets` (decode order) damaged as a network would: "slice_header"
+    (32 bytes after the first NAL's header overwritten), "picture" (every byte after it), "dropped"
+    (left out). The rest is copied as it is."""
+    import av
+
+    rng = np.random.default_rng(17)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        for i, packet in enumerate(inp.demux(s_in)):
+            if packet.dts is None:
+                continue
+            if i in packets:
+                if kind == "dropped":
+                    continue
+                data, at = bytearray(bytes(packet)), 0
+                while at + 5 <= len(data):  # NAL units, each after its 4-byte length: the lengths are kept
+                    size = int.from_bytes(data[at:at + 4], "big")
+                    if data[at + 4] & 0x1F in (1, 5):  # a slice: from just after its header
+                        end = at + 4 + (min(size, 33) if kind == "slice_header" else size)
+                        data[at + 5:end] = rng.integers(0, 256, max(0, end - at - 5), dtype=np.uint8).tobytes()
+                    at += 4 + size
+                packet.update(bytes(data))
+            packet.stream = s_out
+            out.mux(packet)
+
+
+def check_nvdec_damage(clips: Path, work: Path) -> dict[str, Any]:
+    """Damaged pictures through NVDEC on PyAV's demuxer (the path of rtsp:// streams): a picture NVDEC
+    refuses starts a new decoder at the next keyframe (agent.capture.sources.nvdec), the read goes on
+    (no SourceError), and the last 10 frames, after the clip's last keyframe, equal OpenCV's decode of
+    the undamaged clip. The resolution change (reschange.h264: 720p, then 1080p) on the same path."""
+    import collections
+
+    import cv2
+
+    from agent.capture.sources import nvdec, open_source
+    from agent.config import CameraConfig
+    from agent.errors import SourceError
+    from agent.vision.gpu import nv12_to_bgr
+
+    clean = clips / "demo1080_h264.mp4"
+    cap, ref = cv2.VideoCapture(str(clean)), []
+    while (got := cap.read())[0]:
+        ref.append(got[1])
+    cap.release()
+    cases: dict[str, tuple[Path, int]] = {"clean": (clean, len(ref)), "reschange": (clips / "reschange.h264", 0)}
+    # keyframes at 0, 30, 60 (g=30): a P picture, two in a row, the keyframe at 30, three left out
+    for kind, packets in (("slice_header", (35,)), ("picture", (35, 36)), ("keyframe", (30,)),
+                          ("dropped", (35, 36, 37))):
+        name = kind if kind != "keyframe" else "keyframe_picture"
+        _damage(clean, work / f"{name}.mp4", "picture" if kind == "keyframe" else kind, packets)
+        cases[name] = (work / f"{name}.mp4", len(ref))
+    saved, nvdec._FILE_DEMUX = nvdec._FILE_DEMUX, "pyav"  # files through PyAV's demuxer, as streams are
+    out: dict[str, Any] = {"frames_clean_opencv": len(ref)}
+    ok = True
+    try:
+        for name, (clip, compare) in cases.items():
+            src: Any = open_source(CameraConfig(source=str(clip), decode="nvdec", pace=False, loop=False, fps=30))
+            src.open()
+            frames, equal, error = 0, 0, None
+            tail: collections.deque[Any] = collections.deque(maxlen=10)  # frames, or their sizes
+            try:
+                while (f := src.read()) is not None:
+                    if compare:
+                        y, uv = f.planes()
+                        tail.append(nv12_to_bgr(y, uv, f.matrix, f.full_range))
+                        equal += frames < len(ref) and np.array_equal(tail[-1], ref[frames])
+                    else:
+                        tail.append((f.width, f.height))
+                    frames += 1
+                    del f
+            except SourceError as exc:
+                error = str(exc)[:300]
+            finally:
+                errors = src.decode_errors
+                skipped = getattr(src._dmx, "skipped", None)
+                src.close()
+            row: dict[str, Any] = {"frames": frames, "decode_errors": errors, "skipped_packets": skipped,
+                                   "source_error": error, "decode": src.decode_path}
+            if compare:
+                row["equal_in_place"] = equal  # the clean clip: every frame
+                row["tail_equal"] = len(tail) == 10 and all(np.array_equal(a, b)
+                                                            for a, b in zip(tail, ref[-10:], strict=True))
+            else:
+                row["last_size"] = tail[-1] if tail else None
+            out[name] = row
+            ok = ok and error is None and src.decode_path == "nvdec" and row.get("tail_equal", True)
+    finally:
+        nvdec._FILE_DEMUX = saved
+    out["ok"] = (ok and out["clean"]["frames"] == out["clean"]["equal_in_place"] == len(ref)
+                 and out["reschange"]["last_size"] == (1920, 1080))
     return out
 
 
@@ -432,6 +533,7 @@ def main() -> int:
               "swap": lambda: check_swap(args.clips, work, args.model),
               "lanes_detections": lambda: check_lanes_detections(args.clips, work),
               "rtsp_detections": lambda: check_rtsp_detections(args.clips, work),
+              "nvdec_damage": lambda: check_nvdec_damage(args.clips, work),
               "shared_lanes": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), cuda_graph=True),
               "shared_lanes_cpu_decode": lambda: check_shared(args.clips, work, args.model, (1, 8, 16), "cpu",
                                                               cuda_graph=True),

@@ -135,6 +135,7 @@ class CaptureThread:
         self._seq = 0
         self._frames_in = 0
         self._reconnects = 0
+        self._decode_errors = 0  # of the sources read before this one
         self._last_error: str | None = None
         self._last_frame_mono: float | None = None
         self._lost_since: float | None = None
@@ -215,7 +216,7 @@ class CaptureThread:
         return self._state
 
     def stats(self) -> dict[str, object]:
-        last = self._last_frame_mono
+        last, reading = self._last_frame_mono, self._reading
         return {
             "camera": self._cfg.id,
             "source": self._describe,
@@ -224,6 +225,7 @@ class CaptureThread:
             "frames_in": self._frames_in,
             "frames_dropped": self._box.dropped,
             "reconnects": self._reconnects,
+            "decode_errors": self._decode_errors + (reading.decode_errors if reading is not None else 0),
             "queued": len(self._box),
             "last_frame_age_s": None if last is None else round(time.monotonic() - last, 3),
             "last_error": self._last_error,
@@ -301,6 +303,7 @@ class CaptureThread:
                     outcome, reason, got_frames = self._stream(src)
                 finally:
                     self._reading = None
+                    self._decode_errors += src.decode_errors
                 self._close(src)
                 if got_frames:  # frames flowed: the next outage starts from initial_s again
                     delays.reset()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from agent.capture.sources import demux
-from agent.capture.sources.demux import END, AvDemuxer
+from agent.capture.sources.demux import END, AvDemuxer, bytes_at
 from agent.errors import SourceError
 from agent.streams_bench import make_clip
 from tests.support.rtsp_server import RtspServer, free_port, unavailable_reason
@@ -52,9 +52,18 @@ def nal_types(data: np.ndarray, codec: str) -> list[int]:
     return [b[i] & 0x1F if codec == "h264" else (b[i] >> 1) & 0x3F for i in starts if i < len(b)]
 
 
+def as_array(packet: tuple[int, int, int, bool]) -> np.ndarray:
+    """A copy of a yielded packet's bytes (`packets()` yields addresses, valid until the next)."""
+    return np.frombuffer(bytes_at(packet[0], packet[1]), np.uint8)
+
+
 def read_all(dmx: AvDemuxer) -> list[np.ndarray]:
-    got = [data.copy() for data, _ in dmx.packets()]
-    assert got and got[-1].size == 0  # END comes last, once
+    got, ends = [], []
+    for i, packet in enumerate(dmx.packets()):
+        got.append(as_array(packet))  # copied as it comes: its bytes go with the next packet
+        if packet == END:
+            ends.append(i)
+    assert got and ends == [len(got) - 1]  # END comes last, once
     return got[:-1]
 
 
@@ -78,6 +87,26 @@ def test_mp4_packets_come_out_in_annex_b_and_decode_to_the_files_frames(tmp_path
     expected = frames_of_file(clip)
     assert len(decoded) == len(expected) == 12
     assert all(np.array_equal(a, b) for a, b in zip(decoded, expected, strict=True))
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_keyframes_are_flagged_where_a_decoder_can_start(tmp_path: Path, codec: str) -> None:
+    """A new NVDEC decoder starts over at a flagged packet (agent.capture.sources.nvdec): exactly the
+    packets holding an IDR (H.264) / IRAP (HEVC) picture, the first one among them."""
+    clip = make_clip(tmp_path / f"k.{codec}.mp4", codec, 160, 96, 10, 25)  # a keyframe every 10 frames
+    dmx = AvDemuxer(str(clip), "test clip", False, 5, 5)
+    flagged, random_access = [], []
+    try:
+        for packet in dmx.packets():
+            if packet == END:
+                break
+            types = nal_types(as_array(packet), codec)
+            flagged.append(packet[3])
+            random_access.append(5 in types if codec == "h264" else any(16 <= t <= 21 for t in types))
+    finally:
+        dmx.close()
+    assert len(flagged) == 25 and flagged[0] and sum(flagged) >= 3
+    assert flagged == random_access
 
 
 def test_mpeg4_in_mp4_gets_its_header_from_the_extradata_first(tmp_path: Path) -> None:
@@ -123,7 +152,13 @@ def test_rtsp_packets_decode_and_a_camera_that_stops_sending_times_out_without_h
         try:
             assert (dmx.codec, dmx.width, dmx.height) == ("h264", 160, 120)
             packets = dmx.packets()
-            got = [next(packets)[0].copy() for _ in range(20)]
+            got, keys = [], []
+            for _ in range(20):
+                packet = next(packets)
+                got.append(as_array(packet))  # its bytes go with the next packet
+                keys.append(packet[3])
+            assert dmx.prefix is not None and got[0].tobytes() == dmx.prefix.tobytes()  # the SDP's parameter sets
+            assert any(keys[1:])  # the camera's keyframes (one a second) are flagged
             decoded = decode_elementary("h264", got)
             assert len(decoded) >= 10 and decoded[0].shape == (120, 160)
             assert srv._proc is not None
@@ -175,4 +210,4 @@ def test_an_rtsp_camera_nobody_answers_for_is_a_source_error_within_the_open_tim
 
 
 def test_end_marker_is_empty() -> None:
-    assert END.size == 0 and END.dtype == np.uint8
+    assert END == (0, 0, 0, False) and bytes_at(*END[:2]) == b""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from agent.capture.reader import CaptureThread
 from agent.capture.sources import FileSource, NvdecSource, choose_decode, open_source
 from agent.config import CameraConfig
 from agent.errors import SourceError
+from tests.support.rtsp_server import unavailable_reason
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo" / "sample.mp4"
+_RTSP_SKIP = unavailable_reason()
 
 
 @pytest.fixture
@@ -147,7 +150,7 @@ def test_stream_packets_reach_the_decoder_as_pointers_to_annex_b_bytes(tmp_path:
     import ctypes
     from types import SimpleNamespace
 
-    from agent.capture.sources.demux import AvDemuxer
+    from agent.capture.sources.demux import AvDemuxer, bytes_at
     from agent.capture.sources.nvdec import _NetDemuxer
     from agent.streams_bench import make_clip
 
@@ -163,7 +166,7 @@ def test_stream_packets_reach_the_decoder_as_pointers_to_annex_b_bytes(tmp_path:
         dmx.close()
     ref = AvDemuxer(str(clip), "clip", False, 5.0, 5.0)
     try:
-        expected = [data.tobytes() for data, _ in ref.packets()]
+        expected = [bytes_at(address, size) for address, size, _, _ in ref.packets()]
     finally:
         ref.close()
     assert seen == expected and seen[-1] == b"" and all(b.startswith(b"\x00\x00\x00\x01") for b in seen[:-1])
@@ -227,3 +230,201 @@ def test_the_decoders_hold_back_is_the_one_the_environment_names(
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == (["EDGE_AGENT_NVDEC_LATENCY='fast' is not one of native, low, zero (or this PyNvVideoCodec "
                          "lacks it): the decoder's default is used"] if setting == "fast" else [])
+
+
+# ---- a picture NVDEC refuses: a new decoder from the next keyframe, without leaving the stream -------
+
+def _has_idr(data: bytes) -> bool:
+    return any(data[i + 3] & 0x1F == 5 for i in range(len(data) - 3) if data[i:i + 3] == b"\x00\x00\x01")
+
+
+class StandInDecoder:
+    """Stands in for PyNvVideoCodec's decoder (no GPU here): records what it is fed and gives one
+    "frame" (the packet's pts) per picture; refuses the packets whose pts is in `refuse` (`once`: the
+    first time only, as a resolution change is refused by the old decoder alone), raising as
+    PyNvVideoCodec does when cuvidDecodePicture fails."""
+
+    def __init__(self, number: int, refuse: set[int], fed: list[tuple[int, int, bytes]], once: bool) -> None:
+        self.number, self.refuse, self.fed, self.once = number, refuse, fed, once
+
+    def Decode(self, packet: StandInPacketData) -> list[int]:  # PyNvVideoCodec's name
+        import ctypes
+
+        data = ctypes.string_at(packet.bsl_data, packet.bsl) if packet.bsl else b""
+        self.fed.append((self.number, packet.pts, data))
+        if data and packet.pts in self.refuse:
+            if self.once:
+                self.refuse.discard(packet.pts)
+            raise RuntimeError("cuvidDecodePicture returned error 1")
+        return [packet.pts] if data else []
+
+
+@pytest.fixture
+def stand_in_nvdec(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """NvdecSource on a file demuxed by PyAV (as rtsp:// streams are) with PyNvVideoCodec, the CUDA
+    stream and the device copy standing in (none can exist here): `make(clip, refuse)` opens it."""
+    from types import ModuleType, SimpleNamespace
+
+    from agent.capture.sources import nvdec
+    from agent.engines import cuda
+
+    state: dict[str, Any] = {"decoders": 0, "fed": [], "syncs": 0, "refuse": set(), "once": False}
+
+    def create(**kw: object) -> StandInDecoder:
+        state["decoders"] += 1
+        return StandInDecoder(state["decoders"], state["refuse"], state["fed"], state["once"])
+
+    def sync() -> None:
+        state["syncs"] += 1
+
+    nvc = ModuleType("PyNvVideoCodec")
+    nvc.PacketData = StandInPacketData  # type: ignore[attr-defined]
+    nvc.cudaVideoCodec = SimpleNamespace(H264="h264-id")  # type: ignore[attr-defined]
+    nvc.cudaVideoChromaFormat = SimpleNamespace(**{"420": "420-id"})  # type: ignore[attr-defined]
+    nvc.GetDecoderCaps = lambda **kw: {"supported": 1}  # type: ignore[attr-defined]
+    nvc.CreateDecoder = create  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", nvc)
+    monkeypatch.setattr(cuda, "use_device", lambda device: None)
+    monkeypatch.setattr(cuda, "Stream", lambda: SimpleNamespace(handle=7, synchronize=sync, free=lambda: None))
+    monkeypatch.setattr(cuda, "current_context", lambda: None)
+    monkeypatch.setattr(nvdec, "_FILE_DEMUX", "pyav")
+
+    def make(clip: Path, refuse: set[int], once: bool = False) -> NvdecSource:
+        state["refuse"].update(refuse)
+        state["once"] = once
+        src = NvdecSource(CameraConfig(id="cam", source=str(clip), decode="nvdec", pace=False, loop=False),
+                          open_source)
+        src.open()
+        monkeypatch.setattr(src, "_copy", lambda f: f)  # the device-to-device copy: a frame is its pts here
+        return src
+
+    make.state = state  # type: ignore[attr-defined]
+    return make
+
+
+def _packets_of(clip: Path) -> list[tuple[int, bool]]:
+    from agent.capture.sources.demux import END, AvDemuxer
+
+    dmx = AvDemuxer(str(clip), "clip", False, 5.0, 5.0)
+    try:
+        return [(pts, key) for _, _, pts, key in dmx.packets() if (_, _, pts, key) != END]
+    finally:
+        dmx.close()
+
+
+def _read_all(src: NvdecSource) -> list[int]:
+    got = []
+    while (f := src.read()) is not None:
+        got.append(f)
+    return got
+
+
+def test_a_refused_picture_starts_a_new_decoder_at_the_next_keyframe(tmp_path: Path, stand_in_nvdec: Any,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A damaged picture (a lost UDP packet) costs the pictures up to the next keyframe, counted, not
+    the stream: the read goes on, a new decoder gets the keyframe first, and after it every picture."""
+    from agent.streams_bench import make_clip
+
+    clip = make_clip(tmp_path / "c.mp4", "h264", 160, 96, 10, 35)  # keyframes at 0, 10, 20, 30
+    packets = _packets_of(clip)
+    keys = [i for i, (_, key) in enumerate(packets) if key]
+    assert keys[:4] == [0, 10, 20, 30], keys
+    src = stand_in_nvdec(clip, {packets[13][0]})
+    try:
+        got = _read_all(src)
+        assert src.decode_errors == 1 and src._dmx.skipped == 6  # 14-19 waited for the keyframe
+    finally:
+        src.close()
+    pts = [p for p, _ in packets]
+    assert got == pts[:13] + pts[20:]
+    state = stand_in_nvdec.state
+    assert state["decoders"] == 2 and state["syncs"] >= 1  # the old decoder's copies finished first
+    second = [data for number, _, data in state["fed"] if number == 2]
+    assert second and _has_idr(second[0])  # the new decoder starts at a keyframe (parameter sets in band)
+    assert "a new decoder starts at the next keyframe" in caplog.text and "error 1" in caplog.text
+
+
+def test_a_refused_keyframe_goes_to_the_new_decoder_itself(tmp_path: Path, stand_in_nvdec: Any) -> None:
+    """A resolution change: the old decoder refuses the new size's keyframe; the new decoder takes that
+    same keyframe, so nothing is lost."""
+    from agent.streams_bench import make_clip
+
+    clip = make_clip(tmp_path / "c.mp4", "h264", 160, 96, 10, 30)
+    packets = _packets_of(clip)
+    assert packets[20][1]
+    src = stand_in_nvdec(clip, {packets[20][0]}, once=True)
+    try:
+        got = _read_all(src)
+        assert src.decode_errors == 1 and src._dmx.skipped == 0
+    finally:
+        src.close()
+    assert got == [p for p, _ in packets]
+    fed = stand_in_nvdec.state["fed"]
+    assert [pts for number, pts, data in fed if number == 2][:1] == [packets[20][0]]
+
+
+def test_a_decoder_that_keeps_failing_ends_the_read(tmp_path: Path, stand_in_nvdec: Any) -> None:
+    """New decoders that fail again before their first picture (three in a row: at the next keyframe,
+    that keyframe once more, the one after): a SourceError, and the capture thread reconnects with
+    backoff."""
+    from agent.errors import SourceError
+    from agent.streams_bench import make_clip
+
+    clip = make_clip(tmp_path / "c.mp4", "h264", 160, 96, 10, 60)
+    packets = _packets_of(clip)
+    src = stand_in_nvdec(clip, {pts for pts, _ in packets[13:]})
+    try:
+        got = []
+        with pytest.raises(SourceError, match=r"NVDEC could not decode .*cuvidDecodePicture returned error 1"):
+            while (f := src.read()) is not None:
+                got.append(f)
+        assert got == [p for p, _ in packets[:13]]
+        assert src.decode_errors == 4 and stand_in_nvdec.state["decoders"] == 4
+        first = {number: pts for number, pts, _ in reversed(stand_in_nvdec.state["fed"])}  # each decoder's first
+        assert [first[2], first[3], first[4]] == [packets[20][0], packets[20][0], packets[30][0]]
+    finally:
+        src.close()
+
+
+def test_a_refused_picture_from_pynvvideocodecs_own_demuxer_ends_the_read(stand_in_nvdec: Any) -> None:
+    """Files on PyNvVideoCodec's demuxer carry no keyframe flags to start over at: the read ends."""
+    from types import SimpleNamespace
+
+    from agent.errors import SourceError
+
+    src = NvdecSource(CameraConfig(id="cam", source=str(DEMO), decode="nvdec"), open_source)
+    src._dmx = SimpleNamespace(close=lambda: None)  # a _FileDemuxer's place
+    with pytest.raises(SourceError, match=r"NVDEC could not decode .*picture 7"):
+        src._start_over(RuntimeError("picture 7"))
+    assert src.decode_errors == 1
+
+
+@pytest.mark.skipif(_RTSP_SKIP is not None, reason=f"RTSP tests need system packages: {_RTSP_SKIP}")
+def test_a_stream_starting_over_gets_the_sdps_parameter_sets_then_a_keyframe() -> None:
+    """Over RTSP the parameter sets come in the SDP (sent once before the first packet): a new decoder
+    gets them again, then the next keyframe; the real GStreamer server, PacketData standing in."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from agent.capture.sources.nvdec import _NetDemuxer
+    from tests.support.rtsp_server import RtspServer
+
+    nvc = SimpleNamespace(PacketData=StandInPacketData, cudaVideoCodec=SimpleNamespace(H264="h264-id"))
+    with RtspServer(fps=15) as srv:
+        dmx = _NetDemuxer(nvc, srv.url, "cam", True, 5.0, 2.0)
+        try:
+            assert dmx._av.prefix is not None
+            prefix = dmx._av.prefix.tobytes()
+            packets = dmx.packets()
+            assert ctypes.string_at(next(packets).bsl_data, len(prefix)) == prefix
+            for _ in range(3):
+                next(packets)
+            dmx.resync()
+            after = []
+            for _ in range(3):  # one PacketData for all: read as it comes
+                packet = next(packets)
+                after.append(ctypes.string_at(packet.bsl_data, packet.bsl))
+        finally:
+            dmx.close()
+    assert after[0] == prefix and _has_idr(after[1]) and not _has_idr(after[2])
+    assert dmx.skipped >= 1  # a keyframe a second at 15 fps: some pictures were left out

@@ -207,6 +207,43 @@ def test_exceptions_from_a_source_never_escape(running: Callable) -> None:
     assert ev.items[0][1]["reason"] == "driver exploded"
 
 
+def test_decode_errors_add_up_across_reconnects(running: Callable) -> None:
+    """A source counts the pictures its decoder refused (NVDEC starts over at a keyframe); the capture's
+    figure keeps those of the sources it read before a reconnect."""
+    class Damaged(FrameSource):
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def open(self) -> None:
+            pass
+
+        def read(self) -> np.ndarray | None:
+            self.reads += 1
+            if self.reads % 2 == 0:
+                self.decode_errors += 1  # a damaged picture, skipped
+            if self.reads > 4:
+                raise ValueError("stream dropped")
+            return np.zeros((8, 8, 3), np.uint8)
+
+        def close(self) -> None:
+            pass
+
+        live = True
+        fps = None
+
+        def describe(self) -> str:
+            return "damaged"
+
+    cfg = CameraConfig(source="synthetic:", reconnect=BackoffConfig(initial_s=0.02, max_s=0.05, jitter=0.5))
+    c = running(CaptureThread(cfg, source_factory=lambda _c: Damaged()))
+    deadline = time.monotonic() + 10
+    while c.stats()["reconnects"] < 3 and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+    stats = c.stats()
+    assert int(stats["reconnects"]) >= 3  # type: ignore[call-overload]
+    assert int(stats["decode_errors"]) >= 2 * 3  # type: ignore[call-overload]  # two per source, three sources done
+
+
 def test_mjpeg_camera_lost_and_restored(running: Callable) -> None:
     srv = MjpegServer(fps=25).start()
     try:

@@ -69,6 +69,7 @@ class FrameSource(ABC):
     """One camera or video. Not thread-safe: the capture thread is its only user (but interrupt())."""
 
     decode_path = "cpu"  # where frames are decoded: cpu, jetson, nvdec (and why, when it was chosen)
+    decode_errors = 0  # pictures the decoder refused while the stream went on (nvdec starts over at a keyframe)
 
     @abstractmethod
     def open(self) -> None:

@@ -18,6 +18,7 @@ in start-code form (RTSP's SDP, MPEG-4 Part 2 in MP4), that is sent once before 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 from collections.abc import Iterator
@@ -27,11 +28,16 @@ import numpy as np
 
 from agent.errors import SourceError
 
-__all__ = ["END", "AvDemuxer", "DemuxUnavailable"]
+__all__ = ["END", "AvDemuxer", "DemuxUnavailable", "bytes_at"]
 
-END = np.zeros(0, np.uint8)  # the packet after the last one: tells the decoder to hand out what it holds
+END = (0, 0, 0, False)  # the packet after the last one: tells the decoder to hand out what it holds
 
 _START_CODES = (b"\x00\x00\x01", b"\x00\x00\x00\x01")
+
+
+def bytes_at(address: int, size: int) -> bytes:
+    """A copy of a packet's bytes (`packets()` yields addresses)."""
+    return ctypes.string_at(address, size) if size else b""
 
 
 class DemuxUnavailable(SourceError):
@@ -48,8 +54,10 @@ def _av() -> Any:
 class AvDemuxer:
     """One open file or stream: its video stream's properties and its packets, in decode order.
 
-    `packets()` yields each packet as a uint8 array (valid until the next one is asked for) with its
-    pts, then END once, and stops; a failed or timed-out read raises SourceError."""
+    `packets()` yields each packet as (address, size, pts, keyframe), its bytes valid until the next
+    one is asked for, then (0, 0, 0, False) once (END), and stops; a failed or timed-out read raises
+    SourceError. Addresses, not arrays: an array per packet cost more host time than the rest of the
+    packet's handling (`bytes_at` reads one, for tests and checks)."""
 
     def __init__(self, target: str, what: str, network: bool, open_timeout_s: float, read_timeout_s: float,
                  transport: str = "tcp") -> None:
@@ -80,12 +88,14 @@ class AvDemuxer:
             self.colorspace, self.color_range = int(cc.colorspace or 0), int(cc.color_range or 0)
             extradata = bytes(cc.extradata or b"")
             self._filter: Any = None
-            self._prefix: bytes | None = None
+            # parameter sets in start-code form, sent before the first packet (and again by a decoder
+            # that starts over at a keyframe: agent.capture.sources.nvdec)
+            self.prefix: np.ndarray | None = None
             if self.codec in ("h264", "hevc") and extradata[:1] == b"\x01":  # avcC / hvcC: length-prefixed
                 self._filter = importlib.import_module("av.bitstream").BitStreamFilterContext(
                     f"{self.codec}_mp4toannexb", self._stream)
             elif extradata.startswith(_START_CODES):
-                self._prefix = extradata
+                self.prefix = np.frombuffer(extradata, np.uint8)
         except BaseException:
             self.close()
             raise
@@ -99,9 +109,9 @@ class AvDemuxer:
     def full_range(self) -> bool:
         return self.color_range == 2  # AVCOL_RANGE_JPEG
 
-    def packets(self) -> Iterator[tuple[np.ndarray, int]]:
-        if self._prefix is not None:
-            yield np.frombuffer(self._prefix, np.uint8), 0
+    def packets(self) -> Iterator[tuple[int, int, int, bool]]:
+        if self.prefix is not None:
+            yield self.prefix.ctypes.data, self.prefix.size, 0, False
         demuxed = self._container.demux(self._stream)
         while True:
             try:
@@ -116,11 +126,11 @@ class AvDemuxer:
                     raise SourceError(f"{self.what}: converting to Annex B: {str(exc)[:200]}") from None
             else:
                 out = [] if last else [packet]
-            for p in out:
+            for p in out:  # `p` (and `out`) hold the packet's bytes until the next one is asked for
                 if p.size:
-                    yield np.frombuffer(p, np.uint8), int(p.pts or 0)
+                    yield p.buffer_ptr, p.size, int(p.pts or 0), p.is_keyframe
             if last:
-                yield END, 0
+                yield END
                 return
 
     def close(self) -> None:

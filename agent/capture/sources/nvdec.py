@@ -18,9 +18,14 @@ too, for measurement and to check that path's frames on the GPU machine).
 When NVDEC cannot serve (PyNvVideoCodec not installed, no GPU or CUDA bindings, a codec this GPU
 cannot decode) the source says why once, in the log, and decodes on the CPU instead (the
 capture's `decode` figure says `cpu (nvdec unavailable: ...)`): the camera keeps serving. A
-stream that fails mid-way (corrupt data, a resolution change the decoder cannot follow) ends
-the read with a SourceError: the capture thread reconnects with backoff, which builds a new
-decoder for the new stream; other cameras are not touched.
+picture NVDEC refuses mid-way (data lost in transit, RTP over UDP loses packets; a resolution
+change the decoder cannot follow) is counted (`decode_errors`), and a stream demuxed by PyAV
+starts over on a new decoder without leaving the stream: at the refused picture itself when it
+is a keyframe (a resolution change comes with one), else at the next keyframe: blind until that
+keyframe rather than for a reconnect's backoff, handshake and keyframe. A file on
+PyNvVideoCodec's demuxer (no keyframe flags), or a new decoder that fails again before its first
+frame (three times), ends the read with a SourceError: the capture thread reconnects with backoff.
+Other cameras are not touched.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ from agent.capture.sources.demux import AvDemuxer, DemuxUnavailable
 from agent.config import CameraConfig
 from agent.engines import cuda
 from agent.errors import EngineError, SourceError
+from agent.vision.gpu import Nv12Frame
 
 log = logging.getLogger(__name__)
 
 # files through PyAV's demuxer as well ("pyav"): for measurement, and to check its frames on a GPU
 _FILE_DEMUX = os.environ.get("EDGE_AGENT_NVDEC_DEMUX", "")
+# new decoders in a row that fail before their first frame, before the read ends (a reconnect)
+_MAX_RESTARTS = 3
 # how many frames the decoder holds back: PyNvVideoCodec's DisplayDecodeLatencyType (native: its
 # default, 2 frames of a 30 fps stream on the H200; low: 1, but each Decode call then waits for the
 # frame with the GIL held, 1.5 ms against 0.14; docs/measurements/h200-2026-12-02-decoder)
@@ -198,18 +206,51 @@ class _NetDemuxer:
         self.what = f"{self._av.codec} ({self._av.pix_fmt})"
         self.fps, self.size = self._av.fps, (self._av.width, self._av.height)
         self.color = (self._av.matrix, self._av.full_range)
+        self._resync = False  # skip to the next keyframe
+        self._again = False  # the keyframe just yielded once more
+        self._key = self._repeating = False  # what the packet just yielded was: a keyframe, a repeat
+        self.skipped = 0  # packets left out while waiting for a keyframe
 
     def caps(self) -> tuple[Any, int]:
         chroma, depth = _chroma(self._av.pix_fmt)
         return getattr(self._nvc.cudaVideoChromaFormat, chroma), depth
 
     def packets(self) -> Iterator[Any]:
-        """PacketData for the decoder; the last one empty (the decoder hands out what it holds)."""
-        make = self._nvc.PacketData
-        for data, pts in self._av.packets():  # a SourceError when the stream fails or times out
-            packet = make()
-            packet.bsl_data, packet.bsl, packet.pts = data.ctypes.data if data.size else 0, data.size, pts
-            yield packet  # `data` stays alive until the decoder has read it (the next step)
+        """PacketData for the decoder; the last one empty (the decoder hands out what it holds).
+
+        One PacketData for all: Decode reads the bytes it points at before it returns, and the packet
+        they belong to stays alive until the next one is asked for. After `resync()` a new decoder
+        gets the parameter sets first, then the keyframe just refused (a resolution change: the new
+        decoder takes it) or, after any other packet, the next keyframe."""
+        packet = self._nvc.PacketData()
+        for address, size, pts, key in self._av.packets():  # a SourceError when the stream fails or times out
+            if self._resync and size:
+                if not key:
+                    self.skipped += 1
+                    continue
+                self._resync = False
+                yield from self._prefix(packet, pts)
+            self._key, self._repeating = key, False
+            packet.bsl_data, packet.bsl, packet.pts = address, size, pts
+            yield packet
+            if self._again:  # this keyframe was refused: once more, to the new decoder
+                self._again, self._repeating = False, True
+                yield from self._prefix(packet, pts)
+                packet.bsl_data, packet.bsl, packet.pts = address, size, pts
+                yield packet
+
+    def _prefix(self, packet: Any, pts: int) -> Iterator[Any]:
+        prefix = self._av.prefix  # the SDP's parameter sets (files: in band, before each keyframe)
+        if prefix is not None:
+            packet.bsl_data, packet.bsl, packet.pts = prefix.ctypes.data, prefix.size, pts
+            yield packet
+
+    def resync(self) -> None:
+        """A new decoder starts: at the keyframe just refused (once), else at the next keyframe."""
+        if self._key and not self._repeating:
+            self._again = True
+        else:
+            self._resync = True
 
     def close(self) -> None:
         self._av.close()
@@ -304,7 +345,10 @@ class NvdecSource(FrameSource):
         self._color = ("bt601", False)
         self._size = (0, 0)
         self._stream_size = (0, 0)
+        self._decoder_args: dict[str, Any] = {}
+        self._restarts = 0  # new decoders since the last frame
         self.frames_read = 0
+        self.decode_errors = 0
 
     # ---- open / close -----------------------------------------------------------------------
     def open(self) -> None:
@@ -354,6 +398,7 @@ class NvdecSource(FrameSource):
             self._dec = nvc.CreateDecoder(**kwargs)
         except Exception as exc:
             raise NvdecUnavailable(f"NVDEC decoder for {codec}: {str(exc)[:200]}") from None
+        self._decoder_args, self._restarts = kwargs, 0
         self._packets = self._dmx.packets()
         fps = self._dmx.fps
         self._fps = fps if 0.0 < fps < 1000.0 else self.cfg.fps
@@ -412,14 +457,36 @@ class NvdecSource(FrameSource):
                 try:
                     decoded = self._dec.Decode(packet)
                 except Exception as exc:
-                    raise SourceError(f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}") from None
+                    self._start_over(exc)
+                    continue
                 for f in decoded:  # each frame's event: other streams wait for the copy on the device
                     self._ready.append(self._copy(f))
+        if self._restarts:
+            self._restarts = 0
         frame = self._ready.popleft()
         self.frames_read += 1
         if self._pacer is not None:
             self._pacer.wait()
         return frame
+
+    def _start_over(self, exc: Exception) -> None:
+        """NVDEC refused a picture: a new decoder from the stream's next keyframe (see the module
+        docstring), or a SourceError where that cannot be done or did not help."""
+        self.decode_errors += 1
+        why = f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}"
+        if not isinstance(self._dmx, _NetDemuxer) or self._restarts >= _MAX_RESTARTS:
+            raise SourceError(why)
+        self._restarts += 1
+        if self.decode_errors <= 3 or self.decode_errors % 100 == 0:
+            log.warning("camera %s: %s (error %d); a new decoder starts at the next keyframe",
+                        self.cfg.id, why, self.decode_errors)
+        self._dec = None
+        try:
+            self._stream.synchronize()  # frames already copied out of the old decoder's surfaces
+            self._dec = _nvc().CreateDecoder(**self._decoder_args)
+        except Exception as exc2:
+            raise SourceError(f"{why}; a new decoder: {str(exc2)[:200]}") from None
+        self._dmx.resync()
 
     def _rewind(self) -> None:
         """The file again from its start, on the same decoder (the empty packet at its end flushed it)."""
@@ -428,8 +495,6 @@ class NvdecSource(FrameSource):
         self._packets = self._dmx.packets()
 
     def _copy(self, f: Any) -> Any:
-        from agent.vision.gpu import Nv12Frame
-
         yp, ypitch, uvp, uvpitch, w, h = _geometry(f, *self._stream_size)
         if w <= 0 or h <= 0 or w % 2 or h % 2:
             raise SourceError(f"NVDEC gave a frame of {w}x{h} from {self.describe()} (needs an even size)")
