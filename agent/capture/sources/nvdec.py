@@ -208,7 +208,7 @@ class _NetDemuxer:
         self.color = (self._av.matrix, self._av.full_range)
         self._resync = False  # skip to the next keyframe
         self._again = False  # the keyframe just yielded once more
-        self._key = self._repeating = False  # what the packet just yielded was: a keyframe, a repeat
+        self._can_repeat = False  # the packet just yielded is a keyframe not yet repeated
         self.skipped = 0  # packets left out while waiting for a keyframe
 
     def caps(self) -> tuple[Any, int]:
@@ -230,11 +230,11 @@ class _NetDemuxer:
                     continue
                 self._resync = False
                 yield from self._prefix(packet, pts)
-            self._key, self._repeating = key, False
+            self._can_repeat = key
             packet.bsl_data, packet.bsl, packet.pts = address, size, pts
             yield packet
             if self._again:  # this keyframe was refused: once more, to the new decoder
-                self._again, self._repeating = False, True
+                self._again = self._can_repeat = False
                 yield from self._prefix(packet, pts)
                 packet.bsl_data, packet.bsl, packet.pts = address, size, pts
                 yield packet
@@ -247,7 +247,7 @@ class _NetDemuxer:
 
     def resync(self) -> None:
         """A new decoder starts: at the keyframe just refused (once), else at the next keyframe."""
-        if self._key and not self._repeating:
+        if self._can_repeat:
             self._again = True
         else:
             self._resync = True
@@ -470,7 +470,7 @@ class NvdecSource(FrameSource):
         return frame
 
     def _start_over(self, exc: Exception) -> None:
-        """NVDEC refused a picture: a new decoder from the stream's next keyframe (see the module
+        """NVDEC refused a picture: a new decoder from that keyframe or the next (see the module
         docstring), or a SourceError where that cannot be done or did not help."""
         self.decode_errors += 1
         why = f"NVDEC could not decode {self.describe()}: {str(exc)[:200]}"
@@ -478,7 +478,7 @@ class NvdecSource(FrameSource):
             raise SourceError(why)
         self._restarts += 1
         if self.decode_errors <= 3 or self.decode_errors % 100 == 0:
-            log.warning("camera %s: %s (error %d); a new decoder starts at the next keyframe",
+            log.warning("camera %s: %s (error %d); a new decoder starts at the next keyframe (or at this one)",
                         self.cfg.id, why, self.decode_errors)
         self._dec = None
         try:
