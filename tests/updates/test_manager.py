@@ -424,3 +424,10 @@ def test_health_judges_fps_only_on_enough_frames() -> None:
         "fps fell from 15.0 to 5.0"
     assert policy.judge({"frames": 5, "fps": 0.5}, {"frames": 0, "errors": 0, "fps": 0.0}) == \
         "no frame processed since the swap"
+    # a slow model gives few frames where the old rate predicts many: that count is the model, not noise
+    assert policy.judge({"frames": 40, "fps": 20.0}, {"frames": 4, "errors": 0, "fps": 2.0, "span_s": 2.0}) == \
+        "fps fell from 20.0 to 2.0"
+    assert policy.judge({"frames": 40, "fps": 20.0}, {"frames": 4, "errors": 0, "fps": 2.0}) == \
+        "fps fell from 20.0 to 2.0"  # no span: frames / fps
+    # ... but not where the old rate predicts few (5 at 2.5 fps over 2 s): 2 frames may be a stall
+    assert policy.judge({"frames": 10, "fps": 2.5}, {"frames": 2, "errors": 0, "fps": 1.0, "span_s": 2.0}) is None
