@@ -248,6 +248,9 @@ def run_service(cfg: AgentConfig, seconds: float, fps: float, warmup_s: float = 
             "host_cpu_ms_per_frame": round(cpu * 1e3 / max(frames, 1), 3),
             # the same window split by thread kind (agent.telemetry.threads); "native" = the rest
             "host_cpu_ms_per_frame_by_thread": {g: round(s * 1e3 / max(frames, 1), 3) for g, s in by_thread.items()},
+            # the kernel's view of the same window (Linux): how often each kind of thread slept and was
+            # woken per frame, was preempted per frame, and what share of its CPU was system time
+            **_task_figures(cpu_window.tasks, frames),
             "worst_p99_ms": max((s["p99_ms"] or 0.0) for s in streams),
             "min_fps": min(s["fps"] for s in streams), "max_fps": max(s["fps"] for s in streams),
             "dropped": sum(s["dropped"] for s in streams), "reconnects": sum(s["reconnects"] for s in streams),
@@ -533,6 +536,31 @@ def _row(r: dict[str, Any]) -> str:
             + ("  (server still catching up)" if r.get("settled") is False else ""))
 
 
+def _task_figures(tasks: dict[str, Any], frames: int) -> dict[str, Any]:
+    """Per frame wake-ups (voluntary context switches) and preemptions (involuntary ones) by thread
+    kind, and each kind's system share of its CPU; {} where the kernel's counters are not readable."""
+    if not tasks:
+        return {}
+    n = max(frames, 1)
+    return {"wakeups_per_frame_by_thread": {g: round(d.voluntary / n, 3) for g, d in tasks.items()},
+            "preempted_per_frame_by_thread": {g: round(d.involuntary / n, 3) for g, d in tasks.items()},
+            "system_share_by_thread": {g: round(d.system_s / (d.user_s + d.system_s), 3)
+                                       for g, d in tasks.items() if d.user_s + d.system_s > 0}}
+
+
+def _task_rows(r: dict[str, Any], top: int = 6) -> list[str]:
+    """Wake-ups per frame and the system share by thread kind, the kinds that wake most first."""
+    wakes = r.get("wakeups_per_frame_by_thread") or {}
+    if not wakes:
+        return []
+    items = sorted(wakes.items(), key=lambda kv: -kv[1])[:top]
+    shares = r.get("system_share_by_thread") or {}
+    preempted = sum((r.get("preempted_per_frame_by_thread") or {}).values())
+    return ["       wake-ups/f by thread: " + ", ".join(f"{g} {w:.2f}" for g, w in items)
+            + f" (preempted/f, all threads: {preempted:.2f})",
+            "       system share of cpu: " + ", ".join(f"{g} {shares[g]:.0%}" for g, _ in items if g in shares)]
+
+
 def _thread_row(r: dict[str, Any], top: int = 6) -> str:
     """The host CPU ms per frame by thread kind, largest first (the row's `cpu` figure split)."""
     groups = r.get("host_cpu_ms_per_frame_by_thread") or {}
@@ -550,6 +578,7 @@ def format_streams(r: dict[str, Any]) -> str:
         lines.append(_row(run))
         if run.get("host_cpu_ms_per_frame_by_thread"):
             lines.append(_thread_row(run))
+        lines.extend(_task_rows(run))
         if len(r["runs"]) == 1:
             for s in run["per_stream"]:
                 lines.append(f"  {s['camera']:<5} {s['fps']:>7.2f} fps  dropped {s['dropped']:>3}  "

@@ -126,15 +126,27 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     def weighted(key: str) -> float:
         return round(sum(r[key] * r["total_fps"] for r in runs) / total, 3)
 
-    threads: dict[str, float] = {}
-    for r in runs:
-        for g, ms in (r.get("host_cpu_ms_per_frame_by_thread") or {}).items():
-            threads[g] = threads.get(g, 0.0) + ms * r["total_fps"] / total
+    def per_kind(key: str) -> dict[str, float]:
+        """A figure by thread kind over the processes, weighted by their frames (a share: over the
+        processes that have the kind)."""
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for r in runs:
+            for g, v in (r.get(key) or {}).items():
+                sums[g] = sums.get(g, 0.0) + v * r["total_fps"]
+                weights[g] = weights.get(g, 0.0) + r["total_fps"]
+        share = key.startswith("system_share")
+        return {g: round(v / (weights[g] if share else total), 3) for g, v in sums.items()}
+
+    threads = per_kind("host_cpu_ms_per_frame_by_thread")
     streams = [{**s, "camera": f"p{i}.{s['camera']}"} for i, r in enumerate(runs) for s in r["per_stream"]]
     row = {"streams": sum(r["streams"] for r in runs), "per_stream": streams,
            "total_fps": round(sum(r["total_fps"] for r in runs), 2),
            "host_cpu_ms_per_frame": weighted("host_cpu_ms_per_frame"),
-           "host_cpu_ms_per_frame_by_thread": {g: round(ms, 3) for g, ms in threads.items()},
+           "host_cpu_ms_per_frame_by_thread": threads,
+           # the kernel's counters, per frame (agent.streams_bench._task_figures)
+           **{k: per_kind(k) for k in ("wakeups_per_frame_by_thread", "preempted_per_frame_by_thread",
+                                       "system_share_by_thread") if any(r.get(k) for r in runs)},
            "worst_p99_ms": max(r["worst_p99_ms"] for r in runs), "min_fps": min(r["min_fps"] for r in runs),
            "max_fps": max(r.get("max_fps", r["min_fps"]) for r in runs),
            "dropped": sum(r["dropped"] for r in runs), "reconnects": sum(r.get("reconnects", 0) for r in runs),

@@ -99,6 +99,11 @@ def test_bench_two_rtsp_streams_on_one_engine(tmp_path: Path) -> None:
     assert sum(by_thread.values()) <= run["host_cpu_ms_per_frame"] * 1.02 + 0.05
     assert res["engine_limit"]["contexts"] == 2 and res["engine_limit"]["inferences_per_s"] > 0
     assert "N=2" in r.stdout and "cpu ms/f by thread: " in r.stdout and "limit: engine alone" in r.stdout
+    # the kernel's counters over the same window: each camera's capture and post threads wake per frame
+    wakes, shares = run["wakeups_per_frame_by_thread"], run["system_share_by_thread"]
+    assert wakes["post"] > 0.5 and wakes["capture"] > 0, wakes
+    assert all(0.0 <= v <= 1.0 for v in shares.values()) and "capture" in shares, shares
+    assert "wake-ups/f by thread: " in r.stdout and "system share of cpu: " in r.stdout
 
 
 def test_bench_streams_rejects_zero(tmp_path: Path) -> None:

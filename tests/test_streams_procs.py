@@ -74,6 +74,20 @@ def test_merge_sums_the_processes_and_keeps_the_worst_stream() -> None:
     assert [s["camera"] for s in run["per_stream"]] == ["p0.s0", "p1.s0", "p1.s1", "p1.s2"]
     assert m["engine_limit"]["inferences_per_s"] == 1500.0 and m["engine_limit"]["contexts"] == 4
     assert m["nvdec_limit"] == {"decoders": 4, "frames_per_s": 200.0}
+    assert "wakeups_per_frame_by_thread" not in run  # no process had the kernel's counters
+
+
+def test_merge_weighs_the_kernel_counters_by_frames() -> None:
+    a, b = _part(1, 30.0, 20.0, True, 700.0), _part(3, 30.0, 20.0, True, 700.0)
+    a["runs"]["1"].update(wakeups_per_frame_by_thread={"post": 2.0, "capture": 1.0},  # type: ignore[attr-defined]
+                          system_share_by_thread={"capture": 0.5})
+    b["runs"]["3"].update(wakeups_per_frame_by_thread={"post": 1.0},  # type: ignore[attr-defined]
+                          system_share_by_thread={"capture": 0.3, "post": 0.2})
+    run = merge([a, b])["run"]
+    # 30 frames/s from the first process, 90 from the second: per frame over all 120
+    assert run["wakeups_per_frame_by_thread"] == {"post": pytest.approx(1.25), "capture": pytest.approx(0.25)}
+    # a share is averaged over the processes that have the kind
+    assert run["system_share_by_thread"] == {"capture": pytest.approx(0.35), "post": pytest.approx(0.2)}
 
 
 def test_merge_keeps_the_longest_settling_and_whether_every_process_settled() -> None:

@@ -12,13 +12,22 @@ the CPU of Python threads that exited inside the window (their clock cannot be r
     window = ThreadCpuWindow()          # at the window's start
     ...                                 # the work
     seconds = window.stop()             # {"post": 0.41, "infer": 0.12, ..., "native": 1.3}
+    window.tasks                        # {"post": TaskDelta(user_s, system_s, voluntary, involuntary), ...}
+
+Where the CPU goes inside a group is the kernel's to say too (`task_counters`, Linux): every thread
+of the process, native ones included, from /proc/self/task: user and system time (system is the
+system calls: socket reads, driver ioctls) and context switches (voluntary: the thread slept and was
+woken, once per wake-up; involuntary: the scheduler took the core away). Per frame, these say how
+many times each kind of thread wakes for a frame and how much of its time is the kernel's.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 NATIVE = "native"
@@ -117,14 +126,95 @@ def by_group(delta: dict[int, ThreadCpu], process_s: float | None = None) -> dic
     return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
+class TaskCounters(NamedTuple):
+    """One thread's kernel counters since it started: CPU split into user and system, context switches."""
+
+    name: str  # the Python thread's name; NATIVE for a thread Python did not start
+    user_s: float
+    system_s: float
+    voluntary: int
+    involuntary: int
+
+
+class TaskDelta(NamedTuple):
+    """The same counters over a window, summed over a group of threads."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    voluntary: int = 0
+    involuntary: int = 0
+
+    def add(self, other: TaskDelta) -> TaskDelta:
+        return TaskDelta(self.user_s + other.user_s, self.system_s + other.system_s,
+                         self.voluntary + other.voluntary, self.involuntary + other.involuntary)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_TASKS = Path("/proc/self/task")
+
+
+def _read_task(tid: str, name: str) -> TaskCounters | None:
+    try:
+        stat = (_TASKS / tid / "stat").read_text()
+        status = (_TASKS / tid / "status").read_text()
+    except OSError:  # the thread ended meanwhile
+        return None
+    # the command name in parentheses may hold spaces: the fields start after its last ")"; utime and
+    # stime are fields 14 and 15 (proc(5)), the 12th and 13th after it
+    fields = stat[stat.rfind(")") + 2:].split()
+    switches = {k: int(v) for k, _, v in (line.partition(":\t") for line in status.splitlines())
+                if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+    return TaskCounters(name, int(fields[11]) / _TICKS, int(fields[12]) / _TICKS,
+                        switches.get("voluntary_ctxt_switches", 0), switches.get("nonvoluntary_ctxt_switches", 0))
+
+
+def task_counters() -> dict[int, TaskCounters]:
+    """Every thread of this process, native ones included, keyed by its TID; {} without /proc."""
+    try:
+        tids = [e.name for e in os.scandir(_TASKS)]
+    except OSError:
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out: dict[int, TaskCounters] = {}
+    for tid in tids:
+        counters = _read_task(tid, names.get(int(tid), NATIVE))
+        if counters is not None:
+            out[int(tid)] = counters
+    return out
+
+
+def tasks_by_group(before: dict[int, TaskCounters], after: dict[int, TaskCounters]) -> dict[str, TaskDelta]:
+    """The counters' growth between two readings, per group (GROUPS; NATIVE for native threads).
+
+    As with cpu_delta: a thread started inside the window counts from 0; one that ended is left out."""
+    groups: dict[str, TaskDelta] = {}
+    for tid, read in after.items():
+        was = before.get(tid)
+        # a Python thread ending (joined, its TID not yet gone) has lost its name, not its counters
+        ending = was is not None and read.name == NATIVE and was.voluntary <= read.voluntary
+        now = read._replace(name=was.name) if ending and was is not None else read
+        if was is None or was.name != now.name or was.voluntary > now.voluntary:
+            was = TaskCounters(now.name, 0.0, 0.0, 0, 0)  # new, or its id was reused
+        g = NATIVE if now.name == NATIVE else group_of(now.name)
+        d = TaskDelta(now.user_s - was.user_s, now.system_s - was.system_s,
+                      now.voluntary - was.voluntary, now.involuntary - was.involuntary)
+        groups[g] = groups.get(g, TaskDelta()).add(d)
+    return groups
+
+
 class ThreadCpuWindow:
-    """Process and per-thread CPU from construction to `stop()`: seconds per group, with NATIVE."""
+    """Process and per-thread CPU from construction to `stop()`: seconds per group, with NATIVE;
+    after it, `tasks` (the kernel's counters per group, native threads included; {} without /proc)."""
 
     def __init__(self) -> None:
+        self._tasks = task_counters()
         self._threads = thread_cpu_times()
         self._process = time.process_time()
         self.process_s: float | None = None  # the process CPU over the window, once stopped
+        self.tasks: dict[str, TaskDelta] = {}
 
     def stop(self) -> dict[str, float]:
         self.process_s = time.process_time() - self._process
-        return by_group(cpu_delta(self._threads, thread_cpu_times()), self.process_s)
+        groups = by_group(cpu_delta(self._threads, thread_cpu_times()), self.process_s)
+        self.tasks = tasks_by_group(self._tasks, task_counters())
+        return groups

@@ -51,6 +51,7 @@ import numpy as np
 
 from agent.engines import cuda
 from agent.engines.base import Engine
+from agent.engines.doorbell import Doorbell
 from agent.errors import EngineError, SourceError
 from agent.vision.decoders import Candidates
 from agent.vision.postprocess import Postprocessor
@@ -373,14 +374,28 @@ class Staged:
 
 
 class Pending:
-    """A frame queued on the GPU; `result()` (any thread) waits for it and frees its slot."""
+    """A frame queued on the GPU; `result()` (any thread) waits for it and frees its slot.
+    `rings`: the run rings its reader's doorbell itself, once its results are in (or it failed)."""
 
-    def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox) -> None:
-        self._frontend, self._slot, self.lb = frontend, slot, lb
+    def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox, rings: bool = False) -> None:
+        self._frontend, self._slot, self.lb, self.rings = frontend, slot, lb, rings
 
     def queued(self) -> bool:
         """result() will not wait for a lane: the run's results are queued on the GPU (or it failed)."""
         return not self._frontend.submits or self._slot.queued.is_set()
+
+    def done_now(self) -> bool:
+        """result() will not wait at all: the run failed, or its results are in host memory."""
+        slot = self._slot
+        if not self.queued():
+            return False
+        if slot.error is not None:
+            return True
+        try:
+            with cuda.CAPTURE.shared():
+                return slot.done.done()
+        except EngineError:  # result() reports it
+            return True
 
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
@@ -718,12 +733,14 @@ class GpuFrontend:
              np.uint64(dst)])
         return launch
 
-    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
+    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None,
+               bell: Doorbell | None = None) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream
         (submitted engines: on a lane's, and this returns without waiting for the GPU; `on_queued`
-        is called on the lane's thread once the results are queued, or the run failed)."""
+        is called on the lane's thread once the results are queued, or the run failed; with a
+        `bell` the GPU can ring, it rings it instead once the results are in host memory)."""
         if self.submits:
-            return self._submit_to_lane(staged, on_queued)
+            return self._submit_to_lane(staged, on_queued, bell)
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
@@ -753,12 +770,14 @@ class GpuFrontend:
             raise
         return Pending(self, slot, staged.lb)
 
-    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
+    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None,
+                        bell: Doorbell | None = None) -> Pending:
         """Hand the frame to whichever lane is free; the lane's thread queues the rest (hooks below)."""
         slot, k = staged.slot, staged.input
         slot.error = None
         slot.queued.clear()
-        slot.on_queued = on_queued
+        ring = bell if bell is not None and bell.can_ring_after() else None
+        slot.on_queued = None if ring is not None else on_queued  # the GPU wakes the reader instead
         frame, size = staged.frame, staged.size
 
         def input_read(stream: cuda.Stream) -> None:
@@ -776,6 +795,8 @@ class GpuFrontend:
                 for host, dev in zip(slot.host_out, outputs, strict=True):
                     cuda.copy_dtoh_async(host, dev, stream)
             slot.done.record(stream)
+            if ring is not None:
+                ring.ring_after(stream)  # the driver's thread rings once the results are in host memory
             _run_finished(slot)
 
         def failed(exc: BaseException) -> None:
@@ -783,6 +804,8 @@ class GpuFrontend:
             if k >= 0:
                 self._input_launched[k].set()
             _run_finished(slot)
+            if ring is not None:
+                ring.ring()
 
         def fill(stream: cuda.Stream, input_ptr: int) -> None:
             assert frame is not None and size is not None
@@ -803,7 +826,7 @@ class GpuFrontend:
             if k >= 0:
                 self._input_launched[k].set()
             raise
-        return Pending(self, slot, staged.lb)
+        return Pending(self, slot, staged.lb, rings=ring is not None)
 
     def submit(self, image: np.ndarray) -> Pending:
         return self.launch(self.stage(image))

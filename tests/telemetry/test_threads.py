@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -11,12 +12,16 @@ import pytest
 from agent.telemetry.threads import (
     NATIVE,
     OTHER,
+    TaskCounters,
+    TaskDelta,
     ThreadCpu,
     ThreadCpuWindow,
     _cpu_clock,
     by_group,
     cpu_delta,
     group_of,
+    task_counters,
+    tasks_by_group,
     thread_cpu_times,
 )
 
@@ -113,3 +118,64 @@ def test_threads_that_end_or_start_inside_the_window() -> None:
     # the exited thread spun ~0.1 s inside the window with the GIL to itself: that lands in the rest
     assert window.process_s is not None and groups[NATIVE] > 0.01
     assert sum(groups.values()) == pytest.approx(window.process_s)
+
+
+def _sleep_often(done: threading.Event, stop: threading.Event) -> None:
+    for _ in range(150):  # each sleep is a wake-up: one voluntary context switch
+        time.sleep(0.002)
+    done.set()
+    stop.wait()
+
+
+def _system_calls(done: threading.Event, stop: threading.Event) -> None:
+    for _ in range(150_000):  # a fixed amount of work, not a time: the threads share the GIL and 2 cores
+        os.stat("/")  # mostly kernel time
+    done.set()
+    stop.wait()
+
+
+def _python_only(done: threading.Event, stop: threading.Event) -> None:
+    for _ in range(40_000):
+        sum(range(500))  # user time only
+    done.set()
+    stop.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="the kernel's per-thread counters are Linux's /proc")
+def test_the_kernel_counts_each_kinds_wakeups_and_system_time() -> None:
+    stop = threading.Event()
+    window = ThreadCpuWindow()
+    work = {"post-w": _sleep_often, "capture-s": _system_calls, "infer-u": _python_only}
+    done = {name: threading.Event() for name in work}
+    threads = [_start(name, fn, done[name], stop) for name, fn in work.items()]
+    try:
+        assert all(d.wait(60) for d in done.values())
+        window.stop()  # the threads still live: their counters are read
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    tasks = window.tasks
+    assert tasks["post"].voluntary >= 100  # 150 sleeps (a sleep the scheduler cut short may not count)
+    for g in ("capture", "infer"):
+        assert tasks[g].user_s + tasks[g].system_s >= 0.05, tasks  # enough clock ticks to compare
+    sys_share = {g: tasks[g].system_s / (tasks[g].user_s + tasks[g].system_s) for g in ("capture", "infer")}
+    assert sys_share["capture"] > sys_share["infer"] + 0.2, (sys_share, tasks)
+    assert all(d.voluntary >= 0 and d.involuntary >= 0 for d in tasks.values())
+    assert "main" in tasks and all(c.name != "" for c in task_counters().values())
+
+
+def test_task_counters_by_group() -> None:
+    before = {1: TaskCounters("post-a", 1.0, 0.5, 100, 3), 2: TaskCounters("capture-a", 2.0, 1.0, 50, 1),
+              3: TaskCounters(NATIVE, 0.1, 0.1, 10, 0), 4: TaskCounters("infer-a", 1.0, 0.0, 40, 0)}
+    after = {1: TaskCounters("post-a", 1.5, 0.75, 160, 4),
+             2: TaskCounters(NATIVE, 2.5, 1.5, 70, 1),  # a Python thread ending: joined, TID still listed
+             3: TaskCounters(NATIVE, 0.3, 0.2, 15, 2),
+             4: TaskCounters("ort-run_0", 0.2, 0.1, 5, 0),  # the TID reused by a new thread: counts from 0
+             5: TaskCounters("post-b", 0.1, 0.0, 7, 0)}  # started inside the window
+    groups = tasks_by_group(before, after)
+    assert groups["post"] == TaskDelta(pytest.approx(0.6), pytest.approx(0.25), 67, 1)
+    assert groups["capture"] == TaskDelta(pytest.approx(0.5), pytest.approx(0.5), 20, 0)
+    assert groups[NATIVE] == TaskDelta(pytest.approx(0.2), pytest.approx(0.1), 5, 2)
+    assert groups["ort-run"] == TaskDelta(0.2, 0.1, 5, 0)
+    assert "infer" not in groups
