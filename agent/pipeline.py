@@ -38,7 +38,6 @@ import numpy as np
 from agent.capture.reader import CaptureThread
 from agent.config import ModelConfig
 from agent.engines.base import Engine
-from agent.engines.doorbell import Doorbell
 from agent.errors import AgentError
 from agent.telemetry.metrics import RateMeter, StageTimes
 from agent.vision.decoders import Candidates
@@ -153,9 +152,6 @@ _CAPTURE_SUBMITS = os.environ.get("EDGE_AGENT_CAPTURE_SUBMIT", "1") != "0"
 # results wake the post thread when they are queued on the GPU (0: when submitted, then again for
 # the run, as before; measurement only)
 _WAKE_ON_RESULTS = os.environ.get("EDGE_AGENT_POST_WAKE", "1") != "0"
-# ... and then by the GPU, once the results are in host memory (agent.engines.doorbell): one wake-up
-# per frame instead of two (0: as before; measurement only)
-_DOORBELL = os.environ.get("EDGE_AGENT_DOORBELL", "1") != "0"
 
 
 def _ready(item: object) -> bool:
@@ -167,54 +163,27 @@ def _ready(item: object) -> bool:
     return queued is None or bool(queued())
 
 
-def _rings(item: object) -> bool:
-    """A submitted run that rings the post thread's doorbell itself when its results are in."""
-    return isinstance(item, _Item) and bool(getattr(item.outputs, "rings", False))
-
-
-def _done(item: object) -> bool:
-    """The post thread can take `item` without waiting at all (doorbell mode): a ringing run whose
-    results are in host memory, or anything `_ready`."""
-    done_now = getattr(item.outputs, "done_now", None) if _rings(item) else None  # type: ignore[attr-defined]
-    return bool(done_now()) if done_now is not None else _ready(item)
-
-
 class _Handoff:
     """The FIFO to the post thread. An item whose run is still waiting for a lane stays at the head
     until the lane queued its results (`wake()`, from the lane's thread): the post thread wakes once
     per frame, when there is work, not once for the item and once more for its run. A bounded put
-    waits while `maxsize` items are queued (backpressure on the frames' producer).
+    waits while `maxsize` items are queued (backpressure on the frames' producer)."""
 
-    With a `bell` (agent.engines.doorbell), the post thread sleeps on it instead: a run that rings
-    it (Pending.rings) wakes the reader once its results are in host memory, so the reader does not
-    wake when the frame is handed over and then again for its CUDA event; anything else rings it
-    when put (or woken)."""
-
-    def __init__(self, maxsize: int, wait_for_runs: bool, bell: Doorbell | None = None) -> None:
+    def __init__(self, maxsize: int, wait_for_runs: bool) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._q: deque[tuple[object, float]] = deque()
         self._max = max(1, maxsize)
         self._wait_for_runs = wait_for_runs
-        self.bell = bell if wait_for_runs else None
 
     def put(self, item: object) -> None:
         with self._cond:
             while len(self._q) >= self._max:
                 self._cond.wait()
             self._q.append((item, time.monotonic()))
-            if self.bell is None:
-                if len(self._q) == 1:
-                    self._cond.notify_all()
-                return
-        # after the append: a run whose results came in before it (its ring maybe taken by a reader
-        # that found nothing) is rung for here; one still running rings when it is done
-        if not _rings(item) or _done(item):
-            self.bell.ring()
+            if len(self._q) == 1:
+                self._cond.notify_all()
 
     def wake(self) -> None:
-        if self.bell is not None:  # a run queued by a frontend that cannot ring itself
-            self.bell.ring()
-            return
         if not self._q:  # nothing queued waits for a run (a lane that queues on the caller's thread
             return       # finishes before the frame is put here): no lock, no wake-up
         with self._cond:
@@ -223,8 +192,6 @@ class _Handoff:
     def get(self, timeout: float) -> object:
         """The head once it is ready, or once it waited the frontend's RESULT_WAIT_S (Pending.result then
         reports the run that never came); queue.Empty after `timeout` seconds."""
-        if self.bell is not None:
-            return self._get_rung(self.bell, timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -238,39 +205,6 @@ class _Handoff:
                 if left <= 0:
                     raise queue.Empty
                 self._cond.wait(left)
-
-    def _get_rung(self, bell: Doorbell, timeout: float) -> object:
-        deadline = time.monotonic() + timeout
-        while True:
-            expires = deadline
-            with self._cond:
-                head = self._q[0] if self._q else None
-            if head is not None:
-                # asked outside the lock: _done takes the CUDA capture lock, which a capture holding
-                # it may wait on while a producer in put() waits for room here (the post thread is the
-                # only reader: the head stays the head)
-                item, since = head
-                if _done(item) or time.monotonic() - since > RESULT_WAIT_S:
-                    with self._cond:
-                        self._q.popleft()
-                        self._cond.notify_all()  # a producer waiting for room
-                    return item
-                expires = min(deadline, since + RESULT_WAIT_S + 0.001)  # a run that never rings
-            left = expires - time.monotonic()
-            if left <= 0 and expires == deadline:
-                raise queue.Empty
-            bell.wait(left)
-
-
-def _new_bell() -> Doorbell | None:
-    """The post thread's doorbell, or None (EDGE_AGENT_DOORBELL=0, or no POSIX semaphores here)."""
-    if not _DOORBELL:
-        return None
-    try:
-        return Doorbell()
-    except (OSError, AttributeError) as exc:
-        log.warning("no doorbell for the post thread (%s): it wakes for each frame and for its results", exc)
-        return None
 
 
 def _submits(runtime: ModelRuntime) -> bool:
@@ -300,7 +234,7 @@ class Pipeline:
         self.infer_progress = time.monotonic()
         self.post_progress = time.monotonic()
         self.finished = threading.Event()
-        self._handoff = _Handoff(handoff_size, _WAKE_ON_RESULTS, _new_bell() if _submits(runtime) else None)
+        self._handoff = _Handoff(handoff_size, _WAKE_ON_RESULTS)
         self._launch_q: queue.Queue[object] = queue.Queue(maxsize=2)
         self.launch_progress = time.monotonic()
         self._stop = threading.Event()
@@ -502,7 +436,7 @@ class Pipeline:
                 staged = rt.frontend.stage(image)
                 outputs, lb = staged, staged.lb
                 if rt.frontend.submits:  # handed to a lane at once: nothing for the launch thread
-                    outputs = rt.frontend.launch(staged, on_queued=self._handoff.wake, bell=self._handoff.bell)
+                    outputs = rt.frontend.launch(staged, on_queued=self._handoff.wake)
                 t1 = t0
             t2 = time.perf_counter()
         except AgentError as exc:

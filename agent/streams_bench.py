@@ -7,7 +7,8 @@ cameras on one shared engine (MQTT off: results go to the publisher's JSON and n
 per stream, over a measuring window after a warm-up: fps, frames dropped, end-to-end latency
 p50 / p99 (capture time stamp -> published), and for the run host CPU ms per frame (process CPU
 time / frames), split by thread kind (agent.telemetry.threads: capture / infer / launch / post /
-ort-run / ..., "native" for threads Python did not start), and GPU memory in use.
+ort-run / ..., "native" for threads Python did not start) with the kernel's counters per kind
+(wake-ups and preemptions per frame, the system share of its CPU), and GPU memory in use.
 
 In the same run, the limit rows: the engine alone with N concurrent contexts on one loaded model
 (each thread its own context, as the cameras have), and, with --decode nvdec, NVDEC alone with N

@@ -178,10 +178,10 @@ class StandInFrontend:
     letterbox and ONNX Runtime session, run on worker threads that finish in random order, as frames
     submitted to CUDA-graph lanes do (`submits`), or launched one at a time by the launch thread."""
 
-    def __init__(self, rt: Any, submits: bool, rings: bool = False) -> None:
+    def __init__(self, rt: Any, submits: bool) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.rt, self.submits, self.rings = rt, submits, rings  # rings: the "GPU" rings the reader's bell
+        self.rt, self.submits = rt, submits
         self.pool = ThreadPoolExecutor(3)
         self.rng = np.random.default_rng(7)
         self.launch_threads: set[str] = set()
@@ -199,7 +199,7 @@ class StandInFrontend:
         tensor, lb = self.rt.letterbox(image.host if isinstance(image, DeviceFrame) else image)
         return Staged(tensor.copy(), 0, lb)  # type: ignore[arg-type]  # the tensor stands for the GPU slot
 
-    def launch(self, staged: Any, on_queued: Any = None, bell: Any = None) -> Any:
+    def launch(self, staged: Any, on_queued: Any = None) -> Any:
         self.launch_threads.add(threading.current_thread().name)
         delay = float(self.rng.uniform(0, 0.004))
 
@@ -208,20 +208,11 @@ class StandInFrontend:
             return self.rt.engine.infer(tensor)
 
         future = self.pool.submit(run, staged.slot)
-        rings = self.rings and bell is not None
-        if rings:  # as the driver's thread does once the results are in (cuLaunchHostFunc: sem_post)
-            future.add_done_callback(lambda _: bell.ring())
-        elif on_queued is not None:  # as the lane's thread does once the results are queued
+        if on_queued is not None:  # as the lane's thread does once the results are queued
             future.add_done_callback(lambda _: on_queued())
 
         class Pending:
-            def __init__(self) -> None:
-                self.rings = rings
-
             def queued(self) -> bool:
-                return future.done()
-
-            def done_now(self) -> bool:
                 return future.done()
 
             def result(self) -> tuple[list[np.ndarray], Any]:
@@ -230,19 +221,6 @@ class StandInFrontend:
 
     def close(self) -> None:
         self.pool.shutdown()
-
-
-def test_runs_that_ring_the_post_threads_doorbell_publish_in_order_across_a_swap(tmp_path: Path) -> None:
-    """The GPU rings the post thread's doorbell (a real POSIX semaphore; the ring comes from the
-    "GPU"'s worker thread, as from the driver's): every frame once, in order, across a swap from a
-    ringing runtime to one that wakes the reader as before and back."""
-    old, new = two_runtimes(tmp_path)
-    old.frontend, new.frontend = StandInFrontend(old, True, rings=True), StandInFrontend(new, True)
-    pipe, _, _ = run_with_swap(tmp_path, old, new, frames=150, after=40)
-    assert pipe._handoff.bell is not None
-    old.frontend.close()
-    new.frontend.close()
-    assert pipe.errors == 0
 
 
 @pytest.mark.parametrize("first_submits, second_submits", [(True, True), (True, False), (False, True)])
@@ -421,78 +399,3 @@ def test_the_post_handoff_hands_on_a_run_never_queued_and_bounds_its_producer(
     plain = pipeline._Handoff(2, wait_for_runs=False)  # EDGE_AGENT_POST_WAKE=0: FIFO as it comes
     plain.put(lane_item(5, RunOnLane()))
     assert plain.get(0.05).frame.seq == 5
-
-
-class RingingRun:
-    """Stands for agent.vision.gpu.Pending of a run that rings the reader's doorbell once its results
-    are in host memory (the ring itself is the test's, as the CUDA driver's thread would ring)."""
-
-    rings = True
-
-    def __init__(self) -> None:
-        self.results_in = False
-
-    def queued(self) -> bool:
-        return True
-
-    def done_now(self) -> bool:
-        return self.results_in
-
-
-def test_the_rung_handoff_hands_on_a_run_once_the_gpu_rang() -> None:
-    import queue as queue_mod
-
-    from agent.engines.doorbell import Doorbell
-    from agent.pipeline import _Handoff
-
-    bell = Doorbell()
-    h = _Handoff(4, wait_for_runs=True, bell=bell)
-    run = RingingRun()
-    got: list[Any] = []
-    reader = threading.Thread(target=lambda: got.append(h.get(30.0)))
-    reader.start()
-    h.put(lane_item(0, run))  # handed over while it runs: no ring, the reader sleeps on
-    reader.join(0.2)
-    assert reader.is_alive() and not got
-    run.results_in = True
-    bell.ring()  # the GPU's ring
-    reader.join(5)
-    assert not reader.is_alive() and got[0].frame.seq == 0
-    # results in before the run was handed over (its ring perhaps taken already): the put rings
-    early = RingingRun()
-    early.results_in = True
-    h.put(lane_item(1, early))
-    assert h.get(1.0).frame.seq == 1
-    # FIFO: a later run's ring does not hand on the head
-    head, later = RingingRun(), RingingRun()
-    h.put(lane_item(2, head))
-    h.put(lane_item(3, later))
-    later.results_in = True
-    bell.ring()
-    with pytest.raises(queue_mod.Empty):
-        h.get(0.1)
-    head.results_in = True
-    bell.ring()
-    assert [h.get(1.0).frame.seq, h.get(1.0).frame.seq] == [2, 3]
-    # anything else rings when put; a run woken by its lane (a frontend the GPU cannot ring for) rings on wake()
-    h.put("marker")
-    assert h.get(1.0) == "marker"
-    plain = RunOnLane()
-    h.put(lane_item(4, plain))
-    with pytest.raises(queue_mod.Empty):
-        h.get(0.1)
-    plain.done = True
-    h.wake()
-    assert h.get(1.0).frame.seq == 4
-
-
-def test_the_rung_handoff_hands_on_a_run_that_never_rings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import pipeline
-    from agent.engines.doorbell import Doorbell
-
-    monkeypatch.setattr(pipeline, "RESULT_WAIT_S", 0.1)
-    h = pipeline._Handoff(4, wait_for_runs=True, bell=Doorbell())
-    t0 = time.monotonic()
-    h.put(lane_item(0, RingingRun()))  # never rung: Pending.result reports the run that never came
-    assert h.get(5.0).frame.seq == 0 and 0.1 <= time.monotonic() - t0 < 2.0  # not the get's whole 5 s
-    assert pipeline._Handoff(4, wait_for_runs=False, bell=Doorbell()).bell is None  # EDGE_AGENT_POST_WAKE=0

@@ -217,9 +217,6 @@ class _Driver:
         self._stream_sync = self._fn(lib, "cuStreamSynchronize", [vp])
         self._event_sync = self._fn(lib, "cuEventSynchronize", [vp])
         self._event_query = self._fn(held, "cuEventQuery", [vp])
-        # a host function (a C function pointer, never Python: no GIL inside the driver) queued on a
-        # stream: the driver's own thread calls it once the work before it is done (agent.engines.doorbell)
-        self._host_func = self._fn(held, "cuLaunchHostFunc", [vp, vp, vp])
         self._ctx_current = self._fn(held, "cuCtxGetCurrent", [ctypes.POINTER(ctypes.c_void_p)])
         self._error_name = self._fn(held, "cuGetErrorName", [cint, ctypes.POINTER(ctypes.c_char_p)])
         # CUDA graphs (Graph): made once per lane at load, launched per frame
@@ -290,19 +287,6 @@ class _Driver:
             self._check(self._event_sync(event), "cuEventSynchronize")
         else:
             self._check(rc, "cuEventQuery")
-
-    def event_done(self, event: int) -> bool:
-        """True once the work before the event is done; False while it runs (never waits)."""
-        self._ready()
-        rc = self._event_query(event)
-        if rc == _CUDA_ERROR_NOT_READY:
-            return False
-        self._check(rc, "cuEventQuery")
-        return True
-
-    def launch_host_func(self, stream: int, fn: int, data: int) -> None:
-        self._ready()
-        self._check(self._host_func(stream, fn, data), "cuLaunchHostFunc")
 
     def launch(self, function: int, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int,
                params: int, name: str) -> None:
@@ -584,20 +568,6 @@ class Event(_Handled):
             drv.event_sync(self.ptr)
             return
         check(cuda_runtime().cudaEventSynchronize(self._event), "cudaEventSynchronize")
-
-    def done(self) -> bool:
-        """True once the work before the event is done (never waits)."""
-        self._alive()
-        drv = _driver()
-        if drv is not None:
-            return drv.event_done(self.ptr)
-        rt = cuda_runtime()
-        result = rt.cudaEventQuery(self._event)
-        err = result[0] if isinstance(result, tuple) else result
-        if err == rt.cudaError_t.cudaErrorNotReady:
-            return False
-        check(err, "cudaEventQuery")
-        return True
 
     def elapsed_ms(self, start: Event) -> float:
         """Milliseconds between `start` and this event (waits for this one to complete)."""

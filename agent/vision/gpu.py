@@ -51,7 +51,6 @@ import numpy as np
 
 from agent.engines import cuda
 from agent.engines.base import Engine
-from agent.engines.doorbell import Doorbell
 from agent.errors import EngineError, SourceError
 from agent.vision.decoders import Candidates
 from agent.vision.postprocess import Postprocessor
@@ -374,28 +373,14 @@ class Staged:
 
 
 class Pending:
-    """A frame queued on the GPU; `result()` (any thread) waits for it and frees its slot.
-    `rings`: the run rings its reader's doorbell itself, once its results are in (or it failed)."""
+    """A frame queued on the GPU; `result()` (any thread) waits for it and frees its slot."""
 
-    def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox, rings: bool = False) -> None:
-        self._frontend, self._slot, self.lb, self.rings = frontend, slot, lb, rings
+    def __init__(self, frontend: GpuFrontend, slot: _Slot, lb: Letterbox) -> None:
+        self._frontend, self._slot, self.lb = frontend, slot, lb
 
     def queued(self) -> bool:
         """result() will not wait for a lane: the run's results are queued on the GPU (or it failed)."""
         return not self._frontend.submits or self._slot.queued.is_set()
-
-    def done_now(self) -> bool:
-        """result() will not wait at all: the run failed, or its results are in host memory."""
-        slot = self._slot
-        if not self.queued():
-            return False
-        if slot.error is not None:
-            return True
-        try:
-            with cuda.CAPTURE.shared():
-                return slot.done.done()
-        except EngineError:  # result() reports it
-            return True
 
     def result(self) -> tuple[Candidates | list[np.ndarray], Letterbox]:
         slot = self._slot
@@ -733,14 +718,12 @@ class GpuFrontend:
              np.uint64(dst)])
         return launch
 
-    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None,
-               bell: Doorbell | None = None) -> Pending:
+    def launch(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Inference on a staged frame, candidate selection and copy back, on the engine's stream
         (submitted engines: on a lane's, and this returns without waiting for the GPU; `on_queued`
-        is called on the lane's thread once the results are queued, or the run failed; with a
-        `bell` the GPU can ring, it rings it instead once the results are in host memory)."""
+        is called on the lane's thread once the results are queued, or the run failed)."""
         if self.submits:
-            return self._submit_to_lane(staged, on_queued, bell)
+            return self._submit_to_lane(staged, on_queued)
         self._on_thread()
         slot, k, stream = staged.slot, staged.input, self.stream
         try:
@@ -770,14 +753,12 @@ class GpuFrontend:
             raise
         return Pending(self, slot, staged.lb)
 
-    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None,
-                        bell: Doorbell | None = None) -> Pending:
+    def _submit_to_lane(self, staged: Staged, on_queued: Callable[[], None] | None = None) -> Pending:
         """Hand the frame to whichever lane is free; the lane's thread queues the rest (hooks below)."""
         slot, k = staged.slot, staged.input
         slot.error = None
         slot.queued.clear()
-        ring = bell if bell is not None and bell.can_ring_after() else None
-        slot.on_queued = None if ring is not None else on_queued  # the GPU wakes the reader instead
+        slot.on_queued = on_queued
         frame, size = staged.frame, staged.size
 
         def input_read(stream: cuda.Stream) -> None:
@@ -795,8 +776,6 @@ class GpuFrontend:
                 for host, dev in zip(slot.host_out, outputs, strict=True):
                     cuda.copy_dtoh_async(host, dev, stream)
             slot.done.record(stream)
-            if ring is not None:
-                ring.ring_after(stream)  # the driver's thread rings once the results are in host memory
             _run_finished(slot)
 
         def failed(exc: BaseException) -> None:
@@ -804,8 +783,6 @@ class GpuFrontend:
             if k >= 0:
                 self._input_launched[k].set()
             _run_finished(slot)
-            if ring is not None:
-                ring.ring()
 
         def fill(stream: cuda.Stream, input_ptr: int) -> None:
             assert frame is not None and size is not None
@@ -826,7 +803,7 @@ class GpuFrontend:
             if k >= 0:
                 self._input_launched[k].set()
             raise
-        return Pending(self, slot, staged.lb, rings=ring is not None)
+        return Pending(self, slot, staged.lb)
 
     def submit(self, image: np.ndarray) -> Pending:
         return self.launch(self.stage(image))

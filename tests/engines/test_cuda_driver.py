@@ -25,7 +25,7 @@ class RecordingLibcuda:
              "cuStreamSynchronize", "cuEventSynchronize", "cuEventQuery", "cuLaunchKernel", "cuCtxGetCurrent",
              "cuGetErrorName", "cuStreamBeginCapture_v2", "cuStreamEndCapture", "cuGraphGetNodes",
              "cuGraphNodeGetType", "cuGraphInstantiateWithFlags", "cuGraphLaunch", "cuGraphDestroy",
-             "cuGraphExecDestroy", "cuLaunchHostFunc")
+             "cuGraphExecDestroy")
     GRAPH, EXEC = 0x6A00, 0x6E00
 
     def __init__(self, context: int = 0x1000) -> None:
@@ -120,29 +120,6 @@ def test_an_event_already_complete_is_not_waited_for_and_the_gil_stays(lib: Reco
     with pytest.raises(EngineError, match=r"cuEventQuery: CUDA_ERROR_INVALID_VALUE \(700\)"):
         cuda._Driver(released, held).event_sync(0xEE)
     assert released.calls == []
-
-
-def test_asking_whether_an_event_is_done_never_waits_and_keeps_the_gil() -> None:
-    released, held = RecordingLibcuda(), RecordingLibcuda()
-    drv = cuda._Driver(released, held)
-    assert drv.event_done(0xEE) is False  # CUDA_ERROR_NOT_READY: still running
-    held.rc["cuEventQuery"] = 0
-    assert drv.event_done(0xEE) is True
-    held.rc["cuEventQuery"] = 700
-    with pytest.raises(EngineError, match=r"cuEventQuery: CUDA_ERROR_INVALID_VALUE \(700\)"):
-        drv.event_done(0xEE)
-    assert held.named("cuEventQuery") == [(0xEE,)] * 3 and released.calls == []
-
-
-def test_a_host_function_is_queued_on_the_stream_keeping_the_gil() -> None:
-    released, held = RecordingLibcuda(), RecordingLibcuda()
-    drv = cuda._Driver(released, held)
-    assert held.cuLaunchHostFunc.argtypes == [ctypes.c_void_p] * 3
-    drv.launch_host_func(0x52, 0xF00, 0xDA7A)
-    assert held.named("cuLaunchHostFunc") == [(0x52, 0xF00, 0xDA7A)] and released.calls == []
-    held.rc["cuLaunchHostFunc"] = 1
-    with pytest.raises(EngineError, match="cuLaunchHostFunc"):
-        drv.launch_host_func(0x52, 0xF00, 0xDA7A)
 
 
 def test_a_2d_copy_fills_cuda_memcpy2d_for_device_to_device(lib: RecordingLibcuda) -> None:

@@ -19,17 +19,9 @@ from agent.vision.types import Letterbox
 class StandInEvent:
     def __init__(self) -> None:
         self.synchronized = 0
-        self.complete = False  # done(): the work before the event has finished
-        self.recorded: list[object] = []
 
     def synchronize(self) -> None:
         self.synchronized += 1
-
-    def done(self) -> bool:
-        return self.complete
-
-    def record(self, stream: object) -> None:
-        self.recorded.append(stream)
 
 
 def submitted_slot() -> tuple[_Slot, Pending]:
@@ -106,81 +98,3 @@ def test_ready_now_says_whether_stage_would_wait() -> None:
     assert fe.ready_now()
     slots[1].free.clear()
     assert not fe.ready_now()
-
-
-def test_done_now_is_queued_and_the_results_in_or_a_failure() -> None:
-    slot, pending = submitted_slot()
-    assert not pending.rings and not pending.done_now()  # not queued yet
-    _run_finished(slot)
-    assert not pending.done_now()  # queued, still on the GPU
-    slot.done.complete = True  # type: ignore[attr-defined]
-    assert pending.done_now()
-    slot2, pending2 = submitted_slot()
-    slot2.error = RuntimeError("lane closed")
-    _run_finished(slot2)
-    assert pending2.done_now()  # a failure needs no wait: result() raises it
-    assert slot.done.synchronized == 0  # type: ignore[attr-defined]  # asking never waits
-
-
-class StandInBell:
-    """A doorbell the GPU may ring (agent.engines.doorbell.Doorbell; CUDA cannot exist here)."""
-
-    def __init__(self, gpu_can_ring: bool) -> None:
-        self.gpu_can_ring = gpu_can_ring
-        self.events: list[tuple[str, object]] = []
-
-    def can_ring_after(self) -> bool:
-        return self.gpu_can_ring
-
-    def ring_after(self, stream: object) -> None:
-        self.events.append(("ring_after", stream))
-
-    def ring(self) -> None:
-        self.events.append(("ring", None))
-
-
-class HookEngine:
-    """Takes a submitted run's hooks, as ort_lanes.OrtGraphLanes.submit_fill does, for the test to call."""
-
-    def __init__(self) -> None:
-        self.hooks: list[tuple[Any, Any, Any]] = []
-
-    def submit_fill(self, fill: Any, done: Any, failed: Any) -> None:
-        self.hooks.append((fill, done, failed))
-
-
-def lane_frontend() -> tuple[Any, _Slot, HookEngine]:
-    fe: Any = gpu.GpuFrontend.__new__(gpu.GpuFrontend)  # its submitting path only: no CUDA here
-    engine = HookEngine()
-    fe.engine, fe.submits, fe.on_device_decode, fe._threads = engine, True, False, {threading.get_ident()}
-    fe._input_launched = [threading.Event() for _ in range(gpu.INPUTS)]
-    slot = _Slot(0, StandInEvent(), StandInEvent(), [], threading.Event())  # type: ignore[arg-type]
-    return fe, slot, engine
-
-
-def test_a_run_rings_the_readers_bell_once_its_results_are_queued_instead_of_waking_it() -> None:
-    fe, slot, engine = lane_frontend()
-    bell, told = StandInBell(gpu_can_ring=True), []
-    staged = gpu.Staged(slot, -1, Letterbox(1.0, 0.0, 0.0, 4, 4), frame=object(), size=object())  # type: ignore[arg-type]
-    pending = fe.launch(staged, on_queued=lambda: told.append(1), bell=bell)
-    assert pending.rings and slot.on_queued is None
-    _, done, _ = engine.hooks[0]
-    lane_stream = object()
-    done(lane_stream, [])  # the lane queued the run: the results' event, then the ring, on its stream
-    assert slot.done.recorded == [lane_stream]  # type: ignore[attr-defined]
-    assert bell.events == [("ring_after", lane_stream)] and told == [] and slot.queued.is_set()
-    # a run that fails rings from the host (nothing is left to queue on a stream)
-    pending2 = fe.launch(gpu.Staged(slot, -1, staged.lb, frame=object(), size=object()),  # type: ignore[arg-type]
-                         bell=bell)
-    engine.hooks[1][2](RuntimeError("lane closed"))
-    assert pending2.done_now() and bell.events[-1] == ("ring", None)
-
-
-def test_a_bell_the_gpu_cannot_ring_leaves_the_reader_woken_as_before() -> None:
-    fe, slot, engine = lane_frontend()
-    bell, told = StandInBell(gpu_can_ring=False), []
-    staged = gpu.Staged(slot, -1, Letterbox(1.0, 0.0, 0.0, 4, 4), frame=object(), size=object())  # type: ignore[arg-type]
-    pending = fe.launch(staged, on_queued=lambda: told.append(1), bell=bell)
-    assert not pending.rings
-    engine.hooks[0][1](object(), [])
-    assert told == [1] and bell.events == []

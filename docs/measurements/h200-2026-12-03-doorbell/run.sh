@@ -6,6 +6,7 @@
 #     server on the other half (taskset)
 #   udp TAG...: 24 RTSP streams over UDP with the doorbell (udp_TAG_*)
 # Each call's files are packed into $OUT/MODE.tgz (a call brings back a few files only).
+# EDGE_AGENT_DOORBELL exists at commit 9441ef9 only (the doorbell was taken out after these runs: README).
 set -u
 D=docs/measurements/h200-2026-12-03-doorbell
 source $D/env.sh
