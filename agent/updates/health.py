@@ -22,7 +22,7 @@ class HealthPolicy:
     # fps from fewer frames is noise (a paced source releasing a few frames at once after a stall
     # doubles it): below this many frames on either side only errors and silence are judged, unless
     # the old rate would have given twice as many in the new window (then a short count is the
-    # model: a 300 ms model gives 6 frames in 2 s where a 20 fps camera gave 40)
+    # model: a 500 ms model gives 4 frames in 2 s where a 20 fps camera gave 40)
     min_frames_for_fps: int = 5
 
     def judge(self, before: dict[str, Any], after: dict[str, Any]) -> str | None:
