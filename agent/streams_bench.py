@@ -35,6 +35,7 @@ import numpy as np
 from agent.config import DEMO_VIDEO, AgentConfig, load_config, parse_config
 from agent.streams_procs import barrier, mps_running
 from agent.streams_procs import measure as measure_procs
+from agent.telemetry.threads import TaskDelta
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +538,7 @@ def _row(r: dict[str, Any]) -> str:
             + ("  (server still catching up)" if r.get("settled") is False else ""))
 
 
-def _task_figures(tasks: dict[str, Any], frames: int) -> dict[str, Any]:
+def _task_figures(tasks: dict[str, TaskDelta], frames: int) -> dict[str, Any]:
     """Per frame wake-ups (voluntary context switches) and preemptions (involuntary ones) by thread
     kind, and each kind's system share of its CPU; {} where the kernel's counters are not readable."""
     if not tasks:
@@ -557,9 +558,12 @@ def _task_rows(r: dict[str, Any], top: int = 6) -> list[str]:
     items = sorted(wakes.items(), key=lambda kv: -kv[1])[:top]
     shares = r.get("system_share_by_thread") or {}
     preempted = sum((r.get("preempted_per_frame_by_thread") or {}).values())
-    return ["       wake-ups/f by thread: " + ", ".join(f"{g} {w:.2f}" for g, w in items)
-            + f" (preempted/f, all threads: {preempted:.2f})",
-            "       system share of cpu: " + ", ".join(f"{g} {shares[g]:.0%}" for g, _ in items if g in shares)]
+    rows = ["       wake-ups/f by thread: " + ", ".join(f"{g} {w:.2f}" for g, w in items)
+            + f" (preempted/f, all threads: {preempted:.3f})"]
+    shown = [f"{g} {shares[g]:.0%}" for g, _ in items if g in shares]
+    if shown:
+        rows.append("       system share of cpu: " + ", ".join(shown))
+    return rows
 
 
 def _thread_row(r: dict[str, Any], top: int = 6) -> str:

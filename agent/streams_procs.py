@@ -127,16 +127,24 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         return round(sum(r[key] * r["total_fps"] for r in runs) / total, 3)
 
     def per_kind(key: str) -> dict[str, float]:
-        """A figure by thread kind over the processes, weighted by their frames (a share: over the
-        processes that have the kind)."""
+        """A per-frame figure by thread kind over all the processes' frames."""
         sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
         for r in runs:
             for g, v in (r.get(key) or {}).items():
                 sums[g] = sums.get(g, 0.0) + v * r["total_fps"]
-                weights[g] = weights.get(g, 0.0) + r["total_fps"]
-        share = key.startswith("system_share")
-        return {g: round(v / (weights[g] if share else total), 3) for g, v in sums.items()}
+        return {g: round(v / total, 3) for g, v in sums.items()}
+
+    def share_by_kind(key: str) -> dict[str, float]:
+        """A share of a kind's CPU over the processes, each weighted by its CPU in that kind."""
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for r in runs:
+            cpu = r.get("host_cpu_ms_per_frame_by_thread") or {}
+            for g, v in (r.get(key) or {}).items():
+                w = cpu.get(g, 0.0) * r["total_fps"] or r["total_fps"]  # CPU per second (frames when unknown)
+                sums[g] = sums.get(g, 0.0) + v * w
+                weights[g] = weights.get(g, 0.0) + w
+        return {g: round(v / weights[g], 3) for g, v in sums.items() if weights[g] > 0}
 
     threads = per_kind("host_cpu_ms_per_frame_by_thread")
     streams = [{**s, "camera": f"p{i}.{s['camera']}"} for i, r in enumerate(runs) for s in r["per_stream"]]
@@ -145,8 +153,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
            "host_cpu_ms_per_frame": weighted("host_cpu_ms_per_frame"),
            "host_cpu_ms_per_frame_by_thread": threads,
            # the kernel's counters, per frame (agent.streams_bench._task_figures)
-           **{k: per_kind(k) for k in ("wakeups_per_frame_by_thread", "preempted_per_frame_by_thread",
-                                       "system_share_by_thread") if any(r.get(k) for r in runs)},
+           **{k: per_kind(k) for k in ("wakeups_per_frame_by_thread", "preempted_per_frame_by_thread")
+              if any(r.get(k) for r in runs)},
+           **({"system_share_by_thread": share_by_kind("system_share_by_thread")}
+              if any(r.get("system_share_by_thread") for r in runs) else {}),
            "worst_p99_ms": max(r["worst_p99_ms"] for r in runs), "min_fps": min(r["min_fps"] for r in runs),
            "max_fps": max(r.get("max_fps", r["min_fps"]) for r in runs),
            "dropped": sum(r["dropped"] for r in runs), "reconnects": sum(r.get("reconnects", 0) for r in runs),

@@ -80,14 +80,17 @@ def test_merge_sums_the_processes_and_keeps_the_worst_stream() -> None:
 def test_merge_weighs_the_kernel_counters_by_frames() -> None:
     a, b = _part(1, 30.0, 20.0, True, 700.0), _part(3, 30.0, 20.0, True, 700.0)
     a["runs"]["1"].update(wakeups_per_frame_by_thread={"post": 2.0, "capture": 1.0},  # type: ignore[attr-defined]
-                          system_share_by_thread={"capture": 0.5})
+                          system_share_by_thread={"capture": 0.5},
+                          host_cpu_ms_per_frame_by_thread={"capture": 0.9})
     b["runs"]["3"].update(wakeups_per_frame_by_thread={"post": 1.0},  # type: ignore[attr-defined]
-                          system_share_by_thread={"capture": 0.3, "post": 0.2})
+                          system_share_by_thread={"capture": 0.3, "post": 0.2},
+                          host_cpu_ms_per_frame_by_thread={"capture": 0.1, "post": 0.2})
     run = merge([a, b])["run"]
     # 30 frames/s from the first process, 90 from the second: per frame over all 120
     assert run["wakeups_per_frame_by_thread"] == {"post": pytest.approx(1.25), "capture": pytest.approx(0.25)}
-    # a share is averaged over the processes that have the kind
-    assert run["system_share_by_thread"] == {"capture": pytest.approx(0.35), "post": pytest.approx(0.2)}
+    # a share is weighed by each process's CPU in that kind: capture 0.9 x 30 and 0.1 x 90 ms/s
+    assert run["system_share_by_thread"] == {"capture": pytest.approx((0.5 * 27 + 0.3 * 9) / 36, abs=1e-3),
+                                             "post": pytest.approx(0.2)}
 
 
 def test_merge_keeps_the_longest_settling_and_whether_every_process_settled() -> None:

@@ -381,9 +381,10 @@ def test_rejections_leave_the_running_model_and_the_store_untouched(tmp_path: Pa
 def test_slow_model_fails_its_health_window_and_rolls_back(tmp_path: Path, broker: Broker, keys: Keys,
                                                            v1: Path) -> None:
     # ~500 ms per frame: ~4 frames in the 2 s window, too few to judge fps on their own, where the
-    # old model's 20 fps predicts 40 (a model this slow was once kept: CI, 2026-12-03)
+    # old model's 20 fps predicts 40 (a model this slow was once kept: CI, 2026-12-03); the smoke
+    # test's budget leaves room for a loaded machine (its speed is not what this test is about)
     slow = calibrated_slow_model(tmp_path / "slow.onnx", "2", 500.0)
-    rig = Rig(tmp_path, broker, keys, v1, latency_budget_ms=1000).start()
+    rig = Rig(tmp_path, broker, keys, v1, latency_budget_ms=3000).start()
     try:
         rig.wait_ready()
         rig.wait_dets(20)

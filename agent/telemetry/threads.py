@@ -134,6 +134,7 @@ class TaskCounters(NamedTuple):
     system_s: float
     voluntary: int
     involuntary: int
+    started: int = 0  # clock ticks after boot: a TID with another start is another thread
 
 
 class TaskDelta(NamedTuple):
@@ -157,15 +158,16 @@ def _read_task(tid: str, name: str) -> TaskCounters | None:
     try:
         stat = (_TASKS / tid / "stat").read_text()
         status = (_TASKS / tid / "status").read_text()
-    except OSError:  # the thread ended meanwhile
+        # the command name in parentheses may hold spaces: the fields start after its last ")";
+        # utime, stime and starttime are fields 14, 15 and 22 (proc(5)): the 12th, 13th and 20th after it
+        fields = stat[stat.rfind(")") + 2:].split()
+        switches = {k: int(v) for k, _, v in (line.partition(":\t") for line in status.splitlines())
+                    if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
+        return TaskCounters(name, int(fields[11]) / _TICKS, int(fields[12]) / _TICKS,
+                            switches.get("voluntary_ctxt_switches", 0),
+                            switches.get("nonvoluntary_ctxt_switches", 0), int(fields[19]))
+    except (OSError, IndexError, ValueError):  # the thread ended meanwhile (a file gone or cut short)
         return None
-    # the command name in parentheses may hold spaces: the fields start after its last ")"; utime and
-    # stime are fields 14 and 15 (proc(5)), the 12th and 13th after it
-    fields = stat[stat.rfind(")") + 2:].split()
-    switches = {k: int(v) for k, _, v in (line.partition(":\t") for line in status.splitlines())
-                if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")}
-    return TaskCounters(name, int(fields[11]) / _TICKS, int(fields[12]) / _TICKS,
-                        switches.get("voluntary_ctxt_switches", 0), switches.get("nonvoluntary_ctxt_switches", 0))
 
 
 def task_counters() -> dict[int, TaskCounters]:
@@ -190,11 +192,12 @@ def tasks_by_group(before: dict[int, TaskCounters], after: dict[int, TaskCounter
     groups: dict[str, TaskDelta] = {}
     for tid, read in after.items():
         was = before.get(tid)
+        if was is not None and was.started != read.started:
+            was = None  # the TID was reused by a thread started inside the window
         # a Python thread ending (joined, its TID not yet gone) has lost its name, not its counters
-        ending = was is not None and read.name == NATIVE and was.voluntary <= read.voluntary
-        now = read._replace(name=was.name) if ending and was is not None else read
-        if was is None or was.name != now.name or was.voluntary > now.voluntary:
-            was = TaskCounters(now.name, 0.0, 0.0, 0, 0)  # new, or its id was reused
+        now = read._replace(name=was.name) if was is not None and read.name == NATIVE else read
+        if was is None or was.name != now.name:
+            was = TaskCounters(now.name, 0.0, 0.0, 0, 0)  # started inside the window: counts from 0
         g = NATIVE if now.name == NATIVE else group_of(now.name)
         d = TaskDelta(now.user_s - was.user_s, now.system_s - was.system_s,
                       now.voluntary - was.voluntary, now.involuntary - was.involuntary)
