@@ -28,7 +28,7 @@ PyNvVideoCodec (NVDEC, NV12 on the device) or OpenCV (CPU) -> the agent's servic
    least 60 of the 90 must be there).
 8. nvdec_damage: the demo clip at 1080p with pictures damaged or left out, and the resolution
    change, through NVDEC on PyAV's demuxer (the rtsp:// path): the read goes on past a picture
-   NVDEC refuses (a new decoder from the next keyframe), and the frames after the last keyframe
+   NVDEC refuses (a new decoder from that keyframe or the next), and the frames after the last keyframe
    equal OpenCV's decode of the undamaged clip.
 
 usage: PYTHONPATH=/tmp/site python3 scripts/streams_check.py --clips .carry/clips [--model M] [--only a,b]
@@ -309,7 +309,7 @@ def _damage(src: Path, dst: Path, kind: str, packets: tuple[int, ...]) -> None:
 
 def check_nvdec_damage(clips: Path, work: Path) -> dict[str, Any]:
     """Damaged pictures through NVDEC on PyAV's demuxer (the path of rtsp:// streams): a picture NVDEC
-    refuses starts a new decoder at the next keyframe (agent.capture.sources.nvdec), the read goes on
+    refuses starts a new decoder at that keyframe or the next (agent.capture.sources.nvdec), the read goes on
     (no SourceError), and the last 10 frames, after the clip's last keyframe, equal OpenCV's decode of
     the undamaged clip. The resolution change (reschange.h264: 720p, then 1080p) on the same path."""
     import collections

@@ -461,8 +461,7 @@ class NvdecSource(FrameSource):
                     continue
                 for f in decoded:  # each frame's event: other streams wait for the copy on the device
                     self._ready.append(self._copy(f))
-        if self._restarts:
-            self._restarts = 0
+        self._restarts = 0  # a frame came: the next refusal starts the count again
         frame = self._ready.popleft()
         self.frames_read += 1
         if self._pacer is not None:

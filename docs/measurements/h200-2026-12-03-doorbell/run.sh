@@ -11,16 +11,6 @@ set -u
 D=docs/measurements/h200-2026-12-03-doorbell
 source $D/env.sh
 mode=$1; shift
-split_cores() {  # "agent cpus" "server cpus": the physical cores halved (lscpu)
-  python3 - <<'P'
-import subprocess
-rows = [l.split(",") for l in subprocess.run(["lscpu", "-p=CPU,CORE"], capture_output=True, text=True).stdout.splitlines()
-        if not l.startswith("#")]
-cores = sorted({int(c) for _, c in rows})
-half = set(cores[:len(cores) // 2])
-print(",".join(cpu for cpu, c in rows if int(c) in half), ",".join(cpu for cpu, c in rows if int(c) not in half))
-P
-}
 pinned() {  # DOORBELL TRANSPORT TAG: one pinned run of 24 RTSP streams
   local bell=$1 transport=$2 tag=$3
   (for _ in $(seq 300); do pid=$(pgrep -n -f "streams_rtsp.py [0-9]") && break; sleep 0.2; done
@@ -33,7 +23,7 @@ case $mode in
   check)
     bash scripts/gpu_streams.sh check $M $C $OUT lanes_detections,rtsp_detections,swap;;
   ab|udp)
-    read -r AG SV < <(split_cores)
+    read -r AG SV < <(python3 scripts/split_cores.py)
     [ -n "$AG" ] && [ -n "$SV" ] || { echo "no CPU split from lscpu"; exit 1; }
     echo "agent on cpus $AG, RTSP server on cpus $SV"; lscpu | grep -E "^(Model name|Thread|Core|Socket|CPU\(s\))" > $OUT/lscpu.txt
     for tag in "$@"; do
